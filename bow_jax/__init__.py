@@ -1,0 +1,1 @@
+"""bow_jax: RotNet, BoWNet and OBoW self-supervised learning in JAX/Flax."""

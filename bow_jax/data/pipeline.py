@@ -1,0 +1,300 @@
+"""Host-side input: which examples each process loads at each step, and the tf.data path for TFDS.
+
+Data order is a pure function of (seed, step): epoch e visits a permutation drawn from
+SeedSequence([seed, e]), and global step s takes the s-th contiguous window of it. Each process
+loads its contiguous slice of that global batch. So multi-host sharding is index slicing, and a run
+resumed at any step sees exactly the batches an uninterrupted run would have seen.
+
+For in-memory datasets the host produces only indices (`IndexLoader`); the device gathers and
+augments. For TFDS datasets `tfds_train_views` decodes, crops (geometric ops only) and batches
+uint8 views with tf.data; photometric augmentation happens later on the device. TensorFlow is
+imported only inside the TFDS functions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from bow_jax.lib.sharding import check_divisible
+
+# ------------------------------------------------------------------------------------------------
+# Data order for in-memory datasets (and the bookkeeping both paths share).
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the `n` examples; depends on (seed, epoch) only."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return rng.permutation(n)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    """Full global batches in one pass over `n` examples (the last partial batch is dropped)."""
+    if global_batch <= 0:
+        raise ValueError(f"global_batch must be positive, got {global_batch}.")
+    steps = n // global_batch
+    if steps == 0:
+        raise ValueError(f"The dataset has {n} examples, fewer than one global batch "
+                         f"(config.batch_size={global_batch}).")
+    return steps
+
+
+def process_info(process_index: int | None = None,
+                 process_count: int | None = None) -> tuple[int, int]:
+    """(process_index, process_count), defaulting to this JAX process's."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, {process_count}).")
+    return int(process_index), int(process_count)
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    """The part of the global batch one process loads."""
+    check_divisible(global_batch, process_count, "config.batch_size", "the number of processes")
+    return global_batch // process_count
+
+
+def _global_window(permutation: np.ndarray, step_in_epoch: int, global_batch: int,
+                   process_index: int, process_count: int) -> np.ndarray:
+    local = local_batch_size(global_batch, process_count)
+    start = step_in_epoch * global_batch + process_index * local
+    return permutation[start:start + local].astype(np.int32)
+
+
+def batch_indices(seed: int, step: int, n: int, global_batch: int, process_index: int = 0,
+                  process_count: int = 1) -> np.ndarray:
+    """int32 [global_batch // process_count]: the example indices this process loads at `step`.
+
+    The global batch of step s is window s mod steps_per_epoch of epoch (s // steps_per_epoch)'s
+    permutation; process p takes the p-th contiguous slice of it.
+    """
+    if n >= 2**31:
+        raise ValueError(f"n={n} examples do not fit int32 indices.")
+    epoch, step_in_epoch = divmod(int(step), steps_per_epoch(n, global_batch))
+    return _global_window(epoch_permutation(seed, epoch, n), step_in_epoch, global_batch,
+                          process_index, process_count)
+
+
+class IndexLoader:
+    """Iterator over this process's batches of indices into an in-memory dataset.
+
+    Yields {'index': int32 [local_batch]} (plus 'label' when `labels` is given) for steps
+    start_step, start_step + 1, ...; `step` is the step of the next batch. Each epoch's
+    permutation is computed once; the work per step is a slice, so no prefetch thread is needed.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int = 0,
+                 process_index: int | None = None, process_count: int | None = None,
+                 labels: np.ndarray | None = None):
+        if n >= 2**31:
+            raise ValueError(f"n={n} examples do not fit int32 indices.")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"labels has {len(labels)} entries, expected n={n}.")
+        self.n, self.global_batch, self.seed = int(n), int(global_batch), int(seed)
+        self.process_index, self.process_count = process_info(process_index, process_count)
+        self.local_batch = local_batch_size(self.global_batch, self.process_count)
+        self.steps_per_epoch = steps_per_epoch(self.n, self.global_batch)
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        self.step = int(start_step)
+        self._epoch, self._permutation = None, None
+
+    def __iter__(self) -> "IndexLoader":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._permutation = epoch, epoch_permutation(self.seed, epoch, self.n)
+        index = _global_window(self._permutation, step_in_epoch, self.global_batch,
+                               self.process_index, self.process_count)
+        self.step += 1
+        batch = {"index": index}
+        if self.labels is not None:
+            batch["label"] = self.labels[index]
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS: tf.data views. Random ops are stateless, keyed by a [2] int64 seed tensor, so every view
+# is a function of (seed, epoch, process, position) and a resumed pipeline repeats itself exactly.
+
+
+def _tf():
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")  # JAX owns the accelerators
+    return tf
+
+
+def _to_uint8(tf, image):
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def tf_resize(image, height, width):
+    """Bilinear resize with antialiasing (PIL / torchvision-antialias semantics) -> uint8."""
+    tf = _tf()
+    return _to_uint8(tf, tf.image.resize(image, tf.stack([height, width]), method="bilinear",
+                                         antialias=True))
+
+
+def tf_random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=None,
+                               attempts: int = 10):
+    """(top, left, crop_height, crop_width) int32, sampled as torchvision RandomResizedCrop does.
+
+    Up to `attempts` tries: area fraction ~ U(scale), log aspect ~ U(log ratio), w = round(
+    sqrt(area * aspect)), h = round(sqrt(area / aspect)); the first box that fits is placed
+    uniformly. If none fits: the largest centred box with aspect clamped to `ratio`.
+    """
+    if seed is None:
+        raise ValueError("seed: a [2] integer tensor is required (stateless random ops).")
+    tf = _tf()
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+    area = tf.cast(height * width, tf.float32)
+    target_area = area * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1])
+    log_aspect = tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
+                                             math.log(ratio[1]))
+    aspect = tf.exp(log_aspect)
+    # tf.round rounds half to even, like Python's round() in torchvision.
+    w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+
+    def sampled():
+        ch, cw = h[first], w[first]
+        top = tf.random.stateless_uniform([], seeds[2], 0, height - ch + 1, dtype=tf.int32)
+        left = tf.random.stateless_uniform([], seeds[3], 0, width - cw + 1, dtype=tf.int32)
+        return top, left, ch, cw
+
+    def centred():
+        in_ratio = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
+        wf, hf = tf.cast(width, tf.float32), tf.cast(height, tf.float32)
+        cw = tf.where(in_ratio < ratio[0], width,
+                      tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32),
+                               width))
+        ch = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), height)
+        return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+    return tf.cond(tf.reduce_any(fits), sampled, centred)
+
+
+def tf_random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=None):
+    """torchvision RandomResizedCrop(size, scale, ratio): uint8 [H,W,3] -> [size,size,3]."""
+    tf = _tf()
+    shape = tf.shape(image)
+    top, left, ch, cw = tf_random_resized_crop_box(shape[0], shape[1], scale, ratio, seed)
+    return tf_resize(image[top:top + ch, left:left + cw], size, size)
+
+
+def tf_center_crop_resize(image, resize_shorter: int, crop: int):
+    """torchvision Resize(resize_shorter) + CenterCrop(crop) on a uint8 [H,W,3] tensor."""
+    tf = _tf()
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    # torchvision: the longer side becomes int(size * long / short) (truncated).
+    new_long = tf.cast(tf.cast(resize_shorter * long, tf.float64) / tf.cast(short, tf.float64),
+                       tf.int32)
+    new_h = tf.where(h <= w, resize_shorter, new_long)
+    new_w = tf.where(h <= w, new_long, resize_shorter)
+    resized = tf_resize(image, new_h, new_w)
+    # torchvision: top = int(round((H - crop) / 2)), Python rounding (half to even).
+    top = tf.cast(tf.round(tf.cast(new_h - crop, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - crop, tf.float32) / 2.0), tf.int32)
+    return resized[top:top + crop, left:left + crop]
+
+
+def tf_random_crop_pad(image, size: int, padding: int, seed):
+    """torchvision RandomCrop(size, padding): zero-pad every side, take a uniform window."""
+    tf = _tf()
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    shape = tf.shape(padded)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - size + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - size + 1, dtype=tf.int32)
+    return padded[top:top + size, left:left + size]
+
+
+def tf_flip(image, seed):
+    """Horizontal flip with probability 1/2 (torchvision RandomHorizontalFlip)."""
+    tf = _tf()
+    flip = tf.random.stateless_uniform([], tf.cast(seed, tf.int64)) < 0.5
+    return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+
+
+def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
+    """A 31-bit seed for one process's epoch (file order, shuffle buffer, view randomness)."""
+    state = np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0]
+    return int(state & 0x7FFFFFFF)
+
+
+ViewFn = Callable[[Any, Any], dict]
+
+
+def _epoch_views(builder, split, *, epoch_key, take, skip, local_batch, view_fn, shuffle_buffer,
+                 image_key, label_key, prefetch):
+    """One process's batches of one epoch, from example `skip` on."""
+    tf = _tf()
+    import tensorflow_datasets as tfds
+    features = builder.info.features
+    image_feature = features[image_key]
+    # Decode after skip/shuffle: resuming mid-epoch then reads records without decoding them.
+    ds = builder.as_dataset(split=split, shuffle_files=True,
+                            decoders={image_key: tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(shuffle_seed=epoch_key))
+    ds = ds.shuffle(shuffle_buffer, seed=epoch_key, reshuffle_each_iteration=False)
+    ds = ds.take(take).enumerate().skip(skip)
+
+    def make_views(position, example):
+        seed = tf.stack([tf.constant(epoch_key, tf.int64), position])
+        views = dict(view_fn(image_feature.decode_example(example[image_key]), seed))
+        if label_key in example:
+            views["label"] = tf.cast(example[label_key], tf.int32)
+        return views
+
+    ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
+
+
+def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_fn: ViewFn,
+                     start_step: int = 0, process_index: int | None = None,
+                     process_count: int | None = None, num_examples: int | None = None,
+                     shuffle_buffer: int = 16_384, image_key: str = "image",
+                     label_key: str = "label",
+                     prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """Endless numpy batches of uint8 views for this process, from global step `start_step` on.
+
+    view_fn(image uint8 [H,W,3] tensor, seed int64 [2] tensor) -> dict of uint8 tensors (fixed
+    shapes), using stateless random ops keyed by `seed`. Each batch is that dict stacked to
+    [global_batch // process_count, ...], plus 'label' int32 when the dataset has labels.
+
+    Process p reads shard p of `tfds.even_splits(split, process_count)`; epoch e is shuffled with
+    a seed from (seed, e, p); every process takes num_examples // global_batch steps per epoch;
+    resuming skips the first (start_step mod steps_per_epoch) batches of the current epoch.
+    `num_examples` (the whole split) is used only when the builder knows no split sizes
+    (tfds.testing.mock_data, where every process also sees the same mock examples).
+    """
+    import tensorflow_datasets as tfds
+    process_index, process_count = process_info(process_index, process_count)
+    local = local_batch_size(global_batch, process_count)
+    if builder.info.splits:  # the prepared dataset's own count is authoritative
+        num_examples = builder.info.splits[split].num_examples
+    elif num_examples is None:
+        raise ValueError(f"num_examples: {builder.name} reports no split sizes (mock data?); "
+                         f"pass config.data.num_examples.")
+    epoch_steps = steps_per_epoch(num_examples, global_batch)
+    # drop_remainder: equal shards, so each holds >= epoch_steps * local examples.
+    shard = tfds.even_splits(split, process_count, drop_remainder=True)[process_index]
+    step = int(start_step)
+    while True:
+        epoch, step_in_epoch = divmod(step, epoch_steps)
+        batches = _epoch_views(builder, shard, epoch_key=_epoch_key(seed, epoch, process_index),
+                               take=epoch_steps * local, skip=step_in_epoch * local,
+                               local_batch=local, view_fn=view_fn, shuffle_buffer=shuffle_buffer,
+                               image_key=image_key, label_key=label_key, prefetch=prefetch)
+        yield from batches.as_numpy_iterator()
+        step = (epoch + 1) * epoch_steps

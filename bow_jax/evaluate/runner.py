@@ -1,0 +1,94 @@
+"""Score a trained state with the frozen-feature protocols and write the results.
+
+Linear probe (train split → test split), prototypical few-shot episodes and weighted k-NN, all on
+`method.encode` features. Results go to `<workdir>/eval/results.json` and `results.md`; with
+`config.eval.random_init` the same network at random initialisation is scored beside it.
+"""
+import json
+import os
+
+import jax
+from absl import logging
+
+from bow_jax.data.splits import load_split
+from bow_jax.evaluate import features, fewshot, knn, linear
+
+
+def score(encode, train, test, config, mesh) -> dict:
+    """All enabled protocols on the features of one network."""
+    ev = config.eval
+    train_x = features.extract_features(encode, train.images, ev.batch_size, mesh)
+    test_x = features.extract_features(encode, test.images, ev.batch_size, mesh)
+    out = {"feature_dim": int(train_x.shape[1])}
+    if ev.linear:
+        protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
+        protocol.pop("precache_flip", None)
+        if ev.linear_epochs:
+            scale = ev.linear_epochs / protocol["epochs"]
+            protocol["milestones"] = tuple(max(1, round(m * scale)) for m in protocol["milestones"])
+            protocol["epochs"] = ev.linear_epochs
+        out["linear"] = linear.linear_probe(train_x, train.labels, test_x, test.labels,
+                                            train.num_classes, seed=config.seed, **protocol)
+    if ev.fewshot:
+        shots = fewshot.evaluate_fewshot(test_x, test.labels, tuple(ev.fewshot_shots),
+                                         n_way=ev.fewshot_ways, n_query=ev.fewshot_queries,
+                                         n_episodes=ev.fewshot_episodes, seed=config.seed)
+        out["fewshot"] = {f"{ev.fewshot_ways}way_{k}shot": v for k, v in shots.items()}
+    if ev.knn:
+        out["knn"] = {"top1": knn.knn_accuracy(train_x, train.labels, test_x, test.labels,
+                                               train.num_classes)}
+    return out
+
+
+def flat(result: dict) -> dict:
+    """{'linear top-1': ..., '5way_1shot': ..., 'knn top-1': ...} in percent."""
+    row = {}
+    if "linear" in result:
+        row["linear top-1"] = 100 * result["linear"]["top1"]
+    for name, v in result.get("fewshot", {}).items():
+        row[name] = 100 * v["mean"]
+    if "knn" in result:
+        row["k-NN top-1"] = 100 * result["knn"]["top1"]
+    return row
+
+
+def markdown_table(results: dict) -> str:
+    """One row per network, one column per protocol (accuracies in %)."""
+    rows = {name: flat(r) for name, r in results.items()}
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    lines = ["| network | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[c]:.2f}" if c in row else "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(workdir: str, results: dict) -> None:
+    """JSON and markdown under <workdir>/eval, written atomically (temp file + rename)."""
+    if jax.process_index() != 0:
+        return
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in (("results.json", json.dumps(results, indent=2)),
+                       ("results.md", markdown_table(results) + "\n")):
+        tmp = os.path.join(out_dir, f".{name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+
+def evaluate_state(config, workdir: str, method, state, mesh) -> dict:
+    """Scores `state` (and, if asked, the same network at random init); writes and prints."""
+    train, test = load_split(config, "train"), load_split(config, "test")
+    encode = jax.jit(method.encode)
+    results = {f"{config.method} step {int(state.step)}":
+               score(lambda x: encode(state, x), train, test, config, mesh)}
+    if config.eval.random_init:
+        init = jax.jit(method.init_state)(jax.random.key(config.seed))
+        results["random init"] = score(lambda x: encode(init, x), train, test, config, mesh)
+    write_results(workdir, results)
+    logging.info("Evaluation (%s, feature %r):\n%s", config.data.source, config.eval.feature,
+                 markdown_table(results))
+    print(markdown_table(results), flush=True)
+    return results

@@ -1,0 +1,80 @@
+"""The base config every experiment config starts from, and its checks.
+
+Experiment files in `configs/` call `base_config()` and override fields. Because `main.py` locks
+the config, `--config.some.typo=1` fails at once with the unknown key named.
+"""
+import ml_collections
+
+
+def rotnet_config() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    r.head = "linear"  # 'linear' on the pooled vector, or 'residual' (BoWNet paper's RotNet)
+    r.head_feature = "pooled"  # input map of the residual head
+    r.crop_size = 0  # 0: the stored image size
+    r.crop_padding = 4  # CIFAR: RandomCrop(32, padding=4)
+    r.flip = True
+    return r
+
+
+def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
+    """Defaults shared by every run, plus the section of `method`."""
+    c = ml_collections.ConfigDict()
+    c.task = "train"  # 'train' | 'evaluate' | 'demo'
+    c.method = method  # 'rotnet' | 'bownet' | 'obow'
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet18"
+    c.model.kwargs = ml_collections.ConfigDict()  # passed to the backbone constructor
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "npz"  # 'npz' | 'jpeg_npz' | 'digits' | 'image_folder' | 'tfds'
+    c.data.path = ""  # folder (npz, jpeg_npz, image_folder) holding the splits
+    c.data.name = ""  # TFDS name
+    c.data.data_dir = ""  # TFDS data_dir
+    c.data.image_size = 0  # resize on load (digits, image folders); 0 = keep
+    c.data.normalization = "cifar"  # 'cifar' | 'imagenet'
+    c.data.limit = 0  # use only the first N training images (0 = all): quick runs
+    c.data.num_examples = 0  # TFDS only, when split sizes are unknown
+
+    c.batch_size = 128  # global, over all devices and hosts
+    c.num_epochs = 1
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.steps_per_epoch = 0  # > 0: what the schedules call an epoch (BoWNet: 2000 iterations)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"
+    c.optim.lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule = "step"  # 'step' | 'cosine' | 'constant'
+    c.optim.milestones = ()  # epochs, for 'step'
+    c.optim.decay = 0.1
+    c.optim.warmup_epochs = 0  # for 'cosine'
+    c.optim.end_lr = 0.0
+
+    c.log_every = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.keep_every_steps = 0  # also keep every K-th step's checkpoint (0 = none)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.after_training = True
+    c.eval.feature = "pooled"  # backbone output the probes read (maps are average-pooled)
+    c.eval.random_init = False  # also score the same network at random init, side by side
+    c.eval.batch_size = 256
+    c.eval.linear = True
+    c.eval.linear_protocol = "cifar_bownet"
+    c.eval.linear_epochs = 0  # > 0 overrides the protocol's epochs (quick runs)
+    c.eval.fewshot = True
+    c.eval.fewshot_shots = (1, 5)
+    c.eval.fewshot_ways = 5
+    c.eval.fewshot_queries = 15
+    c.eval.fewshot_episodes = 200
+    c.eval.knn = True
+    c.eval.test_limit = 0  # evaluate on the first N test images (0 = all)
+
+    if method == "rotnet":
+        c.rotnet = rotnet_config()
+    return c

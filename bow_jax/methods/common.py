@@ -1,0 +1,87 @@
+"""What every method shares: the `Method` interface, the backbone, normalisation, the optimizer.
+
+A method is a bundle of pure functions; `train.py` jits them over the device mesh:
+- `init_state(key) -> state`
+- `make_views(images_uint8 [B,H,W,3], key) -> batch`: geometric views of in-memory images, on the
+  device (for TFDS input the host pipeline makes the same views with TensorFlow ops);
+- `train_step(state, batch) -> (state, metrics)`: photometric augmentation, forward, loss, update;
+- `encode(state, images_uint8) -> [B, D]`: frozen features for evaluation (eval-mode BatchNorm).
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bow_jax.data import augment
+from bow_jax.lib import schedules
+from bow_jax.models import create_backbone
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about its training data."""
+    image_shape: tuple  # (H, W, 3) of the stored uint8 images
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    init_state: Callable
+    train_step: Callable
+    make_views: Callable
+    encode: Callable
+    tf_views: Optional[Callable] = None  # (image tf.Tensor uint8, seed) -> dict, for TFDS input
+
+
+def normalization(config):
+    """(mean, std) of `config.data.normalization`: 'imagenet' or 'cifar'."""
+    name = config.data.normalization
+    if name == "imagenet":
+        return augment.IMAGENET_MEAN, augment.IMAGENET_STD
+    if name == "cifar":
+        return augment.CIFAR_MEAN, augment.CIFAR_STD
+    raise ValueError(f"config.data.normalization={name!r}; expected 'imagenet' or 'cifar'.")
+
+
+def to_network_input(images_uint8, mean, std):
+    """uint8 views → normalised float32, the network's input."""
+    return augment.normalize(augment.to_float(images_uint8), mean, std)
+
+
+def backbone_from_config(config):
+    return create_backbone(config.model.name, **config.model.kwargs.to_dict())
+
+
+def optimizer_from_config(config, data_info: DataInfo):
+    lr = schedules.make_lr_schedule(config.optim, data_info.steps_per_epoch,
+                                    data_info.total_steps // data_info.steps_per_epoch)
+    return schedules.make_optimizer(config.optim, lr), lr
+
+
+def pooled(feature) -> jax.Array:
+    """A [B,D] vector from a named backbone output: maps are globally average-pooled."""
+    return feature if feature.ndim == 2 else jnp.mean(feature, axis=(1, 2))
+
+
+def encode_with(backbone, variables: Any, images_uint8, feature_name: str, mean, std):
+    """Frozen features of `images_uint8`: eval-mode backbone, the named output, pooled."""
+    features = backbone.apply(variables, to_network_input(images_uint8, mean, std), train=False)
+    if feature_name not in features:
+        raise ValueError(f"config.eval.feature={feature_name!r} is not an output of "
+                         f"{type(backbone).__name__}; available: {sorted(features)}.")
+    return pooled(features[feature_name]).astype(jnp.float32)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy with integer labels."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def soft_cross_entropy(logits, targets):
+    """Mean over rows of −Σ_k t_k log p_k (same gradient as the reference KL loss)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.sum(targets * logp, axis=-1))

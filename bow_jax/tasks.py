@@ -1,0 +1,28 @@
+"""What `main.py` runs, by `config.task`."""
+import os
+
+from absl import logging
+
+from bow_jax import train
+
+TASKS = ("train", "evaluate")
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+    """Scores the latest checkpoint in `workdir` (the `evaluate` task)."""
+    from bow_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
+    _, _, method, mesh, ckpt, state = train.setup(config, workdir)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')} to evaluate.")
+    ckpt.close()
+    return runner.evaluate_state(config, workdir, method, state, mesh)
+
+
+def run(config, workdir: str):
+    if config.task == "train":
+        return train.train_and_evaluate(config, workdir)
+    if config.task == "evaluate":
+        return evaluate_checkpoint(config, workdir)
+    logging.error("Unknown task %r", config.task)
+    raise ValueError(f"config.task={config.task!r}; expected one of {list(TASKS)}.")

@@ -1,0 +1,138 @@
+"""The one generic training loop: `train_and_evaluate(config, workdir)`. No method maths here.
+
+Per step: the host produces this process's slice of the global batch indices (a function of
+(seed, step), so any step can be resumed), the device gathers and crops the views, and one jitted,
+donated `train_step` does the rest. Metrics are accumulated on the device and fetched only every
+`config.log_every` steps.
+"""
+import os
+import signal
+import threading
+from typing import Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from bow_jax.data import pipeline
+from bow_jax.data.splits import load_split
+from bow_jax.lib import checkpoint, sharding, writers
+from bow_jax.methods import DataInfo, create_method
+
+
+class StopRequest:
+    """Set by SIGTERM (or SIGINT): the loop saves a checkpoint at the next step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("Signal %d received: saving a checkpoint and stopping.", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def data_info_for(config, train_data) -> DataInfo:
+    """Steps per epoch (drop-last) and total steps, checked before anything is compiled."""
+    num_examples = len(train_data)
+    sharding.check_divisible(config.batch_size, jax.device_count(), "config.batch_size",
+                             "the number of devices")
+    steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0
+                       else pipeline.steps_per_epoch(num_examples, config.batch_size))
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else config.num_epochs * steps_per_epoch)
+    return DataInfo(image_shape=tuple(train_data.images.shape[1:]), num_examples=num_examples,
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def setup(config, workdir: str):
+    """Everything a run needs, validated: data, method, mesh, initial or restored state."""
+    train_data = load_split(config, "train")
+    data_info = data_info_for(config, train_data)
+    method = create_method(config, data_info)
+    mesh = sharding.make_mesh()
+    replicated = sharding.replicated(mesh)
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(method.init_state, key)  # also validates shapes before compiling
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.keep_checkpoints,
+                                   keep_period=config.keep_every_steps)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            abstract)
+    state = ckpt.restore(abstract, config)
+    if state is None:
+        state = jax.jit(method.init_state, out_shardings=replicated)(key)
+    else:
+        logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    return train_data, data_info, method, mesh, ckpt, state
+
+
+def compile_step_fns(method, mesh, seed: int):
+    """The two jitted functions of a step, laid out on `mesh`:
+    `make_views(images, index, step)`: gather the batch from the on-device dataset and make its
+    views, keyed by (seed, step); `train_step(state, batch)`: donated state, replicated outputs."""
+    view_key = jax.random.fold_in(jax.random.key(seed), 1)
+    make_views = jax.jit(
+        lambda images, index, step: method.make_views(images[index],
+                                                      jax.random.fold_in(view_key, step)),
+        out_shardings=sharding.batch_sharded(mesh))
+    train_step = jax.jit(method.train_step, donate_argnums=0,
+                         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+    return make_views, train_step
+
+
+def train_and_evaluate(config, workdir: str,
+                       hooks: Iterable[Callable[[int], None]] = ()) -> Optional[dict]:
+    """Trains (resuming from `workdir` when it holds a checkpoint), then evaluates if asked.
+
+    `hooks` are called with the step number after each step (tests use them to send SIGTERM).
+    Returns the evaluation results, or None when stopped early by a signal.
+    """
+    train_data, data_info, method, mesh, ckpt, state = setup(config, workdir)
+    start_step, total_steps = int(state.step), data_info.total_steps
+    writer = writers.MetricWriter(workdir)
+    progress = writers.Progress(total_steps, config.batch_size, start_step)
+
+    images = sharding.replicate(train_data.images, mesh)  # whole dataset on every device
+    loader = pipeline.IndexLoader(len(train_data), config.batch_size, config.seed,
+                                  start_step=start_step)
+    make_views, train_step = compile_step_fns(method, mesh, config.seed)
+    accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m), donate_argnums=0)
+
+    summed, count = None, 0
+    stopped = False
+    with StopRequest() as stop:
+        for step in range(start_step, total_steps):
+            index = sharding.shard_batch(next(loader)["index"], mesh)
+            state, metrics = train_step(state, make_views(images, index, step))
+            summed = metrics if summed is None else accumulate(summed, metrics)
+            count += 1
+            done = step + 1
+            if done % config.log_every == 0 or done == total_steps:
+                means = {k: v / count for k, v in jax.device_get(summed).items()}
+                writer.write_scalars(done, {**means, **progress.report(done)})
+                summed, count = None, 0
+            for hook in hooks:
+                hook(done)
+            if stop.requested or done % config.checkpoint_every_steps == 0 or done == total_steps:
+                ckpt.save(done, state, config)
+            if stop.requested and done < total_steps:
+                stopped = True
+                break
+    ckpt.close()
+    writer.close()
+    if stopped or not config.eval.after_training:
+        return None
+    from bow_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
+    return runner.evaluate_state(config, workdir, method, state, mesh)

@@ -1,0 +1,26 @@
+"""Test set-up: 8 fake CPU devices so every test also exercises the multi-device code path."""
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests exercise numerics, not XLA's optimiser: this cuts CPU compile time a lot.
+jax.config.update("jax_disable_most_optimizations", True)
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR10_DIR = SHARED / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir():
+    """Path of the shared real CIFAR-10 folder; skips the test where it is absent."""
+    if not (CIFAR10_DIR / "train.npz").exists():
+        pytest.skip("../shared/data/cifar10 not present")
+    return CIFAR10_DIR
