@@ -8,14 +8,14 @@ donated `train_step` does the rest. Metrics are accumulated on the device and fe
 import os
 import signal
 import threading
-from typing import Callable, Iterable, Optional
+import itertools
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from bow_jax.data import pipeline
+from bow_jax.data import datasets, pipeline
 from bow_jax.data.splits import load_split
 from bow_jax.lib import checkpoint, sharding, writers
 from bow_jax.methods import DataInfo, create_method
@@ -52,7 +52,8 @@ def data_info_for(config, train_data) -> DataInfo:
                        else pipeline.steps_per_epoch(num_examples, config.batch_size))
     total_steps = (config.num_train_steps if config.num_train_steps > 0
                    else config.num_epochs * steps_per_epoch)
-    return DataInfo(image_shape=tuple(train_data.images.shape[1:]), num_examples=num_examples,
+    image_shape = getattr(train_data, "image_shape", None)  # None: streamed, sizes vary
+    return DataInfo(image_shape=image_shape, num_examples=num_examples,
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
@@ -78,18 +79,41 @@ def setup(config, workdir: str):
     return train_data, data_info, method, mesh, ckpt, state
 
 
-def compile_step_fns(method, mesh, seed: int):
-    """The two jitted functions of a step, laid out on `mesh`:
-    `make_views(images, index, step)`: gather the batch from the on-device dataset and make its
-    views, keyed by (seed, step); `train_step(state, batch)`: donated state, replicated outputs."""
+def compile_view_fn(method, mesh, seed: int):
+    """`make_views(images, index, step)`, jitted: gathers a batch from the on-device dataset and
+    makes its views, keyed by (seed, step); the output is sharded over the mesh."""
     view_key = jax.random.fold_in(jax.random.key(seed), 1)
-    make_views = jax.jit(
+    return jax.jit(
         lambda images, index, step: method.make_views(images[index],
                                                       jax.random.fold_in(view_key, step)),
         out_shardings=sharding.batch_sharded(mesh))
-    train_step = jax.jit(method.train_step, donate_argnums=0,
-                         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-    return make_views, train_step
+
+
+def device_batches(config, train_data, method, mesh, start_step: int) -> Iterator:
+    """Global batches of views on the device, for steps start_step, start_step + 1, ...
+
+    In memory: the dataset is put on every device once; per step only this process's slice of
+    the global batch indices crosses from the host. Streamed (TFDS): the host pipeline makes the
+    views with `method.tf_views` and this process's slice is sharded onto its devices.
+    """
+    if isinstance(train_data, datasets.TfdsSource):
+        if method.tf_views is None:
+            raise ValueError(f"config.data.in_memory=False: method {config.method!r} has no "
+                             "streaming (TFDS) views; use in-memory data.")
+        host = pipeline.tfds_train_views(
+            train_data.builder, train_data.split, global_batch=config.batch_size,
+            seed=config.seed, view_fn=method.tf_views, start_step=start_step,
+            num_examples=train_data.num_examples)
+        for batch in host:
+            batch.pop("label", None)
+            yield sharding.shard_batch(batch, mesh)
+        return
+    images = sharding.replicate(train_data.images, mesh)
+    loader = pipeline.IndexLoader(len(train_data), config.batch_size, config.seed,
+                                  start_step=start_step)
+    make_views = compile_view_fn(method, mesh, config.seed)
+    for step in itertools.count(start_step):
+        yield make_views(images, sharding.shard_batch(next(loader)["index"], mesh), step)
 
 
 def train_and_evaluate(config, workdir: str,
@@ -104,18 +128,16 @@ def train_and_evaluate(config, workdir: str,
     writer = writers.MetricWriter(workdir)
     progress = writers.Progress(total_steps, config.batch_size, start_step)
 
-    images = sharding.replicate(train_data.images, mesh)  # whole dataset on every device
-    loader = pipeline.IndexLoader(len(train_data), config.batch_size, config.seed,
-                                  start_step=start_step)
-    make_views, train_step = compile_step_fns(method, mesh, config.seed)
+    batches = device_batches(config, train_data, method, mesh, start_step)
     accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m), donate_argnums=0)
 
     summed, count = None, 0
     stopped = False
     with StopRequest() as stop:
+        train_step = jax.jit(method.train_step, donate_argnums=0,
+                             out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
         for step in range(start_step, total_steps):
-            index = sharding.shard_batch(next(loader)["index"], mesh)
-            state, metrics = train_step(state, make_views(images, index, step))
+            state, metrics = train_step(state, next(batches))
             summed = metrics if summed is None else accumulate(summed, metrics)
             count += 1
             done = step + 1

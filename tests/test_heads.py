@@ -148,7 +148,8 @@ def test_dynamic_bow_head_matches_numpy():
 def test_dynamic_bow_head_crop_groups_and_kappa_options():
     head = DynamicBoWHead(num_channels_out=8, kappa=3.0, hidden_dim=12)
     vocabs = (jax.random.normal(jax.random.key(12), (10, 8)),)
-    crops, patches = jax.random.normal(jax.random.key(13), (4, 8)), jax.random.normal(jax.random.key(14), (10, 8))
+    crops = jax.random.normal(jax.random.key(13), (4, 8))
+    patches = jax.random.normal(jax.random.key(14), (10, 8))
     variables = head.init(jax.random.key(15), crops, vocabs, train=False)
     assert "kappa" not in variables["params"]  # fixed, not trained
     assert variables["params"]["generator_0"]["fc1"]["kernel"].shape == (8, 12)

@@ -338,7 +338,8 @@ def test_torchvision_key_examples():
 
 
 def test_torchvision_mapping_is_one_to_one():
-    for model in (create_backbone("resnet18", num_classes=1000), create_backbone("resnet50", num_classes=1000)):
+    for name in ("resnet18", "resnet50"):
+        model = create_backbone(name, num_classes=1000)
         keys = [torchvision_key(p) for p in flat(abstract_variables(model, (1, 64, 64, 3)))]
         assert len(keys) == len(set(keys))
 
@@ -427,6 +428,7 @@ def test_forward_matches_torchvision(arch):
 
 def test_state_dict_keys_cover_torchvision_resnet50():
     _, torchvision = _torchvision()
-    torch_keys = {k for k in torchvision.models.resnet50().state_dict() if not k.endswith("num_batches_tracked")}
+    torch_keys = {k for k in torchvision.models.resnet50().state_dict()
+                  if not k.endswith("num_batches_tracked")}
     model = create_backbone("resnet50", num_classes=1000)
     assert {torchvision_key(p) for p in flat(abstract_variables(model, (1, 64, 64, 3)))} == torch_keys

@@ -51,7 +51,8 @@ def run_steps(config, mesh, num_steps):
     method = create_method(config, train.data_info_for(config, data))
     state = jax.jit(method.init_state, out_shardings=sharding.replicated(mesh))(
         jax.random.key(config.seed))
-    make_views, train_step = train.compile_step_fns(method, mesh, config.seed)
+    make_views = train.compile_view_fn(method, mesh, config.seed)
+    train_step = jax.jit(method.train_step, donate_argnums=0)
     images = sharding.replicate(data.images, mesh)
     for step in range(num_steps):
         index = np.arange(step * config.batch_size, (step + 1) * config.batch_size)

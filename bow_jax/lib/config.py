@@ -3,17 +3,9 @@
 Experiment files in `configs/` call `base_config()` and override fields. Because `main.py` locks
 the config, `--config.some.typo=1` fails at once with the unknown key named.
 """
+import importlib
+
 import ml_collections
-
-
-def rotnet_config() -> ml_collections.ConfigDict:
-    r = ml_collections.ConfigDict()
-    r.head = "linear"  # 'linear' on the pooled vector, or 'residual' (BoWNet paper's RotNet)
-    r.head_feature = "pooled"  # input map of the residual head
-    r.crop_size = 0  # 0: the stored image size
-    r.crop_padding = 4  # CIFAR: RandomCrop(32, padding=4)
-    r.flip = True
-    return r
 
 
 def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
@@ -35,7 +27,8 @@ def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
     c.data.image_size = 0  # resize on load (digits, image folders); 0 = keep
     c.data.normalization = "cifar"  # 'cifar' | 'imagenet'
     c.data.limit = 0  # use only the first N training images (0 = all): quick runs
-    c.data.num_examples = 0  # TFDS only, when split sizes are unknown
+    c.data.num_examples = 0  # TFDS only, when split sizes are unknown (mock data)
+    c.data.in_memory = True  # False: stream a TFDS training split through tf.data (ImageNet)
 
     c.batch_size = 128  # global, over all devices and hosts
     c.num_epochs = 1
@@ -75,6 +68,7 @@ def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
     c.eval.knn = True
     c.eval.test_limit = 0  # evaluate on the first N test images (0 = all)
 
-    if method == "rotnet":
-        c.rotnet = rotnet_config()
+    # The method's own section (config.rotnet, config.bownet, config.obow), defined beside it.
+    module = importlib.import_module(f"bow_jax.methods.{method}")
+    c[method] = module.default_config()
     return c

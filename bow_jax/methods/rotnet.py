@@ -8,6 +8,7 @@ over all 4B inputs.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from bow_jax.data import augment
 from bow_jax.lib.state import TrainState
@@ -47,6 +48,17 @@ class RotNetModel(nn.Module):
         else:
             z = features["pooled"]
         return heads.RotationHead(name="rotation_head")(z), features
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """config.rotnet."""
+    r = ml_collections.ConfigDict()
+    r.head = "linear"  # 'linear' on the pooled vector, or 'residual' (BoWNet paper's RotNet)
+    r.head_feature = "pooled"  # input map of the residual head
+    r.crop_size = 0  # 0: the stored image size
+    r.crop_padding = 4  # CIFAR: RandomCrop(32, padding=4)
+    r.flip = True
+    return r
 
 
 def backbone_variables(state):

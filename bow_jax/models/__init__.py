@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from bow_jax.models.heads import (CosineBoWHead, DynamicBoWHead, LinearClassifier, RotationHead,
                                   WeightGenerator, l2_normalize)
 from bow_jax.models.nin import NIN
-from bow_jax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, torchvision_key
+from bow_jax.models.resnet import (ResNet, ResNet18, ResNet34, ResNet50, to_torch_layout,
+                                   torchvision_key)
 from bow_jax.models.wide_resnet import WideResNet
 
 BACKBONES: Dict[str, Callable[..., nn.Module]] = {
@@ -67,6 +68,7 @@ def check_feature_names(names: Iterable[str], available: Iterable[str], field: s
 __all__ = [
     "BACKBONES", "create_backbone", "feature_dims", "check_feature_names",
     "ResNet", "ResNet18", "ResNet34", "ResNet50", "WideResNet", "NIN", "torchvision_key",
+    "to_torch_layout",
     "RotationHead", "LinearClassifier", "CosineBoWHead", "DynamicBoWHead", "WeightGenerator",
     "l2_normalize",
 ]
