@@ -1,0 +1,535 @@
+"""torchvision interop: our ResNet variables <-> torchvision ResNet state dicts and `.pth` files.
+
+Export (what detection and other PyTorch work loads):
+
+    sd = to_torchvision_state_dict(params, batch_stats, 'resnet50')           # numpy, torch layout
+    save_torchvision('resnet50.pth', sd)                                      # atomic torch.save
+    torchvision.models.resnet50().load_state_dict(torch.load('resnet50.pth'))  # strict
+
+`layout='obow'` writes the official OBoW release layout instead: `{'network': state_dict}` whose fc
+is kappa * G(V) of the last BoW level (`obow_fc`), rows of norm kappa, bias 0.
+
+Import (to score any torchvision ResNet with our evaluations):
+
+    params, batch_stats = from_torchvision_state_dict(load_torchvision('x.pth'), 'resnet50')
+
+A `.pth` file is data, never code: `load_torchvision` reads it with
+`torch.load(weights_only=True)` only and refuses files whose pickle would build arbitrary objects.
+
+The name table is `models.resnet.torchvision_key`; layouts: conv kernels HWIO <-> OIHW, dense
+kernels [in, out] <-> [out, in]. Flax's BatchNorm has no `num_batches_tracked`; the export writes
+it as an int64 0 so that strict `load_state_dict` works (it only matters for BN momentum=None).
+
+torch is imported only by the functions that read or write files (and the `export` /
+`evaluate_torchvision` tasks), never by training. In a process that will also import TensorFlow,
+torch must be imported first (the reverse order can segfault): `import_torch()` does it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from bow_jax.models import create_backbone, feature_dims
+from bow_jax.models.heads import DynamicBoWHead
+from bow_jax.models.resnet import to_torch_layout, torchvision_key
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+LAYOUTS = ("torchvision", "obow")
+FC_MODES = ("params", "zero", "random", "none")
+# Wrappers other code puts around a state dict: {'state_dict': sd} (Lightning, many trainers),
+# {'network': sd} (the OBoW release), {'model': sd}.
+CONTAINER_KEYS = ("state_dict", "network", "model")
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+_TEMPLATE_INPUT = (1, 64, 64, 3)  # parameter shapes do not depend on the input size
+
+StateDict = dict  # str -> np.ndarray
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """config.export: the `export` and `evaluate_torchvision` tasks' fields."""
+    e = ml_collections.ConfigDict()
+    e.path = ""  # export: the .pth written ('' = <workdir>/torchvision_<arch>_step<N>.pth);
+    #              evaluate_torchvision: the .pth read
+    e.layout = "torchvision"  # 'torchvision' (plain state dict) | 'obow' ({'network': sd}, fc=kG(V))
+    e.fc = "zero"  # 'zero' | 'random' | 'none' | 'params' (layout 'obow' ignores it)
+    e.num_classes = 1000  # fc rows for fc='zero'/'random' (torchvision's default 1000)
+    return e
+
+
+def import_torch():
+    """torch, imported with a clear message when absent (install the `torch` extra)."""
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("torchvision export/import needs PyTorch: pip install -e '.[torch]' "
+                          "(torch==2.14.1 torchvision==0.29.1).") from e
+    return torch
+
+
+# ------------------------------------------------------------------------------------------------
+# Templates: which variables an architecture has, named and shaped.
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: torchvision export/import supports {list(ARCHS)}.")
+
+
+def _backbone(arch: str, model_kwargs: Optional[Mapping[str, Any]], num_classes: Optional[int]):
+    _check_arch(arch)
+    kwargs = dict(model_kwargs or {})
+    if num_classes:
+        kwargs["num_classes"] = int(num_classes)
+    return create_backbone(arch, **kwargs)
+
+
+def variable_template(arch: str, model_kwargs: Optional[Mapping[str, Any]] = None,
+                      num_classes: Optional[int] = None) -> dict:
+    """{(collection, *module path, leaf): ShapeDtypeStruct} of our ResNet, in creation order.
+
+    `model_kwargs` are the backbone options (width, cifar_stem; default: torchvision's network).
+    Costs no FLOPs (eval_shape).
+    """
+    backbone = _backbone(arch, model_kwargs, num_classes)
+    shapes = jax.eval_shape(
+        lambda: backbone.init(jax.random.key(0), jnp.zeros(_TEMPLATE_INPUT), train=False))
+    return traverse_util.flatten_dict(dict(shapes))
+
+
+def torch_shape(flax_path: Sequence[str], shape: Sequence[int]) -> tuple:
+    """The torch-layout shape of a Flax variable of `shape` (see `to_torch_layout`)."""
+    if flax_path[-1] == "kernel" and len(shape) == 4:
+        return tuple(shape[i] for i in (3, 2, 0, 1))
+    if flax_path[-1] == "kernel" and len(shape) == 2:
+        return tuple(shape[::-1])
+    return tuple(shape)
+
+
+def from_torch_layout(flax_path: Sequence[str], value) -> np.ndarray:
+    """Inverse of `to_torch_layout`: OIHW -> HWIO conv kernels, [out, in] -> [in, out] dense."""
+    value = np.asarray(value)
+    if flax_path[-1] == "kernel":
+        if value.ndim == 4:
+            return np.transpose(value, (2, 3, 1, 0))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def _bn_modules(template: dict) -> set:
+    """Module paths (without collection) that have BatchNorm statistics."""
+    return {path[1:-1] for path in template if path[0] == "batch_stats"}
+
+
+def _check_same(found: dict, expected: dict, what: str, hint: str) -> None:
+    """Raise a ValueError listing missing / unexpected / mis-shaped entries."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: {tuple(found[k])} (expected {tuple(expected[k])})"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected),
+                            ("wrong shape", wrong)):
+            if items:
+                shown = ", ".join(map(str, items[:6])) + (" ..." if len(items) > 6 else "")
+                parts.append(f"{len(items)} {name}: {shown}")
+        raise ValueError(f"{what} does not match: " + "; ".join(parts) + f". {hint}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Flax -> torchvision.
+
+
+def _torch_linear_init(rng: np.random.Generator, num_classes: int, dim: int):
+    """torch.nn.Linear's default init U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(dim)
+    weight = rng.uniform(-bound, bound, (num_classes, dim)).astype(np.float32)
+    bias = rng.uniform(-bound, bound, (num_classes,)).astype(np.float32)
+    return weight, bias
+
+
+def _fc_entries(fc, flat_params: dict, dim: int, num_classes: int, seed: int) -> dict:
+    """The fc.weight / fc.bias entries for the fc choice (see `to_torchvision_state_dict`)."""
+    if fc is None:
+        fc = "params" if ("fc", "kernel") in flat_params else "zero"
+    if isinstance(fc, str):
+        if fc not in FC_MODES:
+            raise ValueError(f"fc={fc!r}; expected one of {list(FC_MODES)} or a "
+                             "(weight [K, C], bias [K]) pair.")
+        if fc == "none":
+            return {}
+        if fc == "params":
+            if ("fc", "kernel") not in flat_params:
+                raise ValueError("fc='params' but the params have no 'fc' (the backbone was "
+                                 "built without num_classes).")
+            weight = to_torch_layout(("fc", "kernel"), flat_params[("fc", "kernel")])
+            bias = np.asarray(flat_params[("fc", "bias")])
+        elif fc == "zero":
+            weight = np.zeros((num_classes, dim), np.float32)
+            bias = np.zeros((num_classes,), np.float32)
+        else:
+            weight, bias = _torch_linear_init(np.random.default_rng(seed), num_classes, dim)
+    else:
+        try:
+            weight, bias = fc
+        except (TypeError, ValueError) as e:
+            raise ValueError("fc must be a mode string or a (weight, bias) pair.") from e
+        weight, bias = np.asarray(weight), np.asarray(bias)
+        if weight.ndim != 2 or weight.shape[1] != dim or bias.shape != weight.shape[:1]:
+            raise ValueError(f"fc=(weight, bias): expected weight [K, {dim}] and bias [K]; got "
+                             f"{weight.shape} and {bias.shape}.")
+    return {"fc.weight": np.ascontiguousarray(weight, np.float32),
+            "fc.bias": np.ascontiguousarray(bias, np.float32)}
+
+
+def to_torchvision_state_dict(params, batch_stats, arch: str, *, fc=None,
+                              num_classes: int = 1000, seed: int = 0,
+                              model_kwargs: Optional[Mapping[str, Any]] = None) -> StateDict:
+    """Our ResNet's variables -> a torchvision ResNet state dict of numpy arrays.
+
+    params / batch_stats: the backbone's collections (`{'conv1': ..., 'layer1_0': ...}`).
+    fc: None ('params' when the params hold an fc, else 'zero'), 'params' (ours), 'zero' (zeros
+      [num_classes, C]), 'random' (torch.nn.Linear's init, from `seed`), 'none' (no fc keys: load
+      with strict=False or into a model whose fc is Identity), or a (weight [K, C], bias [K]) pair.
+    model_kwargs: the backbone options the variables were built with; the default (torchvision's
+      network) is what stock torchvision models load. Values keep float32 bits exactly; every
+      BatchNorm also gets `num_batches_tracked` = int64 0.
+    """
+    template = variable_template(arch, model_kwargs)
+    flat = {("params",) + k: v for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    flat.update({("batch_stats",) + k: v
+                 for k, v in traverse_util.flatten_dict(dict(batch_stats)).items()})
+    flat_params = {k[1:]: v for k, v in flat.items() if k[0] == "params"}
+    body = {k: np.shape(v) for k, v in flat.items() if k[1] != "fc"}
+    _check_same(body, {k: v.shape for k, v in template.items()},
+                f"The variables of {arch} (model_kwargs={dict(model_kwargs or {})})",
+                "Pass the model_kwargs (width, cifar_stem) the backbone was built with.")
+    bn_modules = _bn_modules(template)
+    state_dict = {}
+    for path in template:
+        if path[0] != "params":
+            continue  # statistics are written right after their BatchNorm's bias, as torch does
+        state_dict[torchvision_key(path)] = np.ascontiguousarray(
+            to_torch_layout(path, np.asarray(flat[path], np.float32)))
+        module = path[1:-1]
+        if module in bn_modules and path[-1] == "bias":
+            for leaf in ("mean", "var"):
+                stat = ("batch_stats",) + module + (leaf,)
+                state_dict[torchvision_key(stat)] = np.ascontiguousarray(
+                    np.asarray(flat[stat], np.float32))
+            prefix = torchvision_key(stat).rsplit(".", 1)[0]
+            state_dict[f"{prefix}.{NUM_BATCHES_TRACKED}"] = np.zeros((), np.int64)
+    dim = feature_dims(_backbone(arch, model_kwargs, None), _TEMPLATE_INPUT)["pooled"][-1]
+    state_dict.update(_fc_entries(fc, flat_params, dim, num_classes, seed))
+    return state_dict
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision -> Flax.
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict:
+    """The state dict with `prefix` removed from every key that has it (DDP's 'module.')."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def from_torchvision_state_dict(state_dict: Mapping[str, Any], arch: str, *,
+                                model_kwargs: Optional[Mapping[str, Any]] = None,
+                                with_fc: bool = False) -> Tuple[dict, dict]:
+    """A torchvision ResNet state dict (numpy or CPU tensors) -> (params, batch_stats) of ours.
+
+    Keys may carry DDP's 'module.' prefix. `num_batches_tracked` is dropped (Flax has no counter);
+    so is fc unless `with_fc` (then the backbone must be built with num_classes = fc rows).
+    Every other key must be one of `arch`'s, with the right shape: a clear ValueError otherwise.
+    """
+    state_dict = strip_prefix(dict(state_dict))
+    num_classes = None
+    if with_fc:
+        if "fc.weight" not in state_dict:
+            raise ValueError("with_fc=True but the state dict has no 'fc.weight'.")
+        num_classes = int(np.shape(state_dict["fc.weight"])[0])
+    template = variable_template(arch, model_kwargs, num_classes)
+    expected = {torchvision_key(path): torch_shape(path, v.shape) for path, v in template.items()}
+    found = {k: np.shape(v) for k, v in state_dict.items()
+             if not k.endswith("." + NUM_BATCHES_TRACKED)
+             and not (not with_fc and k in ("fc.weight", "fc.bias"))}
+    _check_same(found, expected, f"The state dict for {arch} "
+                f"(model_kwargs={dict(model_kwargs or {})})",
+                "Is it a torchvision ResNet of this arch (and width/stem)?")
+    flat = {}
+    for path in template:
+        value = state_dict[torchvision_key(path)]
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        flat[path] = np.ascontiguousarray(from_torch_layout(path, value.astype(np.float32)))
+    variables = traverse_util.unflatten_dict(flat)
+    return variables["params"], variables["batch_stats"]
+
+
+# ------------------------------------------------------------------------------------------------
+# OBoW's exported fc.
+
+
+def obow_fc(head_variables: Mapping[str, Any], vocabularies: Sequence[Any],
+            kappa: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(weight [K, C], bias [K]) = (kappa * G(V), 0) of the LAST BoW level, eval-mode generator BN.
+
+    head_variables: the DynamicBoWHead's {'params', 'batch_stats'} (OBoW state: params['bow_head'],
+    batch_stats['bow_head']); vocabularies: every level's words [K_l, C_l] (state.vocabularies);
+    kappa: the fixed scale (config.obow.kappa), unused when the head learned 'kappa'. This is the fc
+    of the official `--convert-to-torchvision` (obow_reference.md h), rows of norm kappa.
+    """
+    params = head_variables["params"]
+    generators = sorted(k for k in params if k.startswith("generator_"))
+    if len(generators) != len(vocabularies):
+        raise ValueError(f"head_variables has {len(generators)} weight generators but "
+                         f"{len(vocabularies)} vocabularies were given (one per BoW level).")
+    learn_kappa = "kappa" in params
+    if kappa is None and not learn_kappa:
+        raise ValueError("obow_fc: kappa is required (config.obow.kappa) when it is not learned.")
+    hidden, channels = np.shape(params[generators[0]]["fc2"]["kernel"])
+    head = DynamicBoWHead(num_channels_out=int(channels), kappa=float(kappa or 1.0),
+                          hidden_dim=int(hidden), learn_kappa=learn_kappa)
+    weight, bias = head.apply(dict(head_variables), [jnp.asarray(v) for v in vocabularies],
+                              method=DynamicBoWHead.torchvision_fc)
+    return np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename: whole or nothing."""
+    torch = import_torch()
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_torchvision(path: str, state_dict: Mapping[str, Any], layout: str = "torchvision") -> str:
+    """Writes `state_dict` (numpy arrays) as a `.pth` file atomically; returns the path.
+
+    layout 'torchvision': the plain state dict (`resnet50().load_state_dict(torch.load(path))`);
+    'obow': `{'network': state_dict}` as the official OBoW release, whose fc must be kappa * G(V)
+    (`to_torchvision_state_dict(..., fc=obow_fc(...))`).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {list(LAYOUTS)}.")
+    if layout == "obow" and "fc.weight" not in state_dict:
+        raise ValueError("layout='obow' needs fc = kappa * G(V) of the last level in the state "
+                         "dict: build it with to_torchvision_state_dict(..., fc=obow_fc(...)).")
+    torch = import_torch()
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    _atomic_torch_save({"network": tensors} if layout == "obow" else tensors, path)
+    return path
+
+
+def _unwrap(obj, path: str) -> dict:
+    """The state dict inside what torch.load returned (plain, {'state_dict'|'network'|'model'})."""
+    for _ in range(3):  # a wrapper may hold another wrapper
+        if not isinstance(obj, Mapping):
+            break
+        keys = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)]
+        if not keys or any(hasattr(v, "shape") for v in obj.values()):
+            break
+        obj = obj[keys[0]]
+    if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors, or one inside "
+                         f"{list(CONTAINER_KEYS)}; got {type(obj).__name__} with keys "
+                         f"{list(obj)[:8] if isinstance(obj, Mapping) else '-'}.")
+    return dict(obj)
+
+
+def load_torchvision(path: str) -> StateDict:
+    """A `.pth` state dict as {key: np.ndarray}, read with torch.load(weights_only=True) only.
+
+    Accepts a plain state dict, {'state_dict': sd}, {'network': sd} (the OBoW release),
+    {'model': sd}, and DDP's 'module.' key prefix (removed). A file whose pickle would construct
+    anything but tensors and containers (i.e. could run code) is refused with a ValueError.
+    """
+    torch = import_torch()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such .pth file.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} is not a plain state dict (its pickle refers to other objects, which could "
+            "run code); it will not be unpickled. Re-save it as a dict of tensors "
+            "(torch.save(model.state_dict(), path)).") from e
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a readable torch file ({e}).") from e
+    state_dict = strip_prefix(_unwrap(obj, path))
+    out = {}
+    for k, v in state_dict.items():
+        if v.dtype in (torch.bfloat16, torch.float16):
+            v = v.float()
+        out[k] = v.detach().cpu().numpy()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Using a torchvision checkpoint in our evaluations.
+
+
+def encode_torchvision_checkpoint(path: str, arch: str,
+                                  model_kwargs: Optional[Mapping[str, Any]] = None):
+    """(backbone, variables) of our ResNet holding the torchvision checkpoint at `path`.
+
+    `common.encode_with(backbone, variables, images, 'pooled', mean, std)` then gives its frozen
+    features, so every evaluation here can score any torchvision ResNet (fc is ignored).
+    """
+    params, batch_stats = from_torchvision_state_dict(load_torchvision(path), arch,
+                                                      model_kwargs=model_kwargs)
+    backbone = _backbone(arch, model_kwargs, None)
+    return backbone, {"params": params, "batch_stats": batch_stats}
+
+
+def _export_config(config) -> ml_collections.ConfigDict:
+    """config.export, or its defaults where the config has no such section."""
+    section = config.get("export") if hasattr(config, "get") else None
+    defaults = default_config()
+    if section is not None:
+        for key in section:
+            defaults[key] = section[key]
+    return defaults
+
+
+def _model_kwargs(config) -> dict:
+    return config.model.kwargs.to_dict() if hasattr(config.model.kwargs, "to_dict") else dict(
+        config.model.kwargs)
+
+
+def evaluate_torchvision_checkpoint(config, workdir: str, path: Optional[str] = None) -> dict:
+    """Scores the torchvision checkpoint `path` (default config.export.path) with the enabled
+    frozen-feature protocols of `config.eval` on `config.data`; results in <workdir>/eval as
+    `evaluate` writes them. The backbone is `config.model` (name + kwargs)."""
+    import_torch()  # before anything may import TensorFlow
+    from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel
+    from bow_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
+    from bow_jax.lib import sharding  # pylint: disable=import-outside-toplevel
+    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
+    path = path or _export_config(config).path
+    if not path:
+        raise ValueError("config.export.path: set the .pth file to evaluate.")
+    backbone, variables = encode_torchvision_checkpoint(path, config.model.name,
+                                                        _model_kwargs(config))
+    mean, std = common.normalization(config)
+    encode = jax.jit(lambda v, x: common.encode_with(backbone, v, x, config.eval.feature, mean,
+                                                     std))
+    mesh = sharding.make_mesh()
+    variables = sharding.replicate(variables, mesh)
+    train, test = load_split(config, "train"), load_split(config, "test")
+    results = {f"torchvision {os.path.basename(path)}":
+               runner.score(lambda x: encode(variables, x), train, test, config, mesh)}
+    if config.eval.random_init:
+        init = jax.jit(lambda k: backbone.init(k, jnp.zeros(_TEMPLATE_INPUT), train=False))(
+            jax.random.key(config.seed))
+        results["random init"] = runner.score(lambda x: encode(init, x), train, test, config,
+                                              mesh)
+    runner.write_results(workdir, results)
+    print(runner.markdown_table(results), flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# The `export` task: the latest checkpoint of a workdir -> a torchvision file.
+
+
+def student_backbone_variables(config, state) -> dict:
+    """The student backbone's {'params', 'batch_stats'} of a method's state.
+
+    Uses the method module's `backbone_variables(state)` (rotnet, obow, ...), else the state's
+    'backbone' entries.
+    """
+    import importlib  # pylint: disable=import-outside-toplevel
+    module = importlib.import_module(f"bow_jax.methods.{config.method}")
+    if hasattr(module, "backbone_variables"):
+        return module.backbone_variables(state)
+    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+
+
+def obow_state_fc(config, state) -> Tuple[np.ndarray, np.ndarray]:
+    """`obow_fc` of an OBoW state: its BoW head, current vocabularies and config.obow.kappa."""
+    if config.method != "obow":
+        raise ValueError(f"config.export.layout='obow' needs an OBoW run (config.method='obow'), "
+                         f"not {config.method!r}.")
+    head_variables = {"params": state.params["bow_head"],
+                      "batch_stats": state.batch_stats["bow_head"]}
+    return obow_fc(jax.device_get(head_variables), jax.device_get(state.vocabularies),
+                   config.obow.kappa)
+
+
+def export_state(config, state, path: str, layout: str = "torchvision", fc="zero",
+                 num_classes: int = 1000) -> str:
+    """Writes the student backbone of `state` to `path` in `layout`; returns the path."""
+    arch = config.model.name
+    _check_arch(arch)
+    kwargs = _model_kwargs(config)
+    if kwargs.get("width", 64) != 64 or kwargs.get("cifar_stem", False):
+        logging.warning("config.model.kwargs=%s is not torchvision's %s (width 64, ImageNet "
+                        "stem): the file keeps torchvision's names but a stock torchvision model "
+                        "will not load it.", kwargs, arch)
+    variables = jax.device_get(student_backbone_variables(config, state))
+    if layout == "obow":
+        fc = obow_state_fc(config, state)
+    state_dict = to_torchvision_state_dict(variables["params"], variables["batch_stats"], arch,
+                                           fc=fc, num_classes=num_classes, model_kwargs=kwargs)
+    if jax.process_index() == 0:
+        save_torchvision(path, state_dict, layout)
+    return path
+
+
+def export_checkpoint(config, workdir: str, path: Optional[str] = None) -> str:
+    """The `export` task: the latest checkpoint of `workdir` -> a torchvision `.pth` file.
+
+    Output: `path`, else config.export.path, else <workdir>/torchvision_<arch>[_obow]_step<N>.pth.
+    """
+    import_torch()  # fail early, and before any TensorFlow import (see the module docstring)
+    from bow_jax import train  # pylint: disable=import-outside-toplevel
+    cfg = _export_config(config)
+    _check_arch(config.model.name)
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"config.export.layout={cfg.layout!r}; expected one of {list(LAYOUTS)}.")
+    _, _, _, _, ckpt, state = train.setup(config, workdir)
+    step = ckpt.latest_step()
+    ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')} to export.")
+    suffix = "_obow" if cfg.layout == "obow" else ""
+    path = path or cfg.path or os.path.join(
+        workdir, f"torchvision_{config.model.name}{suffix}_step{step}.pth")
+    export_state(config, state, path, cfg.layout, cfg.fc, cfg.num_classes)
+    logging.info("Wrote %s (layout %s, step %d).", path, cfg.layout, step)
+    print(path, flush=True)
+    return path

@@ -1,0 +1,517 @@
+"""OBoW (Gidaris et al., CVPR 2021): online bag-of-visual-words generation.
+
+A student sees crops of an image and predicts, with a dynamic BoW head, the bag of visual words of
+the whole image as seen by a teacher (an EMA of the student). The visual words are a queue of
+teacher features that is refreshed every step. One step, in the order of the official
+`OBoW.forward` (see `reference/obow_reference.md` section 0):
+
+1. snapshot the vocabulary of every BoW level (here: the state's arrays, which are values);
+2. student: one backbone pass per crop group (all crops, then all patches; BatchNorm statistics
+   per group), the pooled last-layer vector; the BoW head's logits per level against the snapshot;
+3. teacher: EMA of the student's *params* with the pre-step student, momentum annealed from 0.99
+   to 1 by a per-step cosine; a train-mode forward (batch statistics; it keeps its own running
+   statistics) on the teacher view; per level: border skip, distances, running mean-min-distance
+   statistic updated with this batch *before* the codes, soft codes, max-pool, L1 (no gradient);
+   then one new word per image of the global batch is written into the FIFO queue;
+4. loss = per crop group the mean over levels of the soft cross-entropy (targets repeated
+   image-major over the group's crops), summed over groups;
+5. optional monitor: a linear classifier on the detached teacher features (needs labels);
+6. one SGD step on the student backbone, the weight generators (and the monitor).
+
+Views (`make_views` on the device for in-memory data, `tf_views` on the host for TFDS): the teacher
+view (Resize + CenterCrop + flip, no colour), `num_crops` RandomResizedCrops, and `num_patches` of
+the 3x3 jittered grid patches cut from one RandomResizedCrop. Colour jitter, grayscale, blur and
+the crops' flips run inside `train_step`; the patches of an image share one photometric draw.
+
+Ablations of the paper (Table 1 / appendix D): `config.obow.vocabulary='online_kmeans'` with
+`kmeans_assignment` 'hard' (rare-word reseeding) or 'sinkhorn' (balanced codes for both the k-means
+update and the targets), and `word_sampling` 'local_average' | 'local_features' | 'global_average'.
+"""
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bow_jax.bow import quantize, vocabulary
+from bow_jax.data import augment
+from bow_jax.lib import schedules
+from bow_jax.lib.state import TrainState
+from bow_jax.methods import common
+from bow_jax.models import check_feature_names, feature_dims, heads
+
+VOCABULARIES = ("queue", "online_kmeans")
+KMEANS_ASSIGNMENTS = ("hard", "sinkhorn")
+
+
+@flax.struct.dataclass
+class OBoWState(TrainState):
+    """TrainState plus the teacher and the BoW machinery (everything a resumed run needs).
+
+    params / batch_stats: {'backbone', 'bow_head'[, 'monitor']} of the student side.
+    teacher_params / teacher_batch_stats: the teacher backbone (EMA of params; own BN statistics).
+    vocabularies: per BoW level, the words [K, C_l] (queue, or online k-means centroids).
+    pointers: per level, the queue's int32 write pointer.
+    mean_min_dist: per level, the running mean of the per-location minimum distance (starts 0.5).
+    kmeans: per level {'ema_counts', 'ema_sums', 'steps_since_used'} for online k-means, else ().
+    """
+    teacher_params: Any
+    teacher_batch_stats: Any
+    vocabularies: tuple
+    pointers: tuple
+    mean_min_dist: tuple
+    kmeans: tuple
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """config.obow: the ImageNet ResNet-50 recipe's values (official ResNet50_OBoW_full.yaml)."""
+    o = ml_collections.ConfigDict()
+    # BoW targets and vocabulary.
+    o.bow_levels = ("layer3", "layer4")  # backbone outputs used as BoW levels (conv4, conv5)
+    o.num_words = 8192  # K, per level
+    o.inv_delta = 15.0  # 1 / delta_base (15 for ResNet-50, 10 for ResNet-18); <= 0: hard codes
+    o.stat_momentum = 0.99  # of the running mean-min-distance statistic
+    o.border = 1  # locations skipped on each side of a teacher map
+    o.bow_pool = "max"  # 'max' (official) or 'avg'
+    o.vocabulary = "queue"  # 'queue' | 'online_kmeans' (appendix D ablation)
+    o.word_sampling = "local_average"  # queue words: 'local_average'|'local_features'|'global_average'
+    o.kmeans_assignment = "hard"  # online k-means: 'hard' (+ reseeding) | 'sinkhorn'
+    o.kmeans_momentum = 0.99  # gamma of eq. 6-7
+    o.reseed_after = 1000  # steps without being a nearest word before a word is reseeded
+    o.sinkhorn_iters = 3
+    # Student head.
+    o.kappa = 8.0  # 8 for ResNet-50, 5 for ResNet-18
+    o.learn_kappa = False
+    o.hidden_dim = 0  # weight generator hidden width; 0: 2 x the student's pooled dimension
+    # Teacher.
+    o.teacher_momentum = 0.99  # base of the cosine schedule to 1 over all training steps
+    # Views (ImageNet sizes; CIFAR configs scale them down).
+    o.teacher_size = 224
+    o.teacher_resize = 256  # Resize(shorter side) before CenterCrop(teacher_size); 0: resize the
+    #                         whole image to teacher_size (in-memory data of another size)
+    o.teacher_flip = True
+    o.num_crops = 2
+    o.crop_size = 160
+    o.crop_scale = (0.08, 0.6)
+    o.num_patches = 5  # 0: no patch group (ResNet-18 vanilla)
+    o.patch_size = 96
+    o.patch_source_size = 256  # the RandomResizedCrop the patches are cut from
+    o.patch_source_scale = (0.6, 1.0)
+    o.patch_jitter = 24
+    # Photometric augmentation of the student's views (crops; patches without blur).
+    o.color_jitter = (0.4, 0.4, 0.4, 0.1)
+    o.color_jitter_p = 0.8
+    o.grayscale_p = 0.2
+    o.blur_p = 0.5
+    o.blur_sigma = (0.1, 2.0)
+    # Monitor: linear classifier on detached teacher features; needs 'label' in the batch, which
+    # the generic training loop does not deliver, so it is off in every config.
+    o.monitor = False
+    o.monitor_feature = "layer4"
+    o.num_classes = 0
+    # Memory: recompute each student backbone pass in the backward pass (jax.checkpoint).
+    o.remat = False
+    return o
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of the step (pure functions; tests check each against numpy).
+
+
+def ema_update(teacher_params, student_params, momentum):
+    """theta_T <- momentum * theta_T + (1 - momentum) * theta_S, leaf by leaf (params only)."""
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s,
+                        teacher_params, student_params)
+
+
+def expand_targets(bow: jax.Array, copies: int) -> jax.Array:
+    """[B, K] -> [B * copies, K], image-major (row i * copies + j is image i), matching the crops'
+    flattening [B, copies, ...] -> [B * copies, ...] (the official `expand_target`)."""
+    return jnp.repeat(bow, copies, axis=0)
+
+
+def bow_prediction_loss(logits_per_group: Sequence[Sequence[jax.Array]],
+                        targets: Sequence[jax.Array],
+                        crops_per_group: Sequence[int]):
+    """OBoW loss: sum over crop groups of the mean over levels of the soft cross-entropy.
+
+    logits_per_group[g][l]: [B * n_g, K_l]; targets[l]: [B, K_l]. Returns (total, per-group list).
+    Soft cross-entropy has the official KL loss's gradient; its value is KL + entropy(target).
+    """
+    group_losses = []
+    for logits, copies in zip(logits_per_group, crops_per_group):
+        per_level = [common.soft_cross_entropy(lg, expand_targets(t, copies))
+                     for lg, t in zip(logits, targets)]
+        group_losses.append(jnp.mean(jnp.stack(per_level)))
+    return sum(group_losses), group_losses
+
+
+def student_forward(backbone, params, batch_stats, groups: Sequence[jax.Array],
+                    remat: bool = False):
+    """One train-mode backbone pass per crop group, in order, threading the BN running statistics.
+
+    Returns ([pooled [N_g, C] per group], batch_stats after all groups). Each group is normalised
+    by its own batch statistics, and the running statistics are updated once per group, as the
+    official student that is called separately on the 160 crops and on the 96 patches.
+    """
+    def apply(p, stats, x):
+        feats, updates = backbone.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                        mutable=["batch_stats"])
+        return feats["pooled"], updates["batch_stats"]
+
+    if remat:
+        apply = jax.checkpoint(apply)
+    pooled = []
+    for x in groups:
+        z, batch_stats = apply(params, batch_stats, x)
+        pooled.append(z)
+    return pooled, batch_stats
+
+
+def _sinkhorn_level_targets(fmap, vocab, mean_min_dist, *, inv_delta, momentum, pool, border,
+                            iters):
+    """Appendix D (b): Sinkhorn-balanced codes over all locations of the global batch.
+
+    Same statistic as the soft codes (updated before use); the transport cost is dist / m_new
+    and epsilon = 1 / inv_delta, so the unbalanced limit is exactly the soft assignment
+    (choice: the paper gives no epsilon). Returns (bow, m_new, aux, codes [N, K]).
+    """
+    fmap = quantize.skip_border(fmap.astype(jnp.float32), border)
+    dist = quantize.squared_distances(fmap, vocab)
+    mu = jnp.mean(jnp.min(dist, axis=-1))
+    m_new = momentum * mean_min_dist + (1.0 - momentum) * mu
+    b, h, w, k = dist.shape
+    epsilon = 1.0 / inv_delta if inv_delta > 0 else 0.05
+    codes = vocabulary.sinkhorn(-(dist / m_new).reshape(b * h * w, k), iters, epsilon)
+    bow = jax.lax.stop_gradient(quantize.reduce_codes(codes.reshape(b, h, w, k), pool))
+    perp_image, perp_batch = quantize.perplexity(bow)
+    aux = {"min_dist_mean": mu, "perplexity_image": perp_image, "perplexity_batch": perp_batch}
+    return bow, jax.lax.stop_gradient(m_new), aux, jax.lax.stop_gradient(codes)
+
+
+def teacher_level_update(cfg, level: str, fmap, vocab, pointer, mean_min_dist, kmeans, key):
+    """Targets of one BoW level from the teacher map, and the level's updated vocabulary state.
+
+    Targets use `vocab` as it was before this step (the student's snapshot); the statistic is
+    updated with this batch before the codes; then the vocabulary is updated (queue write or
+    online k-means). Returns (bow [B, K], (vocab, pointer, mean_min_dist, kmeans), aux).
+    """
+    inv_delta = cfg.inv_delta if cfg.inv_delta > 0 else None
+    codes = None
+    if cfg.vocabulary == "online_kmeans" and cfg.kmeans_assignment == "sinkhorn":
+        bow, m_new, aux, codes = _sinkhorn_level_targets(
+            fmap, vocab, mean_min_dist, inv_delta=cfg.inv_delta, momentum=cfg.stat_momentum,
+            pool=cfg.bow_pool, border=cfg.border, iters=cfg.sinkhorn_iters)
+    else:
+        bow, m_new, aux = quantize.obow_level_targets(
+            fmap, vocab, mean_min_dist, inv_delta=inv_delta, momentum=cfg.stat_momentum,
+            pool=cfg.bow_pool, border=cfg.border)
+    teacher_map = jax.lax.stop_gradient(fmap.astype(jnp.float32))
+    if cfg.vocabulary == "queue":
+        words = vocabulary.sample_words(key, teacher_map, cfg.word_sampling, border=cfg.border,
+                                        level=level)
+        vocab, pointer = vocabulary.update_queue(vocab, pointer, words)
+    else:
+        cropped = quantize.skip_border(teacher_map, cfg.border)
+        km = vocabulary.OnlineKMeansState(vocab, kmeans["ema_counts"], kmeans["ema_sums"],
+                                          kmeans["steps_since_used"])
+        km = vocabulary.online_kmeans_update(
+            km, cropped.reshape(-1, cropped.shape[-1]), key=key, momentum=cfg.kmeans_momentum,
+            reseed_after=cfg.reseed_after if codes is None else None, codes=codes)
+        vocab = km.centroids
+        kmeans = {"ema_counts": km.ema_counts, "ema_sums": km.ema_sums,
+                  "steps_since_used": km.steps_since_used}
+    return bow, (vocab, pointer, m_new, kmeans), aux
+
+
+def augment_views(key, batch, cfg, mean, std):
+    """Photometric augmentation and normalisation of a batch of uint8 views.
+
+    Returns (teacher input [B, S, S, 3], student groups [crops [B*n, h, w, 3], patches
+    [B*V, p, p, 3]] flattened image-major, crops per image of each group). Each crop gets its own
+    draw (jitter, grayscale, blur, flip); the patches of one image share one draw without blur.
+    """
+    k_crops, k_patches = jax.random.split(key)
+    recipe = dict(jitter=tuple(cfg.color_jitter), jitter_p=cfg.color_jitter_p,
+                  gray_p=cfg.grayscale_p, blur_sigma=tuple(cfg.blur_sigma))
+    teacher = common.to_network_input(batch["teacher"], mean, std)
+    crops = batch["crops"]
+    b, n = crops.shape[:2]
+    flat = crops.reshape((b * n,) + crops.shape[2:])
+    x = augment.photometric(k_crops, augment.to_float(flat), blur_p=cfg.blur_p, **recipe)
+    groups, copies = [augment.normalize(x, mean, std)], [n]
+    if cfg.num_patches > 0:
+        patches = batch["patches"]
+        v = patches.shape[1]
+        y = augment.photometric(k_patches, augment.to_float(patches), blur_p=0.0, **recipe)
+        groups.append(augment.normalize(y.reshape((b * v,) + y.shape[2:]), mean, std))
+        copies.append(v)
+    return teacher, groups, copies
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks made before anything is compiled.
+
+
+def check_config(config, data_info: common.DataInfo, level_shapes: dict) -> None:
+    """Clear errors for choices that would otherwise fail deep inside a compiled step."""
+    cfg = config.obow
+    if cfg.vocabulary not in VOCABULARIES:
+        raise ValueError(f"config.obow.vocabulary={cfg.vocabulary!r}; expected one of "
+                         f"{list(VOCABULARIES)}.")
+    if cfg.kmeans_assignment not in KMEANS_ASSIGNMENTS:
+        raise ValueError(f"config.obow.kmeans_assignment={cfg.kmeans_assignment!r}; expected one "
+                         f"of {list(KMEANS_ASSIGNMENTS)}.")
+    if cfg.word_sampling not in vocabulary.SAMPLE_MODES:
+        raise ValueError(f"config.obow.word_sampling={cfg.word_sampling!r}; expected one of "
+                         f"{list(vocabulary.SAMPLE_MODES)}.")
+    if cfg.bow_pool not in ("max", "avg"):
+        raise ValueError(f"config.obow.bow_pool={cfg.bow_pool!r}; expected 'max' or 'avg'.")
+    if not cfg.bow_levels:
+        raise ValueError("config.obow.bow_levels is empty; name at least one backbone map.")
+    if cfg.num_crops < 1:
+        raise ValueError(f"config.obow.num_crops={cfg.num_crops}; at least 1 crop is needed.")
+    if cfg.num_patches > 9:
+        raise ValueError(f"config.obow.num_patches={cfg.num_patches}; at most 9 (3x3 grid).")
+    if cfg.num_patches > 0 and cfg.patch_size + cfg.patch_jitter > cfg.patch_source_size:
+        raise ValueError(
+            f"config.obow.patch_size + patch_jitter = {cfg.patch_size}+{cfg.patch_jitter} does "
+            f"not fit config.obow.patch_source_size={cfg.patch_source_size}.")
+    if cfg.monitor and cfg.num_classes <= 0:
+        raise ValueError("config.obow.monitor=True needs config.obow.num_classes > 0.")
+    if cfg.vocabulary == "queue":
+        vocabulary.check_queue_divisible(cfg.num_words, config.batch_size)
+    # Every level must be a spatial map big enough for the border skip and the word sampling.
+    need = 2 * cfg.border + (3 if cfg.vocabulary == "queue"
+                             and cfg.word_sampling == "local_average" else 1)
+    for level, shape in level_shapes.items():
+        if len(shape) != 4:
+            raise ValueError(f"config.obow.bow_levels: {level!r} is not a spatial feature map "
+                             f"(shape {shape}); BoW levels must be [B, h, w, C] maps.")
+        h, w = shape[1:3]
+        if h < need or w < need:
+            raise ValueError(
+                f"config.obow.bow_levels: level {level!r} is {h}x{w} for a "
+                f"{cfg.teacher_size}x{cfg.teacher_size} teacher input "
+                f"(config.obow.teacher_size), but OBoW needs at least {need}x{need} (a "
+                f"{cfg.border}-location border is skipped"
+                + (" and words are 3x3 local averages" if need == 2 * cfg.border + 3 else "")
+                + "). Choose other levels, a larger teacher_size or another stem.")
+
+
+# ------------------------------------------------------------------------------------------------
+# The method.
+
+
+def backbone_variables(state):
+    """The student backbone's variables (what evaluation and the torchvision export use)."""
+    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+
+
+def teacher_variables(state):
+    return {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
+
+
+def _uint8(x):
+    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+
+
+def create(config, data_info: common.DataInfo) -> common.Method:
+    cfg = config.obow
+    backbone = common.backbone_from_config(config)
+    levels = tuple(cfg.bow_levels)
+    teacher_shape = (1, cfg.teacher_size, cfg.teacher_size, 3)
+    dims = feature_dims(backbone, teacher_shape)
+    check_feature_names(levels, dims, "config.obow.bow_levels", config.model.name)
+    check_config(config, data_info, {level: dims[level] for level in levels})
+    channels = tuple(dims[level][-1] for level in levels)
+    student_dim = dims["pooled"][-1]
+    head = heads.DynamicBoWHead(num_channels_out=student_dim, kappa=cfg.kappa,
+                                hidden_dim=cfg.hidden_dim or None, learn_kappa=cfg.learn_kappa)
+    monitor = (heads.LinearClassifier(cfg.num_classes, batch_norm=True) if cfg.monitor else None)
+    if cfg.monitor:
+        check_feature_names([cfg.monitor_feature], dims, "config.obow.monitor_feature",
+                            config.model.name)
+    tx, lr_schedule = common.optimizer_from_config(config, data_info)
+    mean, std = common.normalization(config)
+    total_steps = data_info.total_steps
+
+    def init_state(key):
+        k_backbone, k_head, k_monitor, k_vocab, k_state = jax.random.split(key, 5)
+        variables = backbone.init({"params": k_backbone}, jnp.zeros(teacher_shape), train=False)
+        vocabs = tuple(vocabulary.init_queue(jax.random.fold_in(k_vocab, i), cfg.num_words, c)
+                       for i, c in enumerate(channels))
+        head_vars = head.init({"params": k_head}, jnp.zeros((1, student_dim)), vocabs,
+                              train=False)
+        params = {"backbone": variables["params"], "bow_head": head_vars["params"]}
+        batch_stats = {"backbone": variables["batch_stats"],
+                       "bow_head": head_vars["batch_stats"]}
+        if monitor is not None:
+            mon = monitor.init({"params": k_monitor}, jnp.zeros((1, dims[cfg.monitor_feature][-1])))
+            params["monitor"], batch_stats["monitor"] = mon["params"], mon["batch_stats"]
+        if cfg.vocabulary == "online_kmeans":
+            kmeans = tuple(
+                {"ema_counts": s.ema_counts, "ema_sums": s.ema_sums,
+                 "steps_since_used": s.steps_since_used}
+                for s in map(vocabulary.init_online_kmeans, vocabs))
+        else:
+            kmeans = ()
+        # The teacher starts as a copy of the student (distinct buffers: the state is donated).
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)
+        return OBoWState(
+            step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+            opt_state=tx.init(params), rng=k_state,
+            teacher_params=copy(variables["params"]),
+            teacher_batch_stats=copy(variables["batch_stats"]),
+            vocabularies=vocabs,
+            pointers=tuple(vocabulary.init_pointer() for _ in levels),
+            mean_min_dist=tuple(jnp.full((), 0.5, jnp.float32) for _ in levels),
+            kmeans=kmeans)
+
+    def make_views(images, key):
+        """Geometric views of in-memory uint8 images [B, H, W, 3] (see the module docstring)."""
+        def one(k, image):
+            k_flip, k_crops, k_src, k_patch = jax.random.split(k, 4)
+            teacher = image
+            if cfg.teacher_resize > 0:
+                teacher = augment.center_crop(_uint8(augment.resize(image, cfg.teacher_resize)),
+                                              cfg.teacher_size)
+            elif teacher.shape[:2] != (cfg.teacher_size, cfg.teacher_size):
+                teacher = _uint8(augment.resize(image, (cfg.teacher_size, cfg.teacher_size)))
+            if cfg.teacher_flip:
+                teacher = augment.random_flip(k_flip, teacher)
+            crops = jax.vmap(lambda kc: _uint8(augment.random_resized_crop(
+                kc, image, cfg.crop_size, scale=tuple(cfg.crop_scale))))(
+                    jax.random.split(k_crops, cfg.num_crops))
+            views = {"teacher": teacher, "crops": crops}
+            if cfg.num_patches > 0:
+                source = _uint8(augment.random_resized_crop(
+                    k_src, image, cfg.patch_source_size, scale=tuple(cfg.patch_source_scale)))
+                views["patches"] = augment.jittered_patches(
+                    k_patch, source, patch_size=cfg.patch_size, jitter=cfg.patch_jitter,
+                    keep=cfg.num_patches)
+            return views
+
+        return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+    def tf_views(image, seed):
+        """The same views on the host with TensorFlow (streamed TFDS data, e.g. ImageNet)."""
+        return tf_obow_views(image, seed, cfg)
+
+    def train_step(state, batch):
+        k_augment, k_words = jax.random.split(state.step_key())
+        teacher_x, groups, copies = augment_views(k_augment, batch, cfg, mean, std)
+        # 1. The vocabulary snapshot: the state's arrays are values, so this step's queue writes
+        #    below cannot reach what the student predicts against.
+        snapshot = state.vocabularies
+
+        # 3. Teacher: EMA with the pre-step student params, then a train-mode forward.
+        momentum = schedules.teacher_momentum(state.step, total_steps, cfg.teacher_momentum)
+        teacher_params = ema_update(state.teacher_params, state.params["backbone"], momentum)
+        feats, updates = backbone.apply(
+            {"params": teacher_params, "batch_stats": state.teacher_batch_stats}, teacher_x,
+            train=True, mutable=["batch_stats"])
+        feats = jax.lax.stop_gradient(feats)
+        targets, new_levels, metrics = [], [], {}
+        for i, level in enumerate(levels):
+            bow, new, aux = teacher_level_update(
+                cfg, level, feats[level], state.vocabularies[i], state.pointers[i],
+                state.mean_min_dist[i], state.kmeans[i] if state.kmeans else None,
+                jax.random.fold_in(k_words, i))
+            targets.append(bow)
+            new_levels.append(new)
+            metrics[f"perplexity_image_{level}"] = aux["perplexity_image"]
+            metrics[f"perplexity_batch_{level}"] = aux["perplexity_batch"]
+            metrics[f"min_dist_batch_{level}"] = aux["min_dist_mean"]
+            metrics[f"mean_min_dist_{level}"] = new[2]
+
+        # 2 + 4. Student per crop group, BoW head against the snapshot, loss.
+        def loss_fn(params):
+            pooled, backbone_stats = student_forward(
+                backbone, params["backbone"], state.batch_stats["backbone"], groups, cfg.remat)
+            logits, head_updates = head.apply(
+                {"params": params["bow_head"], "batch_stats": state.batch_stats["bow_head"]},
+                pooled, snapshot, train=True, mutable=["batch_stats"])
+            loss, group_losses = bow_prediction_loss(logits, targets, copies)
+            batch_stats = {"backbone": backbone_stats, "bow_head": head_updates["batch_stats"]}
+            aux = {f"loss_group{g + 1}": l for g, l in enumerate(group_losses)}
+            if monitor is not None:
+                if "label" not in batch:
+                    raise ValueError("config.obow.monitor=True needs 'label' in the batch; the "
+                                     "training loop does not deliver labels: set it to False.")
+                mon_logits, mon_updates = monitor.apply(
+                    {"params": params["monitor"], "batch_stats": state.batch_stats["monitor"]},
+                    feats[cfg.monitor_feature], train=True, mutable=["batch_stats"])
+                mon_loss = common.cross_entropy(mon_logits, batch["label"])
+                loss = loss + mon_loss
+                batch_stats["monitor"] = mon_updates["batch_stats"]
+                aux["monitor_loss"] = mon_loss
+                aux["monitor_accuracy"] = jnp.mean(jnp.argmax(mon_logits, -1) == batch["label"])
+            return loss, (batch_stats, aux)
+
+        (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        vocabs, pointers, stats, kmeans = (tuple(x) for x in zip(*new_levels))
+        new_state = state.apply_gradients(
+            grads, tx, batch_stats=batch_stats, teacher_params=teacher_params,
+            teacher_batch_stats=updates["batch_stats"], vocabularies=vocabs, pointers=pointers,
+            mean_min_dist=stats, kmeans=kmeans if state.kmeans else ())
+        metrics.update(aux, loss=loss, teacher_momentum=momentum, lr=lr_schedule(state.step))
+        return new_state, metrics
+
+    def encode(state, images):
+        return common.encode_with(backbone, backbone_variables(state), images,
+                                  config.eval.feature, mean, std)
+
+    return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
+                         encode=encode, tf_views=tf_views)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side views (TensorFlow), for streamed TFDS data.
+
+
+def tf_jittered_patches(image, seed, *, patch_size: int, jitter: int, keep: int, grid: int = 3):
+    """OBoW's CropImagePatches in TF: `keep` of the 3x3 jittered grid patches of a square image
+    [S, S, 3] (positions as `augment.jittered_patch_params`)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    size = int(image.shape[0])
+    step = (size - patch_size - jitter) // (grid - 1)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    offsets = tf.random.stateless_uniform([grid * grid, 2], seeds[0], 0, jitter + 1,
+                                          dtype=tf.int32)
+    kept = tf.argsort(tf.random.stateless_uniform([grid * grid], seeds[1]))[:keep]
+    cells = tf.range(grid * grid)
+    tops = tf.gather((cells // grid) * step + offsets[:, 0], kept)
+    lefts = tf.gather((cells % grid) * step + offsets[:, 1], kept)
+    return tf.stack([image[tops[i]:tops[i] + patch_size, lefts[i]:lefts[i] + patch_size]
+                     for i in range(keep)])
+
+
+def tf_obow_views(image, seed, cfg):
+    """uint8 views of one image: teacher Resize(teacher_resize)+CenterCrop(teacher_size)+flip,
+    `num_crops` RandomResizedCrop(crop_size, crop_scale), `num_patches` jittered patches of one
+    RandomResizedCrop(patch_source_size, patch_source_scale)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from bow_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64),
+                                                   3 + cfg.num_crops)
+    resize = cfg.teacher_resize or cfg.teacher_size
+    teacher = pipeline.tf_center_crop_resize(image, resize, cfg.teacher_size)
+    if cfg.teacher_flip:
+        teacher = pipeline.tf_flip(teacher, seeds[0])
+    teacher = tf.ensure_shape(teacher, (cfg.teacher_size, cfg.teacher_size, 3))
+    crops = tf.stack([pipeline.tf_random_resized_crop(image, cfg.crop_size, tuple(cfg.crop_scale),
+                                                      seed=seeds[3 + i])
+                      for i in range(cfg.num_crops)])
+    views = {"teacher": teacher,
+             "crops": tf.ensure_shape(crops, (cfg.num_crops, cfg.crop_size, cfg.crop_size, 3))}
+    if cfg.num_patches > 0:
+        source = pipeline.tf_random_resized_crop(image, cfg.patch_source_size,
+                                                 tuple(cfg.patch_source_scale), seed=seeds[1])
+        source = tf.ensure_shape(source, (cfg.patch_source_size, cfg.patch_source_size, 3))
+        views["patches"] = tf_jittered_patches(source, seeds[2], patch_size=cfg.patch_size,
+                                               jitter=cfg.patch_jitter, keep=cfg.num_patches)
+    return views
