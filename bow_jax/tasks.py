@@ -5,7 +5,7 @@ from absl import logging
 
 from bow_jax import train
 
-TASKS = ("train", "evaluate")
+TASKS = ("train", "evaluate", "bownet_chain", "export", "evaluate_torchvision", "finetune")
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
@@ -24,5 +24,17 @@ def run(config, workdir: str):
         return train.train_and_evaluate(config, workdir)
     if config.task == "evaluate":
         return evaluate_checkpoint(config, workdir)
+    if config.task == "bownet_chain":
+        from bow_jax import bownet_chain  # pylint: disable=import-outside-toplevel
+        return bownet_chain.run_chain(config, workdir)
+    if config.task in ("export", "evaluate_torchvision"):
+        # torch is imported first inside these (before anything that may import TensorFlow).
+        from bow_jax.export import torchvision  # pylint: disable=import-outside-toplevel
+        if config.task == "export":
+            return torchvision.export_checkpoint(config, workdir)
+        return torchvision.evaluate_torchvision_checkpoint(config, workdir)
+    if config.task == "finetune":
+        from bow_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel
+        return finetune.finetune_checkpoint(config, workdir)
     logging.error("Unknown task %r", config.task)
     raise ValueError(f"config.task={config.task!r}; expected one of {list(TASKS)}.")

@@ -158,3 +158,28 @@ def test_command_line_rejects_an_unknown_config_key(tmp_path):
     assert result.returncode != 0
     assert "lrr" in result.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_evaluate_task_scores_the_latest_checkpoint(tmp_path):
+    config = tiny_config(num_train_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    config = tiny_config(task="evaluate")
+    config.eval.linear_epochs = 2
+    config.eval.fewshot_episodes = 10
+    config.eval.fewshot_shots = (1,)
+    config.eval.fewshot_queries = 5
+    config.eval.test_limit = 100
+    config.eval.random_init = True
+    results = tasks.run(config, str(tmp_path))
+    assert set(results) == {"rotnet step 2", "random init"}
+    for scores in results.values():
+        assert 0 <= scores["linear"]["top1"] <= 1 and 0 <= scores["knn"]["top1"] <= 1
+        assert 0 <= scores["fewshot"]["5way_1shot"]["mean"] <= 1
+        assert 0 <= scores["pretext"]["rotation_accuracy"] <= 1
+    with open(tmp_path / "eval" / "results.md", encoding="utf-8") as f:
+        assert "| rotnet step 2 |" in f.read()
+
+
+def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        tasks.run(tiny_config(task="evaluate"), str(tmp_path))

@@ -327,7 +327,7 @@ def _mean_variance(x, w):
     return jnp.mean(sq / total)
 
 
-def _reseed_empty(x, w, labels, dists, sums, counts):
+def _reseed_empty(x, w, labels, dists, sums, counts, skip=False):
     """Give each empty cluster one of the rows currently farthest from their centroid.
 
     The j-th empty cluster (by index) takes the j-th farthest row, which leaves its old cluster:
@@ -352,32 +352,37 @@ def _reseed_empty(x, w, labels, dists, sums, counts):
         counts = jnp.where(take, pw, counts)
         return sums, counts
 
-    return lax.cond(jnp.any(empty), reseed, lambda ops: ops, (sums, counts))
+    return lax.cond(jnp.any(empty) & ~skip, reseed, lambda ops: ops, (sums, counts))
 
 
 def _lloyd(x, w, centroids, n_iter, tol, chunk, precision):
-    """Lloyd's algorithm on padded x; see `lloyd`."""
+    """Lloyd's algorithm on padded x; see `lloyd`.
+
+    Every loop turn assigns all rows to the current centroids; it then either stops (the previous
+    update moved the centroids by <= tol, or n_iter updates are done), so that labels and inertia
+    belong to the returned centroids, or moves each centroid to the mean of its rows. One traced
+    pass serves both, which halves compile time.
+    """
     tol_abs = tol * _mean_variance(x, w)
 
-    def keep_going(state):
-        it, _, shift = state
-        return (it < n_iter) & (shift > tol_abs)
-
     def step(state):
-        it, centroids, _ = state
+        it, centroids, shift, _, _, _ = state
         labels, dists, sums, counts = _chunked_pass(x, w, centroids, chunk, precision, True)
-        sums, counts = _reseed_empty(x, w, labels, dists, sums, counts)
+        done = (it >= n_iter) | (shift <= tol_abs)
+        sums, counts = _reseed_empty(x, w, labels, dists, sums, counts, skip=done)
         new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1e-30)[:, None], centroids)
-        return it + 1, new, jnp.sum(jnp.square(new - centroids))
+        new = jnp.where(done, centroids, new)
+        return (it + jnp.where(done, 0, 1), new, jnp.sum(jnp.square(new - centroids)), labels,
+                dists, done)
 
-    start = (jnp.array(0, jnp.int32), centroids.astype(jnp.float32), jnp.array(jnp.inf, jnp.float32))
-    it, centroids, _ = lax.while_loop(keep_going, step, start)
-    # A last assignment so labels and inertia belong to the returned centroids.
-    labels, dists, _, _ = _chunked_pass(x, w, centroids, chunk, precision, False)
+    n = x.shape[0]
+    start = (jnp.array(0, jnp.int32), centroids.astype(jnp.float32), jnp.array(jnp.inf, jnp.float32),
+             jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32), jnp.array(False))
+    it, centroids, _, labels, dists, _ = lax.while_loop(lambda s: ~s[-1], step, start)
     return KMeansResult(centroids, labels, jnp.sum(w * dists), it)
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter", "chunk", "precision"))
+@functools.partial(jax.jit, static_argnames=("chunk", "precision"))
 def _lloyd_jit(x, w, centroids, n_iter, tol, chunk, precision):
     n = x.shape[0]
     x, w = _pad_in_jit(x, w, chunk)
@@ -401,7 +406,7 @@ def lloyd(x, centroids, n_iter: int = 100, tol: float = 1e-4, chunk_size: int | 
     _check_weights(weights, x.shape[0])
     chunk = _resolve_chunk(chunk_size, centroids.shape[0])
     w = jnp.ones((x.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    return _lloyd_jit(x, w, centroids, n_iter, jnp.float32(tol), chunk, precision)
+    return _lloyd_jit(x, w, centroids, jnp.int32(n_iter), jnp.float32(tol), chunk, precision)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,7 +461,7 @@ def _minibatch(key, x, w, centroids, batch_size, n_steps, ratio, reassign_every,
     counts = jnp.zeros((k,), jnp.float32)
     centroids, _ = lax.fori_loop(0, n_steps, step, (centroids.astype(jnp.float32), counts))
     labels, dists, _, _ = _chunked_pass(x, w, centroids, chunk, precision, False)
-    return KMeansResult(centroids, labels, jnp.sum(w * dists), jnp.array(n_steps, jnp.int32))
+    return KMeansResult(centroids, labels, jnp.sum(w * dists), jnp.asarray(n_steps, jnp.int32))
 
 
 def _default_reassign_every(k, batch_size):
@@ -467,10 +472,11 @@ def _default_reassign_every(k, batch_size):
 # Front door: seeding + Lloyd or mini-batch, best of n_init.
 
 @functools.partial(jax.jit, static_argnames=(
-    "k", "method", "n_iter", "n_init", "chunk", "init_m", "n_trials", "batch_size", "n_steps",
-    "reassign_every", "precision"))
-def _fit(key, x, w, tol, ratio, *, k, method, n_iter, n_init, chunk, init_m, n_trials,
-         batch_size, n_steps, reassign_every, precision):
+    "k", "method", "chunk", "init_m", "n_trials", "batch_size", "precision"))
+def _fit(key, x, w, tol, ratio, n_iter, n_init, n_steps, reassign_every, *, k, method, chunk,
+         init_m, n_trials, batch_size, precision):
+    """Best of n_init runs; only shapes and code paths are static, so tests and sweeps over
+    n_iter / n_init / n_steps reuse one compilation."""
     n = x.shape[0]
     x, w = _pad_in_jit(x, w, chunk)
 
@@ -482,13 +488,14 @@ def _fit(key, x, w, tol, ratio, *, k, method, n_iter, n_init, chunk, init_m, n_t
         return _minibatch(key_batches, x, w, seeds, batch_size, n_steps, ratio, reassign_every,
                           chunk, precision)
 
-    keys = jax.random.split(key, n_init)
-    best = run(keys[0])
-    if n_init > 1:
-        def better(i, best):
-            res = run(keys[i])
-            return jax.tree.map(lambda a, b: jnp.where(res.inertia < best.inertia, a, b), res, best)
-        best = lax.fori_loop(1, n_init, better, best)
+    def keep_better(i, best):
+        res = run(jax.random.fold_in(key, i))
+        return jax.tree.map(lambda a, b: jnp.where(res.inertia < best.inertia, a, b), res, best)
+
+    shapes = jax.eval_shape(run, key)
+    none_yet = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    best = lax.fori_loop(0, n_init, keep_better,
+                         none_yet._replace(inertia=jnp.array(jnp.inf, jnp.float32)))
     return best._replace(labels=best.labels[:n])
 
 
@@ -528,10 +535,11 @@ def kmeans(key, x, k: int, *, weights=None, n_iter: int = 100, tol: float = 1e-4
     n_steps = max(1, 10 * n // batch_size) if n_steps is None else n_steps
     _check_positive_int(n_steps, "n_steps")
     w = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    return _fit(key, x, w, jnp.float32(tol), jnp.float32(reassignment_ratio), k=k, method=method,
-                n_iter=n_iter, n_init=n_init, chunk=chunk, init_m=min(init_m, n),
-                n_trials=n_trials, batch_size=batch_size, n_steps=n_steps,
-                reassign_every=_default_reassign_every(k, batch_size), precision=precision)
+    return _fit(key, x, w, jnp.float32(tol), jnp.float32(reassignment_ratio), jnp.int32(n_iter),
+                jnp.int32(n_init), jnp.int32(n_steps),
+                jnp.int32(_default_reassign_every(k, batch_size)), k=k, method=method,
+                chunk=chunk, init_m=min(init_m, n), n_trials=n_trials, batch_size=batch_size,
+                precision=precision)
 
 
 def minibatch_kmeans(key, x, k: int, batch_size: int = 1024, n_steps: int | None = None,

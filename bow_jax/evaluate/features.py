@@ -7,6 +7,7 @@ zero images used as padding must not change the features of the real ones.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -51,8 +52,12 @@ def _to_host(tree, mesh: Mesh):
 
 
 def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
-                     mesh: Mesh | None = None, flip: bool = False):
+                     mesh: Mesh | None = None, flip: bool = False, variables=None):
     """Features of `images` ([N,H,W,3] uint8, this process's share) -> float32 [N, D].
+
+    With `variables` (e.g. a training state), `encode(variables, x)` is called and the variables
+    are an argument of the compiled function rather than constants baked into it (which would
+    copy a large model into the program and slow its compile).
 
     `batch_size` is the global batch (all processes together) and must divide over the mesh's
     devices. With `flip=True` also returns the features of the horizontally flipped images
@@ -70,12 +75,14 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
         multihost_utils.assert_equal(images.shape[0], "extract_features: every process must pass "
                                      "the same number of images.")
 
-    def views(x):
-        return (encode(x), encode(hflip(x))) if flip else encode(x)
+    def views(variables, x):
+        f = encode if variables is None else functools.partial(encode, variables)
+        return (f(x), f(hflip(x))) if flip else f(x)
 
     layout = sharding.batch_sharded(mesh)
     # One compile: every call sees a [local_batch·processes, H, W, 3] batch with this sharding.
-    step = jax.jit(views, in_shardings=layout, out_shardings=layout)
+    step = functools.partial(jax.jit(views, in_shardings=(sharding.replicated(mesh), layout),
+                                     out_shardings=layout), variables)
 
     n = images.shape[0]
     chunks, pending = [], None

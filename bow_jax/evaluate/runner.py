@@ -8,18 +8,33 @@ import json
 import os
 
 import jax
-from absl import logging
+import jax.numpy as jnp
 
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, fewshot, knn, linear
 
 
-def score(encode, train, test, config, mesh) -> dict:
-    """All enabled protocols on the features of one network."""
+def pretext(method, variables, test, config, mesh) -> dict:
+    """The method's own task scored on the test split (e.g. RotNet's rotation accuracy)."""
+    if method.pretext_scores is None:
+        return {}
+    names = sorted(jax.eval_shape(method.pretext_scores, variables, test.images[:1]))
+    columns = features.extract_features(
+        lambda v, x: jnp.stack([method.pretext_scores(v, x)[n] for n in names], axis=1),
+        test.images, config.eval.batch_size, mesh, variables=variables)
+    return {name: float(columns[:, i].mean()) for i, name in enumerate(names)}
+
+
+def score(method, variables, train, test, config, mesh) -> dict:
+    """All enabled protocols on the features of one network (`method.encode(variables, ...)`)."""
     ev = config.eval
-    train_x = features.extract_features(encode, train.images, ev.batch_size, mesh)
-    test_x = features.extract_features(encode, test.images, ev.batch_size, mesh)
-    out = {"feature_dim": int(train_x.shape[1])}
+    encode = method.encode
+    train_x = features.extract_features(encode, train.images, ev.batch_size, mesh,
+                                        variables=variables)
+    test_x = features.extract_features(encode, test.images, ev.batch_size, mesh,
+                                       variables=variables)
+    out = {"feature_dim": int(train_x.shape[1]), "pretext": pretext(method, variables, test,
+                                                                      config, mesh)}
     if ev.linear:
         protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
         protocol.pop("precache_flip", None)
@@ -42,7 +57,7 @@ def score(encode, train, test, config, mesh) -> dict:
 
 def flat(result: dict) -> dict:
     """{'linear top-1': ..., '5way_1shot': ..., 'knn top-1': ...} in percent."""
-    row = {}
+    row = {name: 100 * value for name, value in result.get("pretext", {}).items()}
     if "linear" in result:
         row["linear top-1"] = 100 * result["linear"]["top1"]
     for name, v in result.get("fewshot", {}).items():
@@ -81,14 +96,12 @@ def write_results(workdir: str, results: dict) -> None:
 def evaluate_state(config, workdir: str, method, state, mesh) -> dict:
     """Scores `state` (and, if asked, the same network at random init); writes and prints."""
     train, test = load_split(config, "train"), load_split(config, "test")
-    encode = jax.jit(method.encode)
     results = {f"{config.method} step {int(state.step)}":
-               score(lambda x: encode(state, x), train, test, config, mesh)}
+               score(method, state, train, test, config, mesh)}
     if config.eval.random_init:
         init = jax.jit(method.init_state)(jax.random.key(config.seed))
-        results["random init"] = score(lambda x: encode(init, x), train, test, config, mesh)
+        results["random init"] = score(method, init, train, test, config, mesh)
     write_results(workdir, results)
-    logging.info("Evaluation (%s, feature %r):\n%s", config.data.source, config.eval.feature,
-                 markdown_table(results))
-    print(markdown_table(results), flush=True)
+    print(f"Evaluation ({config.data.source}, feature {config.eval.feature!r}):\n"
+          + markdown_table(results), flush=True)
     return results

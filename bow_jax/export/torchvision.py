@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import tempfile
+import types
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -131,6 +132,14 @@ def _bn_modules(template: dict) -> set:
     return {path[1:-1] for path in template if path[0] == "batch_stats"}
 
 
+def _name(path: Sequence[str]) -> str:
+    """torchvision name of a Flax path, or the path itself when it is not a ResNet variable."""
+    try:
+        return torchvision_key(path)
+    except ValueError:
+        return "/".join(map(str, path))
+
+
 def _check_same(found: dict, expected: dict, what: str, hint: str) -> None:
     """Raise a ValueError listing missing / unexpected / mis-shaped entries."""
     missing = [k for k in expected if k not in found]
@@ -145,6 +154,25 @@ def _check_same(found: dict, expected: dict, what: str, hint: str) -> None:
                 shown = ", ".join(map(str, items[:6])) + (" ..." if len(items) > 6 else "")
                 parts.append(f"{len(items)} {name}: {shown}")
         raise ValueError(f"{what} does not match: " + "; ".join(parts) + f". {hint}")
+
+
+# torchvision's module order: stem, layers by (stage, block), fc; in a block conv1, bn1, ...,
+# downsample; in a BatchNorm weight, bias, running_mean, running_var.
+_BLOCK_ORDER = {"conv1": 0, "bn1": 1, "conv2": 2, "bn2": 3, "conv3": 4, "bn3": 5,
+                "downsample_conv": 6, "downsample_bn": 7}
+_LEAF_ORDER = {"kernel": 0, "scale": 0, "bias": 1, "mean": 2, "var": 3}
+
+
+def _torchvision_order(path: Sequence[str]) -> tuple:
+    """Sort key of a Flax variable path (with collection) in torchvision's state-dict order."""
+    modules, leaf = path[1:-1], path[-1]
+    top = modules[0]
+    if top.startswith("layer"):
+        stage, block = (int(n) for n in top[len("layer"):].split("_"))
+        place = (2, stage, block, _BLOCK_ORDER.get(modules[1], 99))
+    else:
+        place = ({"conv1": 0, "bn1": 1}.get(top, 3), 0, 0, 0)
+    return place + (_LEAF_ORDER.get(leaf, 9),)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,14 +239,17 @@ def to_torchvision_state_dict(params, batch_stats, arch: str, *, fc=None,
     flat.update({("batch_stats",) + k: v
                  for k, v in traverse_util.flatten_dict(dict(batch_stats)).items()})
     flat_params = {k[1:]: v for k, v in flat.items() if k[0] == "params"}
-    body = {k: np.shape(v) for k, v in flat.items() if k[1] != "fc"}
-    _check_same(body, {k: v.shape for k, v in template.items()},
-                f"The variables of {arch} (model_kwargs={dict(model_kwargs or {})})",
+    _check_same({_name(k): torch_shape(k, np.shape(v)) for k, v in flat.items() if k[1] != "fc"},
+                {_name(k): torch_shape(k, v.shape)
+                 for k, v in sorted(template.items(), key=lambda kv: _torchvision_order(kv[0]))
+                 if k[1] != "fc"},
+                f"The variables of {arch} (model_kwargs={dict(model_kwargs or {})}), in "
+                "torchvision names and layout,",
                 "Pass the model_kwargs (width, cifar_stem) the backbone was built with.")
     bn_modules = _bn_modules(template)
     state_dict = {}
-    for path in template:
-        if path[0] != "params":
+    for path in sorted(template, key=_torchvision_order):
+        if path[0] != "params" or path[1] == "fc":
             continue  # statistics are written right after their BatchNorm's bias, as torch does
         state_dict[torchvision_key(path)] = np.ascontiguousarray(
             to_torch_layout(path, np.asarray(flat[path], np.float32)))
@@ -348,7 +379,9 @@ def save_torchvision(path: str, state_dict: Mapping[str, Any], layout: str = "to
         raise ValueError("layout='obow' needs fc = kappa * G(V) of the last level in the state "
                          "dict: build it with to_torchvision_state_dict(..., fc=obow_fc(...)).")
     torch = import_torch()
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    # A writable copy: torch warns on (and must not alias) read-only device_get buffers.
+    tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True))
+               for k, v in state_dict.items()}
     _atomic_torch_save({"network": tensors} if layout == "obow" else tensors, path)
     return path
 
@@ -444,18 +477,20 @@ def evaluate_torchvision_checkpoint(config, workdir: str, path: Optional[str] = 
     backbone, variables = encode_torchvision_checkpoint(path, config.model.name,
                                                         _model_kwargs(config))
     mean, std = common.normalization(config)
-    encode = jax.jit(lambda v, x: common.encode_with(backbone, v, x, config.eval.feature, mean,
-                                                     std))
+
+    def encode(v, x):
+        return common.encode_with(backbone, v, x, config.eval.feature, mean, std)
+
+    # What runner.score reads of a method: its encoder; a torchvision file has no pretext task.
+    scorer = types.SimpleNamespace(encode=encode, pretext_scores=None)
     mesh = sharding.make_mesh()
-    variables = sharding.replicate(variables, mesh)
     train, test = load_split(config, "train"), load_split(config, "test")
     results = {f"torchvision {os.path.basename(path)}":
-               runner.score(lambda x: encode(variables, x), train, test, config, mesh)}
+               runner.score(scorer, variables, train, test, config, mesh)}
     if config.eval.random_init:
         init = jax.jit(lambda k: backbone.init(k, jnp.zeros(_TEMPLATE_INPUT), train=False))(
             jax.random.key(config.seed))
-        results["random init"] = runner.score(lambda x: encode(init, x), train, test, config,
-                                              mesh)
+        results["random init"] = runner.score(scorer, init, train, test, config, mesh)
     runner.write_results(workdir, results)
     print(runner.markdown_table(results), flush=True)
     return results
@@ -468,13 +503,14 @@ def evaluate_torchvision_checkpoint(config, workdir: str, path: Optional[str] = 
 def student_backbone_variables(config, state) -> dict:
     """The student backbone's {'params', 'batch_stats'} of a method's state.
 
-    Uses the method module's `backbone_variables(state)` (rotnet, obow, ...), else the state's
-    'backbone' entries.
+    Uses the method module's `backbone_variables(state)` (rotnet, obow) or
+    `student_variables(state)` (bownet), else the state's 'backbone' entries.
     """
     import importlib  # pylint: disable=import-outside-toplevel
     module = importlib.import_module(f"bow_jax.methods.{config.method}")
-    if hasattr(module, "backbone_variables"):
-        return module.backbone_variables(state)
+    for name in ("backbone_variables", "student_variables"):
+        if hasattr(module, name):
+            return getattr(module, name)(state)
     return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
 
 
@@ -509,6 +545,15 @@ def export_state(config, state, path: str, layout: str = "torchvision", fc="zero
     return path
 
 
+def _latest_step(directory: str) -> Optional[int]:
+    from bow_jax.lib import checkpoint  # pylint: disable=import-outside-toplevel
+    ckpt = checkpoint.Checkpointer(directory)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
 def export_checkpoint(config, workdir: str, path: Optional[str] = None) -> str:
     """The `export` task: the latest checkpoint of `workdir` -> a torchvision `.pth` file.
 
@@ -520,12 +565,13 @@ def export_checkpoint(config, workdir: str, path: Optional[str] = None) -> str:
     _check_arch(config.model.name)
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"config.export.layout={cfg.layout!r}; expected one of {list(LAYOUTS)}.")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or _latest_step(ckpt_dir) is None:  # before the slow set-up
+        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')} to export.")
     _, _, _, _, ckpt, state = train.setup(config, workdir)
     step = ckpt.latest_step()
     ckpt.close()
-    if step is None:
-        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
-                                f"{os.path.join(workdir, 'checkpoints')} to export.")
     suffix = "_obow" if cfg.layout == "obow" else ""
     path = path or cfg.path or os.path.join(
         workdir, f"torchvision_{config.model.name}{suffix}_step{step}.pth")

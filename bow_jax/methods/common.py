@@ -34,6 +34,9 @@ class Method:
     make_views: Callable
     encode: Callable
     tf_views: Optional[Callable] = None  # (image tf.Tensor uint8, seed) -> dict, for TFDS input
+    # (state, images_uint8) -> {name: per-image score [B]}: the pretext task scored on held-out
+    # images (RotNet: rotation accuracy), averaged over the test split by the evaluation.
+    pretext_scores: Optional[Callable] = None
 
 
 def normalization(config):

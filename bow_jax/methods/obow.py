@@ -91,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
     o.teacher_size = 224
     o.teacher_resize = 256  # Resize(shorter side) before CenterCrop(teacher_size); 0: resize the
     #                         whole image to teacher_size (in-memory data of another size)
-    o.teacher_flip = True
+    o.flip = True  # random horizontal flips of every view (off for digits)
     o.num_crops = 2
     o.crop_size = 160
     o.crop_scale = (0.08, 0.6)
@@ -111,8 +111,6 @@ def default_config() -> ml_collections.ConfigDict:
     o.monitor = False
     o.monitor_feature = "layer4"
     o.num_classes = 0
-    # Memory: recompute each student backbone pass in the backward pass (jax.checkpoint).
-    o.remat = False
     return o
 
 
@@ -148,8 +146,7 @@ def bow_prediction_loss(logits_per_group: Sequence[Sequence[jax.Array]],
     return sum(group_losses), group_losses
 
 
-def student_forward(backbone, params, batch_stats, groups: Sequence[jax.Array],
-                    remat: bool = False):
+def student_forward(backbone, params, batch_stats, groups: Sequence[jax.Array]):
     """One train-mode backbone pass per crop group, in order, threading the BN running statistics.
 
     Returns ([pooled [N_g, C] per group], batch_stats after all groups). Each group is normalised
@@ -161,8 +158,6 @@ def student_forward(backbone, params, batch_stats, groups: Sequence[jax.Array],
                                         mutable=["batch_stats"])
         return feats["pooled"], updates["batch_stats"]
 
-    if remat:
-        apply = jax.checkpoint(apply)
     pooled = []
     for x in groups:
         z, batch_stats = apply(params, batch_stats, x)
@@ -235,7 +230,7 @@ def augment_views(key, batch, cfg, mean, std):
     """
     k_crops, k_patches = jax.random.split(key)
     recipe = dict(jitter=tuple(cfg.color_jitter), jitter_p=cfg.color_jitter_p,
-                  gray_p=cfg.grayscale_p, blur_sigma=tuple(cfg.blur_sigma))
+                  gray_p=cfg.grayscale_p, blur_sigma=tuple(cfg.blur_sigma), flip=cfg.flip)
     teacher = common.to_network_input(batch["teacher"], mean, std)
     crops = batch["crops"]
     b, n = crops.shape[:2]
@@ -245,6 +240,9 @@ def augment_views(key, batch, cfg, mean, std):
     if cfg.num_patches > 0:
         patches = batch["patches"]
         v = patches.shape[1]
+        # One coin flips all patches of an image: the official code flips the source crop
+        # before cutting, which mirrors the (symmetric when S - P - jitter is even) patch grid,
+        # so the distribution of the views is the same.
         y = augment.photometric(k_patches, augment.to_float(patches), blur_p=0.0, **recipe)
         groups.append(augment.normalize(y.reshape((b * v,) + y.shape[2:]), mean, std))
         copies.append(v)
@@ -255,7 +253,7 @@ def augment_views(key, batch, cfg, mean, std):
 # Checks made before anything is compiled.
 
 
-def check_config(config, data_info: common.DataInfo, level_shapes: dict) -> None:
+def check_config(config, level_shapes: dict) -> None:
     """Clear errors for choices that would otherwise fail deep inside a compiled step."""
     cfg = config.obow
     if cfg.vocabulary not in VOCABULARIES:
@@ -325,7 +323,7 @@ def create(config, data_info: common.DataInfo) -> common.Method:
     teacher_shape = (1, cfg.teacher_size, cfg.teacher_size, 3)
     dims = feature_dims(backbone, teacher_shape)
     check_feature_names(levels, dims, "config.obow.bow_levels", config.model.name)
-    check_config(config, data_info, {level: dims[level] for level in levels})
+    check_config(config, {level: dims[level] for level in levels})
     channels = tuple(dims[level][-1] for level in levels)
     student_dim = dims["pooled"][-1]
     head = heads.DynamicBoWHead(num_channels_out=student_dim, kappa=cfg.kappa,
@@ -380,7 +378,7 @@ def create(config, data_info: common.DataInfo) -> common.Method:
                                               cfg.teacher_size)
             elif teacher.shape[:2] != (cfg.teacher_size, cfg.teacher_size):
                 teacher = _uint8(augment.resize(image, (cfg.teacher_size, cfg.teacher_size)))
-            if cfg.teacher_flip:
+            if cfg.flip:
                 teacher = augment.random_flip(k_flip, teacher)
             crops = jax.vmap(lambda kc: _uint8(augment.random_resized_crop(
                 kc, image, cfg.crop_size, scale=tuple(cfg.crop_scale))))(
@@ -430,13 +428,13 @@ def create(config, data_info: common.DataInfo) -> common.Method:
         # 2 + 4. Student per crop group, BoW head against the snapshot, loss.
         def loss_fn(params):
             pooled, backbone_stats = student_forward(
-                backbone, params["backbone"], state.batch_stats["backbone"], groups, cfg.remat)
+                backbone, params["backbone"], state.batch_stats["backbone"], groups)
             logits, head_updates = head.apply(
                 {"params": params["bow_head"], "batch_stats": state.batch_stats["bow_head"]},
                 pooled, snapshot, train=True, mutable=["batch_stats"])
             loss, group_losses = bow_prediction_loss(logits, targets, copies)
             batch_stats = {"backbone": backbone_stats, "bow_head": head_updates["batch_stats"]}
-            aux = {f"loss_group{g + 1}": l for g, l in enumerate(group_losses)}
+            aux = dict(zip(("loss_crops", "loss_patches"), group_losses))
             if monitor is not None:
                 if "label" not in batch:
                     raise ValueError("config.obow.monitor=True needs 'label' in the batch; the "
@@ -500,7 +498,7 @@ def tf_obow_views(image, seed, cfg):
                                                    3 + cfg.num_crops)
     resize = cfg.teacher_resize or cfg.teacher_size
     teacher = pipeline.tf_center_crop_resize(image, resize, cfg.teacher_size)
-    if cfg.teacher_flip:
+    if cfg.flip:
         teacher = pipeline.tf_flip(teacher, seeds[0])
     teacher = tf.ensure_shape(teacher, (cfg.teacher_size, cfg.teacher_size, 3))
     crops = tf.stack([pipeline.tf_random_resized_crop(image, cfg.crop_size, tuple(cfg.crop_scale),

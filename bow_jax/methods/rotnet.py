@@ -120,5 +120,13 @@ def create(config, data_info: common.DataInfo) -> common.Method:
         return common.encode_with(backbone, backbone_variables(state), images,
                                   config.eval.feature, mean, std)
 
+    def pretext_scores(state, images):
+        """Rotation accuracy per image (mean over its 4 rotations), eval-mode BatchNorm."""
+        inputs, labels = augment.rotate4(common.to_network_input(images, mean, std))
+        logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                inputs, train=False)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return {"rotation_accuracy": correct.reshape(-1, 4).mean(axis=1)}
+
     return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
-                         encode=encode)
+                         encode=encode, pretext_scores=pretext_scores)

@@ -1,0 +1,404 @@
+"""The BoWNet chain in one command: RotNet → vocabulary → BoWNet (→ vocabulary → BoWNet ...) → eval.
+
+    python -m bow_jax.main --config=configs/bownet_cifar10_cpu.py --workdir=DIR
+
+with `config.task = 'bownet_chain'`. Every stage has its own folder of DIR:
+
+    DIR/rotnet      RotNet pre-training (config.bownet.rotnet)
+    DIR/vocab_1     vocabulary.npz: k-means of the RotNet's dense `teacher_layer` features
+    DIR/bownet_1    BoWNet round 1 (the chain's own config), teacher = DIR/rotnet
+    DIR/vocab_2     vocabulary of the round-1 student, DIR/bownet_2 its student, ... (config.bownet.rounds)
+    DIR/eval        results.json / results.md: every trained stage on the frozen-feature probes
+    DIR/chain.json  what the last invocation did: per stage 'ran' or 'reused', and its wall time
+
+Stage configs derive from the chain config: the RotNet stage is `config.bownet.rotnet` (a full
+RotNet config); BoWNet rounds are the chain config itself with `bownet.teacher_workdir` and
+`bownet.vocabulary` pointed at the previous stages. Every stage shares the chain's `data`, `seed`
+and `eval` blocks, so the teacher and the students are trained on, and scored with, the same data.
+
+Re-running the command continues where it stopped: a finished training stage (a checkpoint at its
+total step count) and an existing vocabulary are reused, an interrupted training stage resumes
+from its last checkpoint, and evaluation results already on disk are read back.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import time
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from bow_jax import train
+from bow_jax.bow import kmeans, quantize
+from bow_jax.data.splits import load_split
+from bow_jax.evaluate import runner
+from bow_jax.lib import checkpoint, sharding
+from bow_jax.methods import bownet, common
+from bow_jax.models import feature_dims
+
+VOCABULARY_FILE = "vocabulary.npz"
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (configs/<name>.py), e.g. a chain's RotNet stage."""
+    spec = importlib.util.spec_from_file_location(
+        "_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage configs
+
+
+def _copy(config) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def _share_chain_fields(stage, config):
+    stage.data = _copy(config.data)
+    stage.seed = config.seed
+    stage.eval = _copy(config.eval)
+    stage.eval.after_training = False  # the chain's evaluation stage scores every network
+    stage.task = "train"
+    return stage
+
+
+def rotnet_config(config) -> ml_collections.ConfigDict:
+    """The RotNet stage's config: `config.bownet.rotnet` with the chain's data, seed and eval."""
+    block = config.bownet.rotnet
+    if "method" not in block or block.method != "rotnet":
+        raise ValueError("config.bownet.rotnet must be a full RotNet config (base_config('rotnet'), "
+                         "e.g. loaded with bownet_chain.load_config_file); got "
+                         f"{sorted(block.keys()) or 'an empty block'}.")
+    return _share_chain_fields(_copy(block), config)
+
+
+def bownet_config(config, round_index: int, workdir: str) -> ml_collections.ConfigDict:
+    """BoWNet round `round_index` (1-based): the chain config, taught by the previous stage."""
+    stage = _share_chain_fields(_copy(config), config)
+    stage.bownet.teacher_workdir = stage_dir(workdir, teacher_stage(round_index))
+    stage.bownet.vocabulary = os.path.join(stage_dir(workdir, f"vocab_{round_index}"),
+                                           VOCABULARY_FILE)
+    return stage
+
+
+def teacher_stage(round_index: int) -> str:
+    return "rotnet" if round_index == 1 else f"bownet_{round_index - 1}"
+
+
+def stage_dir(workdir: str, name: str) -> str:
+    return os.path.join(os.path.abspath(workdir), name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training stages
+
+
+def total_steps(config) -> int:
+    return train.data_info_for(config, load_split(config, "train")).total_steps
+
+
+def finished_step(config, workdir: str) -> Optional[int]:
+    """Latest checkpoint step of the run in `workdir` (None if none); refuses a checkpoint written
+    under another method or model."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = checkpoint.Checkpointer(directory)
+    try:
+        step = ckpt.latest_step()
+        if step is not None:
+            checkpoint.check_same_config(ckpt.read_meta(step)["config"],
+                                         checkpoint.config_to_dict(config), f"{directory}/{step}")
+        return step
+    finally:
+        ckpt.close()
+
+
+def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> str:
+    """Trains the stage unless finished; returns 'reused', 'ran' or 'interrupted'."""
+    total = total_steps(config)
+    if finished_step(config, workdir) == total:
+        return "reused"
+    train.train_and_evaluate(config, workdir, hooks=hooks)
+    return "ran" if finished_step(config, workdir) == total else "interrupted"
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocabulary stage
+
+
+def locations_per_image(max_vectors: int, num_images: int, num_locations: int) -> int:
+    """How many locations of each image's map the vocabulary sees: all of them, or
+    floor(max_vectors / num_images) (at least 1) under the `vocab_max_vectors` cap."""
+    if not max_vectors:
+        return num_locations
+    return int(min(num_locations, max(1, max_vectors // num_images)))
+
+
+def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.ndarray:
+    """Per-location vectors of the teacher's `teacher_layer` (eval-mode BN, border skipped) over
+    un-augmented uint8 `images`, in equal batches sharded over the mesh: [n, C] numpy.
+
+    Under the `config.bownet.vocab_max_vectors` cap every image contributes the same number of
+    locations, drawn uniformly without replacement on the device (keyed by `key` and the batch
+    index), so only the kept vectors travel to the host and memory stays O(cap).
+    """
+    cfg = config.bownet
+    mean, std = common.normalization(config)
+    batch = config.eval.batch_size
+    sharding.check_divisible(batch, mesh.size, "config.eval.batch_size", "the number of devices")
+    shape = feature_dims(teacher, (1,) + images.shape[1:])[cfg.teacher_layer]
+    locations = (shape[1] - 2 * cfg.border) * (shape[2] - 2 * cfg.border)
+    keep = locations_per_image(cfg.vocab_max_vectors, len(images), locations)
+
+    @jax.jit
+    def sample(variables, x, key):
+        out = teacher.apply(variables, common.to_network_input(x, mean, std), train=False)
+        fmap = quantize.skip_border(out[cfg.teacher_layer].astype(np.float32), cfg.border)
+        vectors = fmap.reshape(fmap.shape[0], locations, fmap.shape[-1])
+        if keep == locations:
+            return vectors
+        priority = jax.random.uniform(key, vectors.shape[:2])
+        chosen = jax.lax.top_k(priority, keep)[1]  # a uniform subset of `keep` locations
+        return jnp.take_along_axis(vectors, chosen[..., None], axis=1)
+
+    variables = sharding.replicate(variables, mesh)
+    kept = []
+    for i, start in enumerate(range(0, len(images), batch)):
+        chunk = images[start:start + batch]
+        real = chunk.shape[0]
+        if real < batch:  # one compiled shape: pad, then drop the padding's vectors
+            chunk = np.concatenate([chunk, np.zeros((batch - real,) + chunk.shape[1:],
+                                                    chunk.dtype)])
+        vectors = sample(variables, sharding.shard_batch(chunk, mesh), jax.random.fold_in(key, i))
+        kept.append(np.asarray(vectors)[:real])
+    kept = np.concatenate(kept)
+    return kept.reshape(-1, kept.shape[-1])
+
+
+def build_vocabulary(config, teacher_workdir: str, path: str) -> dict:
+    """k-means vocabulary of the frozen teacher in `teacher_workdir` → `path` (npz, atomic).
+
+    Returns the metadata stored beside the centroids: teacher checkpoint and step, layer, border,
+    K, number of vectors, inertia, iterations.
+    """
+    if jax.process_count() > 1:
+        raise NotImplementedError("The vocabulary stage runs in a single process; build it there "
+                                  "and point config.bownet.vocabulary at the file.")
+    cfg = config.bownet
+    step, teacher_config = bownet.teacher_checkpoint(teacher_workdir, "teacher workdir")
+    teacher = bownet.teacher_backbone(teacher_config)
+    variables = bownet.load_teacher_variables(teacher_workdir, step)
+    images = load_split(config, "train").images
+    key = jax.random.key(config.seed)
+    subset_key, sample_key, kmeans_key = jax.random.split(jax.random.fold_in(key, 7), 3)
+    if cfg.vocab_images and cfg.vocab_images < len(images):
+        chosen = jax.random.choice(subset_key, len(images), (cfg.vocab_images,), replace=False)
+        images = images[np.sort(np.asarray(chosen))]
+    mesh = sharding.make_mesh()
+    start = time.time()
+    x = dense_teacher_features(config, teacher, variables, images, sample_key, mesh)
+    if x.shape[0] < cfg.num_words:
+        raise ValueError(f"config.bownet.num_words={cfg.num_words} is more than the "
+                         f"{x.shape[0]} feature vectors sampled (vocab_images / "
+                         "vocab_max_vectors).")
+    features_s = time.time() - start
+    chunk = kmeans.default_chunk_size(cfg.num_words, mesh.size)
+    x, weights = kmeans.pad_rows(x, chunk)
+    rows = sharding.batch_sharded(mesh)
+    result = kmeans.kmeans(kmeans_key, jax.device_put(x, rows), cfg.num_words,
+                           weights=jax.device_put(weights, rows), n_iter=cfg.kmeans_iters,
+                           tol=cfg.kmeans_tol, n_init=cfg.kmeans_n_init,
+                           method=cfg.kmeans_method, chunk_size=chunk)
+    centroids = np.asarray(result.centroids)
+    num_vectors = int(weights.sum())
+    meta = {"teacher_workdir": os.path.abspath(teacher_workdir), "teacher_step": int(step),
+            "teacher_model": teacher_config["model"], "layer": cfg.teacher_layer,
+            "border": int(cfg.border), "num_words": int(cfg.num_words),
+            "num_images": int(len(images)), "num_vectors": num_vectors,
+            "inertia": float(result.inertia),
+            "mean_sq_distance": float(result.inertia) / num_vectors,
+            "kmeans_method": cfg.kmeans_method, "kmeans_iters": int(result.n_iter),
+            "features_seconds": features_s, "kmeans_seconds": time.time() - start - features_s}
+    bownet.write_vocabulary(path, centroids, meta)
+    logging.info("Vocabulary %s: K=%d from %d vectors, mean squared distance %.4g (%d iters).",
+                 path, cfg.num_words, num_vectors, meta["mean_sq_distance"], result.n_iter)
+    return meta
+
+
+def vocabulary_stage(config, teacher_workdir: str, path: str) -> str:
+    """Builds the vocabulary unless a matching one exists; returns 'reused' or 'ran'."""
+    if os.path.isfile(path):
+        step, teacher_config = bownet.teacher_checkpoint(teacher_workdir, "teacher workdir")
+        channels = feature_dims(bownet.teacher_backbone(teacher_config), (
+            1,) + load_split(config, "train").image_shape)[config.bownet.teacher_layer][-1]
+        centroids, meta = bownet.read_vocabulary(path, "vocabulary file")
+        bownet.check_vocabulary(meta, centroids.shape, config.bownet, step, channels, path)
+        return "reused"
+    build_vocabulary(config, teacher_workdir, path)
+    return "ran"
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation stage
+
+
+def eval_features(config) -> tuple:
+    return tuple(config.bownet.eval_features) or (config.eval.feature,)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _encode(backbone, feature, mean, std, variables, images):
+    """Frozen backbone features of one named output (pooled), for `runner.score`."""
+    return common.encode_with(backbone, variables, images, feature, mean, std)
+
+
+def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict, str]:
+    """Scores the stage's final backbone on each of `features`; results already in
+    <workdir>/eval/results.json for the same step are reused. Returns ({feature: result}, status)."""
+    path = os.path.join(workdir, "eval", "results.json")
+    saved = _read_json(path) or {}
+    step = finished_step(config, workdir)
+    have = {f: r for f, r in saved.items() if r.get("step") == step}
+    missing = [f for f in features if f not in have]
+    if not missing:
+        return {f: have[f] for f in features}, "reused"
+    train_data, _, _, mesh, ckpt, state = train.setup(config, workdir)
+    ckpt.close()
+    test_data = load_split(config, "test")
+    backbone = common.backbone_from_config(config)
+    mean, std = common.normalization(config)
+    variables = bownet.backbone_of({"params": state.params, "batch_stats": state.batch_stats})
+    for feature in missing:
+        encode = functools.partial(_encode, backbone, feature, mean, std)
+        scored = runner.score(encode, variables, train_data, test_data, config, mesh)
+        have[feature] = {"step": int(state.step), **scored}
+    runner.write_results(workdir, have)
+    return {f: have[f] for f in features}, "ran"
+
+
+def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
+    """The chain's student architecture at random init (seed `config.seed`), for reference;
+    cached in <workdir>/eval/random_init.json."""
+    path = os.path.join(workdir, "eval", "random_init.json")
+    have = _read_json(path) or {}
+    missing = [f for f in features if f not in have]
+    if missing:
+        train_data, test_data = load_split(config, "train"), load_split(config, "test")
+        backbone = common.backbone_from_config(config)
+        mean, std = common.normalization(config)
+        variables = backbone.init(jax.random.key(config.seed),
+                                  np.zeros((1,) + train_data.image_shape, np.float32), train=False)
+        mesh = sharding.make_mesh()
+        for feature in missing:
+            encode = functools.partial(_encode, backbone, feature, mean, std)
+            have[feature] = runner.score(encode, variables, train_data, test_data, config, mesh)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(have, f, indent=2)
+            os.replace(path + ".tmp", path)
+    return {f: have[f] for f in features}
+
+
+def summarize(results: Dict[str, dict], workdir: str) -> str:
+    """DIR/eval/results.{json,md}: one row per (stage, feature)."""
+    runner.write_results(workdir, results)
+    return runner.markdown_table(results)
+
+
+# ------------------------------------------------------------------------------------------------
+# The chain
+
+
+def _write_record(workdir: str, record: list) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = os.path.join(workdir, ".chain.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"stages": record}, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "chain.json"))
+
+
+def run_chain(config, workdir: str,
+              stage_hooks: Optional[Dict[str, Sequence[Callable[[int], None]]]] = None
+              ) -> Optional[dict]:
+    """Runs (or resumes) every stage; returns the evaluation results, or None when a training
+    stage was interrupted (SIGTERM) — run the same command again to continue.
+
+    `stage_hooks` maps a stage name ('rotnet', 'bownet_1', ...) to step hooks for its training
+    loop (tests use them to interrupt a stage).
+    """
+    if config.bownet.rounds < 1:
+        raise ValueError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
+    stage_hooks = stage_hooks or {}
+    os.makedirs(workdir, exist_ok=True)
+    record = []
+
+    def timed(name, fn):
+        start = time.time()
+        status = fn()
+        seconds = time.time() - start
+        record.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
+        _write_record(workdir, record)
+        logging.info("Stage %s: %s in %.1f s.", name, status, seconds)
+        return status
+
+    stages = [("rotnet", rotnet_config(config))]
+    if timed("rotnet", lambda: train_stage(stages[0][1], stage_dir(workdir, "rotnet"),
+                                           stage_hooks.get("rotnet", ()))) == "interrupted":
+        return None
+    for r in range(1, config.bownet.rounds + 1):
+        stage = bownet_config(config, r, workdir)
+        timed(f"vocab_{r}", lambda: vocabulary_stage(stage, stage.bownet.teacher_workdir,
+                                                     stage.bownet.vocabulary))
+        name = f"bownet_{r}"
+        if timed(name, lambda: train_stage(stage, stage_dir(workdir, name),
+                                           stage_hooks.get(name, ()))) == "interrupted":
+            return None
+        stages.append((name, stage))
+    if not config.eval.after_training:
+        return {}
+
+    features = eval_features(config)
+    results = {}
+
+    def evaluate_all():
+        statuses = []
+        for name, stage in stages:
+            scored, status = evaluate_stage(stage, stage_dir(workdir, name), features)
+            statuses.append(status)
+            label = "rotnet (teacher)" if name == "rotnet" else name
+            for feature in features:
+                results[f"{label} · {feature}"] = scored[feature]
+        if config.eval.random_init:
+            for feature, scored in evaluate_random_init(config, workdir, features).items():
+                results[f"random init · {feature}"] = scored
+        return "reused" if set(statuses) == {"reused"} else "ran"
+
+    timed("eval", evaluate_all)
+    table = summarize(results, workdir)
+    logging.info("BoWNet chain results (%s):\n%s", config.data.source, table)
+    print(table, flush=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("bownet_chain done")
+    return results

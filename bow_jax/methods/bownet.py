@@ -1,0 +1,370 @@
+"""BoWNet (Gidaris et al., CVPR 2020): predict the bag of visual words of a frozen teacher.
+
+One training step (paper section 2):
+  1. the frozen teacher (eval-mode BatchNorm) maps the *unperturbed* image x to its feature map
+     `config.bownet.teacher_layer`; every location goes to its nearest word of the fixed k-means
+     vocabulary (eq. 1) and the words are pooled into an L1-normalised BoW y(x): a histogram
+     (eq. 3, CIFAR-100 / MiniImageNet) or word presence (eq. 4, ImageNet);
+  2. the student sees a perturbed view g(x): random resized crop (scale and aspect-ratio
+     distortion) and flip (geometric, `make_views`), colour jitter and grayscale (photometric, in
+     the step), then CutMix with a shuffled partner, whose target is lam·y(xA) + (1-lam)·y(xB) with
+     1 - lam the pasted area ratio;
+  3. the head is the cosine BoW layer of eq. 5 (L2-normalised word weights, one learnable gamma)
+     on the student's pooled feature, trained with the soft cross-entropy of eq. 6.
+
+Choices the paper leaves open, made here:
+  * border: `config.bownet.border` locations are skipped at the map's edge (0 by default: eq. 1-3
+    run over all U = h·w locations, and on the 8x8 CIFAR maps a 1-location border would drop 28 of
+    the 64 words). The vocabulary is built on the same locations.
+  * Sp-BoWNet (`pyramid=True`): the 1x1 map + 2x2 cells give 5 BoWs; each has its own cosine head
+    (own weights and gamma) on the same pooled feature, and the loss is the mean of the 5 soft
+    cross-entropies. Following the paper literally, the cells are those of the unperturbed image
+    even when the student's view is flipped.
+  * gamma starts at `gamma_init` (1.0, not given in the paper).
+
+State: a `TrainState` subclass that also holds the frozen teacher's backbone variables and the
+vocabulary, so a checkpoint is self-contained; neither is ever updated. Both are read from the
+previous stages' outputs (`config.bownet.teacher_workdir`, `config.bownet.vocabulary`, written by
+`bow_jax.bownet_chain`) by `create`, so those paths must exist when a run starts or resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bow_jax.bow import quantize
+from bow_jax.data import augment
+from bow_jax.lib import checkpoint
+from bow_jax.lib.state import TrainState
+from bow_jax.methods import common
+from bow_jax.models import check_feature_names, create_backbone, feature_dims, heads
+
+TARGET_MODES = ("histogram", "binary")
+PYRAMID_GRIDS = (1, 2)  # whole map, then the 2x2 cells: 5 BoWs
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """config.bownet."""
+    b = ml_collections.ConfigDict()
+    # Inputs from the previous stages (the chain sets them).
+    b.teacher_workdir = ""  # workdir of the frozen teacher's run (RotNet or a BoWNet round)
+    b.vocabulary = ""  # vocabulary .npz written by the vocabulary stage
+    # BoW targets.
+    b.teacher_layer = "layer3"  # teacher feature map quantised into visual words
+    b.num_words = 2048  # K
+    b.target = "histogram"  # 'histogram' (eq. 3) | 'binary' (eq. 4)
+    b.border = 0  # locations skipped on each side of the teacher map (targets and vocabulary)
+    b.pyramid = False  # Sp-BoWNet: 1x1 + 2x2 grids, 5 BoWs, one head each
+    # Student and head.
+    b.student_feature = "pooled"  # backbone output the BoW head reads (maps are average-pooled)
+    b.gamma_init = 1.0
+    # Perturbations g(.) of the student view.
+    b.crop_scale = (0.2, 1.0)  # random resized crop: area fraction (32x32 CIFAR: not below 0.2)
+    b.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio distortion
+    b.flip = True
+    b.jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    b.jitter_p = 0.8
+    b.gray_p = 0.2
+    b.cutmix = True
+    b.cutmix_beta = 1.0  # lam ~ Beta(1, 1) = U(0, 1): "size sampled from a uniform distribution"
+    # Vocabulary stage (bow_jax.bownet_chain).
+    b.vocab_images = 0  # use a random subset of this many training images (0 = all)
+    b.vocab_max_vectors = 0  # cap: each image gives floor(cap / images) random locations (0 = all)
+    b.kmeans_method = "lloyd"  # 'lloyd' | 'minibatch'
+    b.kmeans_iters = 50
+    b.kmeans_tol = 1e-4
+    b.kmeans_n_init = 1
+    # The chain (task 'bownet_chain').
+    b.rounds = 1  # BoWNet rounds: 2 or 3 = BoWNet x2, x3 (each student teaches the next round)
+    b.rotnet = ml_collections.ConfigDict()  # full config of the RotNet pre-training stage
+    b.eval_features = ()  # features the chain scores every stage on (() = (config.eval.feature,))
+    return b
+
+
+# ------------------------------------------------------------------------------------------------
+# State, teacher and vocabulary
+
+
+@flax.struct.dataclass
+class BoWNetState(TrainState):
+    teacher: Any  # {'params', 'batch_stats'} of the frozen teacher backbone; never updated
+    vocabulary: jax.Array  # [K, C] k-means centroids; never updated
+
+
+def student_variables(state):
+    """The student backbone's variables (what evaluation and export use)."""
+    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+
+
+def backbone_of(tree) -> dict:
+    """{'params', 'batch_stats'} of the 'backbone' sub-tree of a RotNet or BoWNet state.
+
+    Both methods name their backbone 'backbone', so either kind of run can be a teacher.
+    """
+    try:
+        return {"params": tree["params"]["backbone"],
+                "batch_stats": tree["batch_stats"]["backbone"]}
+    except (KeyError, TypeError) as e:
+        raise ValueError("The teacher checkpoint has no 'backbone' variables; expected a "
+                         "RotNet or BoWNet run.") from e
+
+
+def teacher_checkpoint(workdir: str, field: str = "config.bownet.teacher_workdir"):
+    """(step, config dict) of the latest checkpoint of the teacher run in `workdir`."""
+    if not workdir:
+        raise ValueError(f"{field} is empty: BoWNet needs the workdir of a trained teacher "
+                         "(RotNet or a previous BoWNet round).")
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{field}={workdir!r}: no checkpoints folder {directory}.")
+    ckpt = checkpoint.Checkpointer(directory)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{field}={workdir!r}: no checkpoint in {directory}.")
+        return step, ckpt.read_meta(step)["config"]
+    finally:
+        ckpt.close()
+
+
+def load_teacher_variables(workdir: str, step: int) -> dict:
+    """The teacher backbone's variables at `step`, as numpy (restored without a target tree,
+    so any method's state works)."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        state = ckpt.restore(None, step=step)
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, backbone_of(state))
+
+
+def teacher_backbone(teacher_config: dict) -> nn.Module:
+    """The teacher's backbone, rebuilt from the `model` block of its own checkpointed config."""
+    model = teacher_config["model"]
+    return create_backbone(model["name"], **dict(model.get("kwargs") or {}))
+
+
+def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
+    """(centroids float32 [K, C], metadata dict) of a vocabulary file."""
+    if not path:
+        raise ValueError(f"{field} is empty: BoWNet needs the vocabulary file written by the "
+                         "vocabulary stage (bow_jax.bownet_chain).")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{field}={path!r} does not exist.")
+    with np.load(path) as f:
+        if "centroids" not in f or "meta" not in f:
+            raise ValueError(f"{field}={path!r} is not a vocabulary file (expected arrays "
+                             "'centroids' and 'meta').")
+        return f["centroids"].astype(np.float32), json.loads(str(f["meta"]))
+
+
+def write_vocabulary(path: str, centroids, meta: dict) -> None:
+    """Writes centroids + JSON metadata atomically (temp file in the same folder, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append '.npz'
+        np.savez(f, centroids=np.asarray(centroids, np.float32), meta=np.array(json.dumps(meta)))
+    os.replace(tmp, path)
+
+
+def check_vocabulary(meta: dict, centroids_shape, cfg, teacher_step: int, channels: int,
+                     path: str) -> None:
+    """The vocabulary must come from this teacher, layer, border and K."""
+    want = {"teacher_step": teacher_step, "layer": cfg.teacher_layer, "border": cfg.border,
+            "num_words": cfg.num_words}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ValueError(
+                f"config.bownet.vocabulary={path!r} was built with {key}={meta.get(key)!r}, but "
+                f"this run has {key}={value!r} (config.bownet.teacher_workdir / teacher_layer / "
+                "border / num_words). Rebuild the vocabulary or fix the config.")
+    if tuple(centroids_shape) != (cfg.num_words, channels):
+        raise ValueError(f"config.bownet.vocabulary={path!r}: centroids have shape "
+                         f"{tuple(centroids_shape)}, expected (num_words, channels of "
+                         f"{cfg.teacher_layer!r}) = ({cfg.num_words}, {channels}).")
+
+
+# ------------------------------------------------------------------------------------------------
+# Targets, CutMix, model
+
+
+def bow_targets(fmap, vocabulary, cfg) -> jax.Array:
+    """BoW targets of the teacher map [B,h,w,C]: [B,K], or [B,5,K] with `cfg.pyramid`."""
+    return quantize.bownet_targets(fmap, vocabulary, mode=cfg.target, pyramid=cfg.pyramid,
+                                   border=cfg.border)
+
+
+def cutmix_bows(key, images, targets, beta: float):
+    """CutMix of the student's images with BoW targets [B,K] or [B,P,K] (pyramid): every BoW is
+    mixed as lam·y(xA) + (1-lam)·y(xB), lam = 1 - pasted area / image area."""
+    flat = targets.reshape(targets.shape[0], -1)
+    mixed, flat = augment.cutmix(key, images, flat, beta)
+    return mixed, flat.reshape(targets.shape)
+
+
+class BoWNetModel(nn.Module):
+    """Student backbone + cosine BoW head(s) (eq. 5) on its pooled feature.
+
+    Returns (logits [B,K] or [B,num_bows,K], backbone outputs).
+    """
+    backbone: nn.Module
+    num_words: int
+    num_bows: int = 1
+    feature: str = "pooled"
+    gamma_init: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        features = self.backbone(x, train=train)
+        z = common.pooled(features[self.feature])
+        if self.num_bows == 1:
+            return heads.CosineBoWHead(self.num_words, self.gamma_init, name="bow_head")(z), features
+        logits = [heads.CosineBoWHead(self.num_words, self.gamma_init, name=f"bow_head_{i}")(z)
+                  for i in range(self.num_bows)]
+        return jnp.stack(logits, axis=1), features
+
+
+def bow_loss(logits, targets) -> jax.Array:
+    """Eq. 6: soft cross-entropy, averaged over images (and over the pyramid's BoWs)."""
+    k = logits.shape[-1]
+    return common.soft_cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
+
+
+def to_uint8(images) -> jax.Array:
+    """Float images on the 0..255 scale -> uint8 (rounded, clipped)."""
+    return jnp.clip(jnp.round(images), 0, 255).astype(jnp.uint8)
+
+
+def _check_config(cfg, image_shape):
+    if cfg.target not in TARGET_MODES:
+        raise ValueError(f"config.bownet.target={cfg.target!r}; expected one of {TARGET_MODES}.")
+    if cfg.border < 0:
+        raise ValueError(f"config.bownet.border={cfg.border}; expected >= 0.")
+    if cfg.num_words < 2:
+        raise ValueError(f"config.bownet.num_words={cfg.num_words}; expected >= 2.")
+    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise ValueError(f"config.bownet.crop_scale={tuple(cfg.crop_scale)}; expected "
+                         "0 < min <= max <= 1.")
+    if image_shape is None:
+        raise ValueError("BoWNet trains from in-memory data (config.data.in_memory=True): its "
+                         "views are made on the device.")
+
+
+def create(config, data_info: common.DataInfo) -> common.Method:
+    cfg = config.bownet
+    _check_config(cfg, data_info.image_shape)
+    height, width, _ = data_info.image_shape
+    mean, std = common.normalization(config)
+
+    # The frozen teacher and its vocabulary, checked against each other.
+    teacher_step, teacher_config = teacher_checkpoint(cfg.teacher_workdir)
+    teacher = teacher_backbone(teacher_config)
+    dims = feature_dims(teacher, (1, height, width, 3))
+    check_feature_names([cfg.teacher_layer], dims, "config.bownet.teacher_layer",
+                        teacher_config["model"]["name"])
+    fmap_shape = dims[cfg.teacher_layer]
+    if len(fmap_shape) != 4:
+        raise ValueError(f"config.bownet.teacher_layer={cfg.teacher_layer!r} is not a feature "
+                         f"map (shape {fmap_shape}); choose a convolutional layer.")
+    channels = fmap_shape[-1]
+    if cfg.pyramid and min(fmap_shape[1:3]) - 2 * cfg.border < 2:
+        raise ValueError("config.bownet.pyramid needs a teacher map of at least 2x2 locations "
+                         "after the border.")
+    centroids, vocab_meta = read_vocabulary(cfg.vocabulary)
+    check_vocabulary(vocab_meta, centroids.shape, cfg, teacher_step, channels, cfg.vocabulary)
+
+    backbone = common.backbone_from_config(config)
+    check_feature_names([cfg.student_feature, config.eval.feature],
+                        feature_dims(backbone, (1, height, width, 3)),
+                        "config.bownet.student_feature / config.eval.feature", config.model.name)
+    num_bows = sum(n * n for n in PYRAMID_GRIDS) if cfg.pyramid else 1
+    model = BoWNetModel(backbone=backbone, num_words=cfg.num_words, num_bows=num_bows,
+                        feature=cfg.student_feature, gamma_init=cfg.gamma_init)
+    tx, lr_schedule = common.optimizer_from_config(config, data_info)
+
+    # Read on the host now (numpy), outside any jitted code.
+    frozen = (load_teacher_variables(cfg.teacher_workdir, teacher_step), centroids)
+
+    def init_state(key):
+        init_key, state_key = jax.random.split(key)
+        variables = model.init({"params": init_key}, jnp.zeros((1, height, width, 3)),
+                               train=False)
+        # Teacher and vocabulary enter through a host callback rather than as closed-over
+        # constants, so no 100+ MB constant lands in the compiled program (WRN-28-10).
+        abstract_teacher = jax.eval_shape(
+            lambda: teacher.init(jax.random.key(0), jnp.zeros((1, height, width, 3)),
+                                 train=False))
+        shapes = ({"params": abstract_teacher["params"],
+                   "batch_stats": abstract_teacher["batch_stats"]},
+                  jax.ShapeDtypeStruct(centroids.shape, jnp.float32))
+        teacher_vars, vocabulary = jax.pure_callback(lambda: frozen, shapes)
+        return BoWNetState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]), rng=state_key,
+                           teacher=teacher_vars, vocabulary=vocabulary)
+
+    def make_views(images, key):
+        """Unperturbed image for the teacher; random resized crop + flip for the student."""
+        keys = jax.random.split(key, images.shape[0])
+
+        def student_view(k, image):
+            crop_key, flip_key = jax.random.split(k)
+            view = augment.random_resized_crop(crop_key, image, (height, width),
+                                               tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+            if cfg.flip:
+                view = augment.random_flip(flip_key, view)
+            return to_uint8(view)
+
+        return {"teacher": images.astype(jnp.uint8),
+                "student": jax.vmap(student_view)(keys, images)}
+
+    def teacher_bows(state, images):
+        fmap = teacher.apply(state.teacher, common.to_network_input(images, mean, std),
+                             train=False)[cfg.teacher_layer]
+        return bow_targets(fmap.astype(jnp.float32), state.vocabulary, cfg)
+
+    def student_inputs(key, images):
+        x = augment.photometric(key, augment.to_float(images), jitter=tuple(cfg.jitter),
+                                jitter_p=cfg.jitter_p, gray_p=cfg.gray_p, blur_p=0.0, flip=False)
+        return augment.normalize(x, mean, std)
+
+    def train_step(state, batch):
+        photo_key, mix_key = jax.random.split(state.step_key())
+        targets = teacher_bows(state, batch["teacher"])
+        inputs = student_inputs(photo_key, batch["student"])
+        if cfg.cutmix:
+            inputs, targets = cutmix_bows(mix_key, inputs, targets, cfg.cutmix_beta)
+
+        def loss_fn(params):
+            (logits, _), updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+                mutable=["batch_stats"])
+            return bow_loss(logits, targets), (updates["batch_stats"], logits)
+
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        whole = targets[:, 0] if cfg.pyramid else targets  # the 1x1 BoW
+        perp_image, perp_batch = quantize.perplexity(whole)
+        head = state.params["bow_head_0" if cfg.pyramid else "bow_head"]
+        top_logits = logits[:, 0] if cfg.pyramid else logits
+        metrics = {"loss": loss, "lr": lr_schedule(state.step), "gamma": head["gamma"],
+                   "target_perplexity_image": perp_image, "target_perplexity_batch": perp_batch,
+                   # Is the predicted most likely word among the image's target words?
+                   "top_word_hit": jnp.mean(jnp.take_along_axis(
+                       whole, jnp.argmax(top_logits, -1)[:, None], axis=-1) > 0)}
+        return state.apply_gradients(grads, tx, batch_stats=batch_stats), metrics
+
+    def encode(state, images):
+        return common.encode_with(backbone, student_variables(state), images,
+                                  config.eval.feature, mean, std)
+
+    return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
+                         encode=encode)

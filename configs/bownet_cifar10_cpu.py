@@ -1,0 +1,61 @@
+"""BoWNet on CIFAR-10 sized for 2 CPU cores: the whole chain in about a quarter of an hour.
+
+The shared CPU setting (configs/rotnet_cifar10_cpu.py): ResNet-18 at width 16 with the CIFAR
+stem (32x32 input; layer3 8x8x64, layer4 4x4x128). One command (task 'bownet_chain'):
+  1. RotNet = configs/rotnet_cifar10_cpu.py unchanged (the lead's CPU RotNet, linear head);
+  2. vocabulary: k-means (K=2048, Lloyd) of its layer3 vectors, 8x8 map like the paper's CIFAR
+     maps, 20 random locations of each of 10,000 random training images (200k vectors);
+  3. BoWNet round 1: histogram BoW (eq. 3) of all 64 locations predicted from the student's
+     pooled layer4 feature with the cosine head, perturbations + CutMix as in the paper recipe;
+  4. evaluation of the teacher and the student on layer3 and pooled features with the RotNet CPU
+     config's probes (linear probe 20 epochs, 5-way 1/5/10/50-shot, 1000 episodes, k-NN).
+    python -m bow_jax.main --config=configs/bownet_cifar10_cpu.py --workdir=DIR
+Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
+"""
+import os
+
+from bow_jax.bownet_chain import load_config_file
+from bow_jax.lib.config import base_config
+
+
+def get_config():
+    c = base_config("bownet")
+    c.task = "bownet_chain"
+    c.model.name = "resnet18"
+    c.model.kwargs.width = 16
+    c.model.kwargs.cifar_stem = True
+    c.data.source = "npz"
+    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
+    c.data.normalization = "cifar"
+    c.batch_size = 64
+    c.num_train_steps = 600
+    c.steps_per_epoch = 100  # schedule "epochs" of 100 steps: lr 0.1, x0.1 from step 400
+    c.optim.lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule = "step"
+    c.optim.milestones = (4,)
+    c.optim.decay = 0.1
+    c.log_every = 25
+    c.checkpoint_every_steps = 100
+
+    b = c.bownet
+    b.rotnet = load_config_file(os.path.join(os.path.dirname(__file__), "rotnet_cifar10_cpu.py"))
+    b.teacher_layer = "layer3"
+    b.num_words = 2048
+    b.target = "histogram"
+    b.border = 0
+    b.student_feature = "pooled"
+    b.vocab_images = 10_000
+    b.vocab_max_vectors = 200_000
+    b.kmeans_iters = 20
+    b.rounds = 1
+    b.eval_features = ("layer3", "pooled")
+
+    # The probes of configs/rotnet_cifar10_cpu.py, so the numbers compare with the lead's RotNet.
+    c.eval.feature = "pooled"
+    c.eval.linear_epochs = 20
+    c.eval.fewshot_shots = (1, 5, 10, 50)
+    c.eval.fewshot_episodes = 1000
+    return c

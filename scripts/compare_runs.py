@@ -1,0 +1,81 @@
+"""Print one side-by-side markdown table of the evaluation results of several runs.
+
+    python scripts/compare_runs.py WORKDIR1 WORKDIR2 ... [--output=table.md]
+
+Reads each `<workdir>/eval/results.json` (linear probe, few-shot, k-NN, as written by
+`bow_jax.evaluate.runner`) and, when present, `<workdir>/eval/finetune.json` (semi-supervised
+fine-tuning; a run may have either or both). One row per network of every run (e.g. the trained net and its random-init
+baseline), one column per protocol, accuracies in %. A results.json path may be given instead of
+a workdir.
+"""
+import argparse
+import json
+import os
+import sys
+
+from bow_jax.evaluate import runner
+
+
+def _load(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"compare_runs: {path} does not exist ({what}); run the `evaluate` task "
+                         "(or training with config.eval.after_training) on that workdir first.")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"compare_runs: {path} is not valid JSON ({e}).")
+
+
+def run_rows(path: str) -> dict:
+    """{row label: {column: accuracy %}} of one run (a workdir or its results.json)."""
+    if path.endswith(".json"):
+        results_path, workdir = path, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        label = path
+    else:
+        results_path, workdir = os.path.join(path, "eval", "results.json"), path
+        label = path.rstrip("/")
+    finetune_path = os.path.join(workdir, "eval", "finetune.json")
+    rows = {}
+    if os.path.exists(results_path) or not os.path.exists(finetune_path):
+        rows = {f"{label}: {network}": runner.flat(result)
+                for network, result in _load(results_path, "linear / few-shot / k-NN").items()}
+    if os.path.exists(finetune_path):
+        for network, runs in _load(finetune_path, "fine-tuning").items():
+            row = rows.setdefault(f"{label}: {network}", {})
+            for name, result in runs.items():
+                row[f"fine-tune {name} top-1"] = 100 * result["top1"]
+    return rows
+
+
+def comparison_table(paths) -> str:
+    """The markdown table of all runs: rows in the given order, columns in first-seen order."""
+    rows = {}
+    for path in paths:
+        rows.update(run_rows(path))
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    lines = ["| run: network | " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[c]:.2f}" if c in row else "–" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="workdirs (or their eval/results.json files)")
+    parser.add_argument("--output", default="", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    table = comparison_table(args.runs)
+    print(table)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        os.replace(tmp, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

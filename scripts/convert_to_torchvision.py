@@ -1,0 +1,51 @@
+"""Export the latest checkpoint of a run as a torchvision ResNet `.pth`, or score a torchvision file.
+
+    # our checkpoint -> torchvision (torchvision.models.resnet50().load_state_dict(torch.load(OUT)))
+    python scripts/convert_to_torchvision.py --config=configs/obow_resnet50.py --workdir=RUN \
+        --out=RUN/resnet50.pth [--layout=obow] [--fc=zero|random|none]
+
+    # any torchvision ResNet file -> our linear probe / few-shot / k-NN (results in WORKDIR/eval)
+    python scripts/convert_to_torchvision.py --config=configs/<eval data + model>.py \
+        --workdir=WORKDIR --evaluate=resnet50.pth
+
+`--layout=obow` writes the official OBoW release layout ({'network': state_dict}, fc = kappa·G(V)
+of the last BoW level; OBoW runs only). The backbone is config.model (name and kwargs); a
+torchvision file is read with torch.load(weights_only=True) only. torch is imported first, before
+anything that could import TensorFlow.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The run's workdir (export: read; --evaluate: results).")
+flags.DEFINE_string("out", "", "Output .pth (default <workdir>/torchvision_<arch>_step<N>.pth).")
+flags.DEFINE_enum("layout", "torchvision", ["torchvision", "obow"],
+                  "'torchvision': plain state dict; 'obow': {'network': sd} with fc = kappa G(V).")
+flags.DEFINE_enum("fc", "zero", ["zero", "random", "none", "params"],
+                  "The fc written in the torchvision layout (zero / torch init / absent / ours).")
+flags.DEFINE_integer("num_classes", 1000, "fc rows for --fc=zero|random.")
+flags.DEFINE_string("evaluate", "", "Instead of exporting: score this torchvision .pth file with "
+                    "config.eval's protocols on config.data.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from bow_jax.export import torchvision  # pylint: disable=import-outside-toplevel
+    torchvision.import_torch()  # before any TensorFlow import (the reverse order can crash)
+    config = FLAGS.config
+    if FLAGS.evaluate:
+        torchvision.evaluate_torchvision_checkpoint(config, FLAGS.workdir, FLAGS.evaluate)
+        return
+    with config.unlocked():
+        config.export = torchvision.default_config()
+        config.export.path = FLAGS.out
+        config.export.layout = FLAGS.layout
+        config.export.fc = FLAGS.fc
+        config.export.num_classes = FLAGS.num_classes
+    torchvision.export_checkpoint(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
