@@ -4,9 +4,9 @@
 
 Reads each `<workdir>/eval/results.json` (linear probe, few-shot, k-NN, as written by
 `bow_jax.evaluate.runner`) and, when present, `<workdir>/eval/finetune.json` (semi-supervised
-fine-tuning; a run may have either or both). One row per network of every run (e.g. the trained net and its random-init
-baseline), one column per protocol, accuracies in %. A results.json path may be given instead of
-a workdir.
+fine-tuning; a run may have either or both). One row per network of every run (e.g. the
+trained net and its random-init baseline), one column per protocol, accuracies in %. A
+results.json path may be given instead of a workdir.
 """
 import argparse
 import json

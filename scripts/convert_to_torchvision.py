@@ -1,4 +1,4 @@
-"""Export the latest checkpoint of a run as a torchvision ResNet `.pth`, or score a torchvision file.
+"""Export a run's latest checkpoint as a torchvision ResNet `.pth`, or score a torchvision file.
 
     # our checkpoint -> torchvision (torchvision.models.resnet50().load_state_dict(torch.load(OUT)))
     python scripts/convert_to_torchvision.py --config=configs/obow_resnet50.py --workdir=RUN \

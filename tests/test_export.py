@@ -210,13 +210,12 @@ def test_layouts_and_names_follow_torchvision():
 def test_classifier_round_trip_with_our_fc():
     """A backbone built with num_classes: fc=None exports our fc ([in, out] -> [out, in]) and
     with_fc=True brings it back."""
-    backbone = create_backbone("resnet18", width=8, cifar_stem=True, num_classes=5)
-    variables = jax.device_get(jax.jit(lambda k: backbone.init(k, jnp.zeros((1, 8, 8, 3)),
-                                                               train=False))(jax.random.key(0)))
+    _, variables = random_variables("resnet18", width=8, cifar_stem=True, num_classes=5)
     kwargs = dict(width=8, cifar_stem=True)
     sd = tv_export.to_torchvision_state_dict(variables["params"], variables["batch_stats"],
                                              "resnet18", model_kwargs=kwargs)
-    np.testing.assert_array_equal(sd["fc.weight"], np.asarray(variables["params"]["fc"]["kernel"]).T)
+    np.testing.assert_array_equal(sd["fc.weight"],
+                                  np.asarray(variables["params"]["fc"]["kernel"]).T)
     params, _ = tv_export.from_torchvision_state_dict(sd, "resnet18", model_kwargs=kwargs,
                                                       with_fc=True)
     assert jax.tree.all(jax.tree.map(np.array_equal, params, variables["params"]))
@@ -374,10 +373,9 @@ def tiny_rotnet_config():
     c.batch_size = 16
     c.eval.batch_size = 64
     c.eval.test_limit = 64
-    c.eval.linear = False  # scored elsewhere; here: that a file goes through `runner.score`
-    c.eval.fewshot_shots = (1,)
-    c.eval.fewshot_episodes = 4
-    c.eval.fewshot_queries = 2
+    # The protocols are tested elsewhere; here: that a torchvision file goes through them.
+    c.eval.linear = False
+    c.eval.fewshot = False
     return c
 
 
@@ -415,7 +413,7 @@ def test_export_task_writes_the_checkpointed_student_and_it_scores(tmp_path):
     results = tv_export.evaluate_torchvision_checkpoint(config, str(tmp_path / "eval"), path)
     (name, scores), = results.items()
     assert name == "torchvision torchvision_resnet18_step7.pth"
-    assert {"fewshot", "knn"} <= set(scores) and 0 <= scores["knn"]["top1"] <= 1
+    assert 0.1 < scores["knn"]["top1"] <= 1  # random conv features of digits beat chance
     assert os.path.exists(tmp_path / "eval" / "eval" / "results.json")
 
     with pytest.raises(ValueError, match="layout='obow' needs an OBoW run"):

@@ -30,8 +30,7 @@ import math
 import os
 import pickle
 import tempfile
-import types
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.path = ""  # export: the .pth written ('' = <workdir>/torchvision_<arch>_step<N>.pth);
     #              evaluate_torchvision: the .pth read
-    e.layout = "torchvision"  # 'torchvision' (plain state dict) | 'obow' ({'network': sd}, fc=kG(V))
+    e.layout = "torchvision"  # 'torchvision': plain state dict | 'obow': {'network': sd}, fc=kG(V)
     e.fc = "zero"  # 'zero' | 'random' | 'none' | 'params' (layout 'obow' ignores it)
     e.num_classes = 1000  # fc rows for fc='zero'/'random' (torchvision's default 1000)
     return e
@@ -481,8 +480,8 @@ def evaluate_torchvision_checkpoint(config, workdir: str, path: Optional[str] = 
     def encode(v, x):
         return common.encode_with(backbone, v, x, config.eval.feature, mean, std)
 
-    # What runner.score reads of a method: its encoder; a torchvision file has no pretext task.
-    scorer = types.SimpleNamespace(encode=encode, pretext_scores=None)
+    # runner.score reads a method's encoder (a torchvision file has no pretext task to score).
+    scorer = common.Method(init_state=None, train_step=None, make_views=None, encode=encode)
     mesh = sharding.make_mesh()
     train, test = load_split(config, "train"), load_split(config, "test")
     results = {f"torchvision {os.path.basename(path)}":

@@ -68,6 +68,12 @@ def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
     c.eval.knn = True
     c.eval.test_limit = 0  # evaluate on the first N test images (0 = all)
 
+    # Sections of the export and fine-tuning tasks, defined beside them.
+    from bow_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel
+    from bow_jax.export import torchvision  # pylint: disable=import-outside-toplevel
+    c.export = torchvision.default_config()
+    c.finetune = finetune.default_config()
+
     # The method's own section (config.rotnet, config.bownet, config.obow), defined beside it.
     module = importlib.import_module(f"bow_jax.methods.{method}")
     c[method] = module.default_config()
