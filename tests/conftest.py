@@ -6,7 +6,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+
+# torchvision imported after TensorFlow can segfault (environment.md); some test modules import
+# TensorFlow, so where torchvision is installed it is imported first, here.
+if importlib.util.find_spec("torchvision") is not None:
+    import torchvision  # noqa: E402,F401  pylint: disable=unused-import
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
