@@ -7,7 +7,8 @@ with `config.task = 'bownet_chain'`. Every stage has its own folder of DIR:
     DIR/rotnet      RotNet pre-training (config.bownet.rotnet)
     DIR/vocab_1     vocabulary.npz: k-means of the RotNet's dense `teacher_layer` features
     DIR/bownet_1    BoWNet round 1 (the chain's own config), teacher = DIR/rotnet
-    DIR/vocab_2     vocabulary of the round-1 student, DIR/bownet_2 its student, ... (config.bownet.rounds)
+    DIR/vocab_2     vocabulary of the round-1 student; DIR/bownet_2 its student; ...
+                    (config.bownet.rounds rounds)
     DIR/eval        results.json / results.md: every trained stage on the frozen-feature probes
     DIR/chain.json  what the last invocation did: per stage 'ran' or 'reused', and its wall time
 
@@ -17,11 +18,16 @@ RotNet config); BoWNet rounds are the chain config itself with `bownet.teacher_w
 and `eval` blocks, so the teacher and the students are trained on, and scored with, the same data.
 
 Re-running the command continues where it stopped: a finished training stage (a checkpoint at its
-total step count) and an existing vocabulary are reused, an interrupted training stage resumes
-from its last checkpoint, and evaluation results already on disk are read back.
+total step count, written under the same method and model) and an existing vocabulary (built from
+the same teacher step, layer, border and K, else an error) are reused, an interrupted training
+stage resumes from its last checkpoint, and evaluation results already on disk for the same step
+and evaluation settings are read back. A RotNet trained elsewhere with the same config can be
+reused by copying its checkpoints folder to DIR/rotnet/checkpoints. Every trained stage is scored
+on each feature of `config.bownet.eval_features` (default: `config.eval.feature`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -79,8 +85,8 @@ def rotnet_config(config) -> ml_collections.ConfigDict:
     """The RotNet stage's config: `config.bownet.rotnet` with the chain's data, seed and eval."""
     block = config.bownet.rotnet
     if "method" not in block or block.method != "rotnet":
-        raise ValueError("config.bownet.rotnet must be a full RotNet config (base_config('rotnet'), "
-                         "e.g. loaded with bownet_chain.load_config_file); got "
+        raise ValueError("config.bownet.rotnet must be a full RotNet config (base_config("
+                         "'rotnet'), e.g. loaded with bownet_chain.load_config_file); got "
                          f"{sorted(block.keys()) or 'an empty block'}.")
     return _share_chain_fields(_copy(block), config)
 
@@ -130,10 +136,10 @@ def finished_step(config, workdir: str) -> Optional[int]:
 def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> str:
     """Trains the stage unless finished; returns 'reused', 'ran' or 'interrupted'."""
     total = total_steps(config)
-    if finished_step(config, workdir) == total:
+    if (finished_step(config, workdir) or 0) >= total:
         return "reused"
     train.train_and_evaluate(config, workdir, hooks=hooks)
-    return "ran" if finished_step(config, workdir) == total else "interrupted"
+    return "ran" if (finished_step(config, workdir) or 0) >= total else "interrupted"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,30 +274,55 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def _encode(backbone, feature, mean, std, variables, images):
-    """Frozen backbone features of one named output (pooled), for `runner.score`."""
+    """Frozen backbone features of one named output (pooled); `variables` = backbone variables."""
     return common.encode_with(backbone, variables, images, feature, mean, std)
+
+
+def _encode_state(backbone, feature, mean, std, state, images):
+    """The same from a RotNet or BoWNet training state (its 'backbone' sub-tree)."""
+    variables = bownet.backbone_of({"params": state.params, "batch_stats": state.batch_stats})
+    return _encode(backbone, feature, mean, std, variables, images)
+
+
+def eval_settings(config) -> dict:
+    """What a score depends on besides the network: the probes and the data they read."""
+    ev = {k: v for k, v in config.eval.to_dict().items() if k not in ("after_training", "feature")}
+    return json.loads(json.dumps({"eval": ev, "data": config.data.to_dict(), "seed": config.seed},
+                                 default=str))
+
+
+def _reusable(saved: dict, features: Sequence[str], **match) -> dict:
+    """The saved results of `features` whose recorded fields equal `match`."""
+    return {f: r for f, r in saved.items()
+            if f in features and all(r.get(k) == v for k, v in match.items())}
 
 
 def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict, str]:
     """Scores the stage's final backbone on each of `features`; results already in
-    <workdir>/eval/results.json for the same step are reused. Returns ({feature: result}, status)."""
+    <workdir>/eval/results.json for the same step and evaluation settings are reused.
+    Returns ({feature: result}, 'ran' or 'reused')."""
     path = os.path.join(workdir, "eval", "results.json")
-    saved = _read_json(path) or {}
-    step = finished_step(config, workdir)
-    have = {f: r for f, r in saved.items() if r.get("step") == step}
+    settings = eval_settings(config)
+    have = _reusable(_read_json(path) or {}, features, step=finished_step(config, workdir),
+                     settings=settings)
     missing = [f for f in features if f not in have]
     if not missing:
-        return {f: have[f] for f in features}, "reused"
-    train_data, _, _, mesh, ckpt, state = train.setup(config, workdir)
+        return have, "reused"
+    train_data, _, method, mesh, ckpt, state = train.setup(config, workdir)
     ckpt.close()
     test_data = load_split(config, "test")
     backbone = common.backbone_from_config(config)
     mean, std = common.normalization(config)
-    variables = bownet.backbone_of({"params": state.params, "batch_stats": state.batch_stats})
+    pretext = None
     for feature in missing:
-        encode = functools.partial(_encode, backbone, feature, mean, std)
-        scored = runner.score(encode, variables, train_data, test_data, config, mesh)
-        have[feature] = {"step": int(state.step), **scored}
+        # The method with its encoder pointed at `feature`; its pretext task is scored once.
+        scoring = dataclasses.replace(
+            method, encode=functools.partial(_encode_state, backbone, feature, mean, std),
+            pretext_scores=method.pretext_scores if pretext is None else None)
+        scored = runner.score(scoring, state, train_data, test_data, config, mesh)
+        pretext = scored["pretext"] if pretext is None else pretext
+        have[feature] = {"step": int(state.step), "settings": settings,
+                         **scored, "pretext": pretext}
     runner.write_results(workdir, have)
     return {f: have[f] for f in features}, "ran"
 
@@ -300,7 +331,8 @@ def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
     """The chain's student architecture at random init (seed `config.seed`), for reference;
     cached in <workdir>/eval/random_init.json."""
     path = os.path.join(workdir, "eval", "random_init.json")
-    have = _read_json(path) or {}
+    settings = eval_settings(config)
+    have = _reusable(_read_json(path) or {}, features, settings=settings)
     missing = [f for f in features if f not in have]
     if missing:
         train_data, test_data = load_split(config, "train"), load_split(config, "test")
@@ -310,8 +342,10 @@ def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
                                   np.zeros((1,) + train_data.image_shape, np.float32), train=False)
         mesh = sharding.make_mesh()
         for feature in missing:
-            encode = functools.partial(_encode, backbone, feature, mean, std)
-            have[feature] = runner.score(encode, variables, train_data, test_data, config, mesh)
+            scoring = common.Method(init_state=None, train_step=None, make_views=None,
+                                    encode=functools.partial(_encode, backbone, feature, mean, std))
+            scored = runner.score(scoring, variables, train_data, test_data, config, mesh)
+            have[feature] = {"settings": settings, **scored}
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -354,9 +388,9 @@ def run_chain(config, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     record = []
 
-    def timed(name, fn):
+    def timed(name, fn, *args):
         start = time.time()
-        status = fn()
+        status = fn(*args)
         seconds = time.time() - start
         record.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
         _write_record(workdir, record)
@@ -364,16 +398,16 @@ def run_chain(config, workdir: str,
         return status
 
     stages = [("rotnet", rotnet_config(config))]
-    if timed("rotnet", lambda: train_stage(stages[0][1], stage_dir(workdir, "rotnet"),
-                                           stage_hooks.get("rotnet", ()))) == "interrupted":
+    if timed("rotnet", train_stage, stages[0][1], stage_dir(workdir, "rotnet"),
+             stage_hooks.get("rotnet", ())) == "interrupted":
         return None
     for r in range(1, config.bownet.rounds + 1):
         stage = bownet_config(config, r, workdir)
-        timed(f"vocab_{r}", lambda: vocabulary_stage(stage, stage.bownet.teacher_workdir,
-                                                     stage.bownet.vocabulary))
+        timed(f"vocab_{r}", vocabulary_stage, stage, stage.bownet.teacher_workdir,
+              stage.bownet.vocabulary)
         name = f"bownet_{r}"
-        if timed(name, lambda: train_stage(stage, stage_dir(workdir, name),
-                                           stage_hooks.get(name, ()))) == "interrupted":
+        if timed(name, train_stage, stage, stage_dir(workdir, name),
+                 stage_hooks.get(name, ())) == "interrupted":
             return None
         stages.append((name, stage))
     if not config.eval.after_training:
@@ -396,9 +430,8 @@ def run_chain(config, workdir: str,
         return "reused" if set(statuses) == {"reused"} else "ran"
 
     timed("eval", evaluate_all)
-    table = summarize(results, workdir)
-    logging.info("BoWNet chain results (%s):\n%s", config.data.source, table)
-    print(table, flush=True)
+    print(f"BoWNet chain results ({config.data.source}):\n{summarize(results, workdir)}",
+          flush=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bownet_chain done")
     return results

@@ -40,6 +40,7 @@ from bow_jax.lib.config import base_config
 def get_config():
     c = base_config("obow")
     c.model.name = "resnet18"
+    c.model.kwargs.width = 64  # torchvision widths (overridable, e.g. for quick checks)
     c.data.source = "tfds"
     c.data.name = "imagenet20"
     c.data.data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))

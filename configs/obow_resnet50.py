@@ -24,6 +24,7 @@ from bow_jax.lib.config import base_config
 def get_config():
     c = base_config("obow")
     c.model.name = "resnet50"
+    c.model.kwargs.width = 64  # torchvision widths (overridable, e.g. for quick checks)
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))

@@ -204,10 +204,12 @@ def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, 
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def bench_tf_views(config, *, batch_size: int, batches: int, num_images: int = 64):
+def bench_tf_views(config, *, batch_size: int, image_size: int, batches: int,
+                   num_images: int = 64):
     """Images/s of tf.data decoding 500x375 JPEGs and making the method's views (host side)."""
     config = config.copy_and_resolve_references()
-    method = create_method(config, DataInfo(None, 1, 1, 1))
+    config.batch_size = batch_size
+    method = create_method(config, DataInfo((image_size, image_size, 3), batch_size, 1, 1))
     if method.tf_views is None:
         return None
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -308,7 +310,8 @@ def main(argv=None):
                                       steps=args.pipeline_steps)})
             pipeline_rows.append({"config": name, "pipeline": "tf.data JPEG 500x375 + tf_views",
                                   "batch": batch, "images_per_s": bench_tf_views(
-                                      config, batch_size=batch, batches=args.pipeline_steps)})
+                                      config, batch_size=batch, image_size=size,
+                                      batches=args.pipeline_steps)})
     check_losses(rows, args.remat_rtol, args.bf16_rtol)
     print(markdown(rows, pipeline_rows))
     result = {"train_step": rows, "pipeline": pipeline_rows,

@@ -5,6 +5,7 @@
 Data: ReLU'd Gaussian mixture around random centres (like post-ReLU conv features), float32,
 generated once. Each method runs once on the same data with the same budget:
   ours lloyd               k-means++ on a subsample + `iters` Lloyd iterations, tol=0
+                           (--full-seeding: also with k-means++ on all rows)
   ours minibatch           k-means++ on a subsample + `mb_epochs` passes of mini-batches
   sklearn KMeans           init='k-means++', n_init=1, max_iter=iters, tol=0, algorithm='lloyd'
   sklearn MiniBatchKMeans  same batch size and number of steps, no early stopping, init_size =
@@ -37,7 +38,9 @@ def parse_args(argv):
     parser.add_argument("--chunk-size", type=int, default=None, help="ours: rows per step")
     parser.add_argument("--init-sample-size", type=int, default=None, help="ours: seeding rows")
     parser.add_argument("--threads", type=int, default=None,
-                        help="limit both libraries to this many threads (default: all cores)")
+                        help="limit both libraries to this many cores (default: all)")
+    parser.add_argument("--full-seeding", action="store_true",
+                        help="also run ours lloyd with k-means++ on all rows (as scikit-learn)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma list of: seed,ours,ours_mb,sk,sk_mb")
     parser.add_argument("--json", default=None, help="write results here")
@@ -73,12 +76,10 @@ class Clock:
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
-        # Before jax is imported: XLA:CPU reads its thread settings once.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                                   f"{'true' if args.threads > 1 else 'false'} "
-                                   f"intra_op_parallelism_threads={args.threads}")
+        # Both libraries get the same cores: pin the process (XLA:CPU sizes its thread pool from
+        # the cores it may use) and cap scikit-learn's OpenMP/BLAS pools with threadpoolctl.
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.threads]))
     import jax
-    import jax.numpy as jnp
     import sklearn
     from sklearn.cluster import KMeans, MiniBatchKMeans
     from threadpoolctl import threadpool_limits
@@ -94,10 +95,11 @@ def main(argv=None):
     mb_steps = max(1, args.mb_epochs * args.n // args.batch_size)
     rows = []
 
-    def report(name, seconds, cpu_seconds, inertia, n_iter, compile_seconds=None):
-        row = dict(name=name, seconds=seconds, cpu_seconds=cpu_seconds,
-                   compile_seconds=compile_seconds, inertia=inertia, n_iter=n_iter,
-                   load_average=os.getloadavg()[0])
+    def report(name, clock, inertia, n_iter, compile_clock=None):
+        row = dict(name=name, seconds=clock.wall, cpu_seconds=clock.cpu,
+                   compile_seconds=compile_clock and compile_clock.wall,
+                   compile_cpu_seconds=compile_clock and compile_clock.cpu, inertia=inertia,
+                   n_iter=n_iter, load_average=os.getloadavg()[0])
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -108,12 +110,12 @@ def main(argv=None):
             res = jax.block_until_ready(compiled(key, x))
         inertia = float(res.inertia) if hasattr(res, "inertia") else None
         n_iter = int(res.n_iter) if hasattr(res, "n_iter") else None
-        report(name, clock.wall, clock.cpu, inertia, n_iter, compile_clock.wall)
+        report(name, clock, inertia, n_iter, compile_clock)
 
     def theirs(name, estimator):
         with threadpool_limits(args.threads), Clock() as clock:
             estimator.fit(x_np)
-        report(name, clock.wall, clock.cpu, float(estimator.inertia_), int(estimator.n_iter_))
+        report(name, clock, float(estimator.inertia_), int(estimator.n_iter_))
 
     if "seed" not in skip:
         ours("ours k-means++ seeding only",
@@ -121,6 +123,9 @@ def main(argv=None):
     if "ours" not in skip:
         ours("ours lloyd", lambda key, x: km.kmeans(
             key, x, args.k, n_iter=args.iters, tol=0.0, chunk_size=chunk, init_sample_size=init_m))
+    if args.full_seeding:
+        ours("ours lloyd, seeding on all rows", lambda key, x: km.kmeans(
+            key, x, args.k, n_iter=args.iters, tol=0.0, chunk_size=chunk, init_sample_size=args.n))
     if "ours_mb" not in skip:
         ours("ours minibatch", lambda key, x: km.minibatch_kmeans(
             key, x, args.k, batch_size=args.batch_size, n_steps=mb_steps, chunk_size=chunk,
@@ -137,7 +142,10 @@ def main(argv=None):
             random_state=args.seed))
 
     by_name = {r["name"]: r for r in rows}
-    for mine, ref in (("ours lloyd", "sklearn KMeans"), ("ours minibatch", "sklearn MiniBatchKMeans")):
+    pairs = (("ours lloyd", "sklearn KMeans"),
+             ("ours lloyd, seeding on all rows", "sklearn KMeans"),
+             ("ours minibatch", "sklearn MiniBatchKMeans"))
+    for mine, ref in pairs:
         if mine in by_name and ref in by_name:
             a, b = by_name[mine], by_name[ref]
             a["speedup_wall"] = b["seconds"] / a["seconds"]
@@ -153,15 +161,17 @@ def main(argv=None):
 
     print(f"\nN={args.n} D={args.d} K={args.k}, {args.iters} Lloyd iterations, mini-batch "
           f"{args.batch_size} x {mb_steps} steps; ours: chunk {chunk}, seeding rows {init_m}")
-    print("| method | wall s | CPU s | compile s | inertia | speed-up wall / CPU | inertia / sklearn |")
+    print("| method | wall s | CPU s | compile wall / CPU s | inertia | speed-up wall / CPU "
+          "| inertia / sklearn |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        compile_s = "" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
+        compile_s = ("" if r["compile_seconds"] is None else
+                     f"{r['compile_seconds']:.1f} / {r['compile_cpu_seconds']:.1f}")
         inertia = "" if r["inertia"] is None else f"{r['inertia']:.6g}"
         speed = (f"{r['speedup_wall']:.1f}x / {r['speedup_cpu']:.1f}x"
                  if "speedup_wall" in r else "")
         ratio = f"{r['inertia_ratio']:.4f}" if "inertia_ratio" in r else ""
-        print(f"| {r['name']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {compile_s} | "
+        print(f"| {r['name']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {compile_s} | "
               f"{inertia} | {speed} | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -18,10 +18,12 @@ TOTAL_STEPS = 20
 STEP = 9  # the step the prepared state is at: mid-run teacher momentum, cosine lr past warm-up
 
 
-def tiny_config(fast: bool = False):
+def tiny_config(fast: bool = False, photometric: bool = False):
     """ResNet-10 of width 4 on 16x16 digits, two BoW levels, K = 2 x batch.
 
-    `fast`: no patch group and no photometric augmentation (fewer ops to compile).
+    Without `photometric` (colour jitter, grayscale, blur, flips: checked on their own) the
+    network inputs are the normalised views, so numpy can rebuild them; `fast`: also no patch
+    group (fewer ops to compile).
     """
     c = base_config("obow")
     c.model.name = "resnet18"
@@ -50,10 +52,23 @@ def tiny_config(fast: bool = False):
     o.patch_size = 8
     o.patch_source_size = 16
     o.patch_jitter = 2
+    if not photometric:
+        o.color_jitter_p = o.grayscale_p = o.blur_p = 0.0
+        o.flip = False
     if fast:
         o.num_patches = 0
-        o.color_jitter_p = o.grayscale_p = o.blur_p = 0.0
     return c
+
+
+def random_views(config, seed: int = 7) -> dict:
+    """A global batch of uint8 views with the config's shapes (the step does not care where
+    views come from; make_views is tested apart)."""
+    o, b = config.obow, config.batch_size
+    rng = np.random.default_rng(seed)
+    shapes = {"teacher": (b, o.teacher_size, o.teacher_size, 3),
+              "crops": (b, o.num_crops, o.crop_size, o.crop_size, 3),
+              "patches": (b, o.num_patches, o.patch_size, o.patch_size, 3)}
+    return {k: rng.integers(0, 256, v, dtype=np.uint8) for k, v in shapes.items()}
 
 
 def prepared_state(method, config):

@@ -7,7 +7,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.datasets import make_blobs
 
 from bow_jax.bow import kmeans as km
-from bow_jax.lib.sharding import batch_sharded, make_mesh, replicated
+from bow_jax.lib.sharding import batch_sharded, make_mesh
 
 
 def brute_force(x, centroids):
@@ -69,34 +69,41 @@ def test_lloyd_matches_sklearn_from_same_seeds(anisotropic, n_real):
     ours = km.lloyd(padded, jnp.asarray(seeds), n_iter=5, tol=0.0, chunk_size=128, weights=weights)
     ref = KMeans(24, init=seeds, n_init=1, max_iter=5, tol=0.0, algorithm="lloyd").fit(x)
     assert int(ours.n_iter) == ref.n_iter_ == 5
-    np.testing.assert_allclose(np.asarray(ours.centroids), ref.cluster_centers_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours.centroids), ref.cluster_centers_, rtol=1e-4,
+                               atol=1e-4)
     np.testing.assert_array_equal(np.asarray(ours.labels)[:n_real], ref.labels_)
     np.testing.assert_allclose(float(ours.inertia), ref.inertia_, rtol=1e-5)
 
 
 @pytest.mark.parametrize("data", ["blobs", "anisotropic"])
 def test_kmeans_inertia_close_to_sklearn(data, request):
+    # Either library lands in a local minimum (two blobs merged) in ~1 fit in 4 even with
+    # n_init=3, so compare medians over 5 seeds rather than one lucky or unlucky fit.
     x = request.getfixturevalue(data)
     padded, weights = pad_far(x, 512)
-    ours = km.kmeans(jax.random.key(0), padded, 32, n_iter=50, n_init=3, chunk_size=512,
-                     weights=weights)
-    ref = KMeans(32, init="k-means++", n_init=3, max_iter=50, random_state=0).fit(x)
-    np.testing.assert_allclose(float(ours.inertia), inertia_of(x, ours.centroids), rtol=1e-4)
-    assert float(ours.inertia) <= 1.01 * ref.inertia_
-    assert 1 <= int(ours.n_iter) <= 50
+    ours, theirs = [], []
+    for seed in range(5):
+        res = km.kmeans(jax.random.key(seed), padded, 32, n_iter=50, n_init=3, chunk_size=512,
+                        weights=weights)
+        np.testing.assert_allclose(float(res.inertia), inertia_of(x, res.centroids), rtol=1e-4)
+        assert 1 <= int(res.n_iter) <= 50
+        ours.append(float(res.inertia))
+        ref = KMeans(32, init="k-means++", n_init=3, max_iter=50, random_state=seed).fit(x)
+        theirs.append(ref.inertia_)
+    assert np.median(ours) <= 1.01 * np.median(theirs)
 
 
 def test_minibatch_inertia_close_to_sklearn(anisotropic):
     x = anisotropic
     padded, weights = pad_far(x, 512)
-    ours = km.minibatch_kmeans(jax.random.key(0), padded, 32, batch_size=256, n_steps=240,
+    # Same budget: 10 passes of 3000 rows in batches of 256 = 117 steps, no early stopping.
+    ours = km.minibatch_kmeans(jax.random.key(0), padded, 32, batch_size=256, n_steps=117,
                                chunk_size=512, weights=weights)
-    # Same budget: 20 passes of 3000 rows in batches of 256 = 234 steps, no early stopping.
-    ref = MiniBatchKMeans(32, batch_size=256, n_init=1, max_iter=20, max_no_improvement=None,
+    ref = MiniBatchKMeans(32, batch_size=256, n_init=1, max_iter=10, max_no_improvement=None,
                           tol=0.0, random_state=0).fit(x)
     np.testing.assert_allclose(float(ours.inertia), inertia_of(x, ours.centroids), rtol=1e-4)
     assert float(ours.inertia) <= 1.03 * ref.inertia_
-    assert int(ours.n_iter) == 240
+    assert int(ours.n_iter) == 117
 
 
 def test_deterministic_for_a_key(blobs):

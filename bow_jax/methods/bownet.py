@@ -226,7 +226,8 @@ class BoWNetModel(nn.Module):
         features = self.backbone(x, train=train)
         z = common.pooled(features[self.feature])
         if self.num_bows == 1:
-            return heads.CosineBoWHead(self.num_words, self.gamma_init, name="bow_head")(z), features
+            head = heads.CosineBoWHead(self.num_words, self.gamma_init, name="bow_head")
+            return head(z), features
         logits = [heads.CosineBoWHead(self.num_words, self.gamma_init, name=f"bow_head_{i}")(z)
                   for i in range(self.num_bows)]
         return jnp.stack(logits, axis=1), features
@@ -366,5 +367,16 @@ def create(config, data_info: common.DataInfo) -> common.Method:
         return common.encode_with(backbone, student_variables(state), images,
                                   config.eval.feature, mean, std)
 
+    def pretext_scores(state, images):
+        """Per held-out image, eval-mode BN, no perturbation: is the student's most likely word
+        one of the words the teacher finds in the image (the whole-image BoW)?"""
+        targets = teacher_bows(state, images)
+        logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                common.to_network_input(images, mean, std), train=False)
+        if cfg.pyramid:
+            targets, logits = targets[:, 0], logits[:, 0]
+        hit = jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0] > 0
+        return {"bow_top_word_hit": hit.astype(jnp.float32)}
+
     return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
-                         encode=encode)
+                         encode=encode, pretext_scores=pretext_scores)
