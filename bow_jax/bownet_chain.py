@@ -46,7 +46,7 @@ from bow_jax import train
 from bow_jax.bow import kmeans, quantize
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import runner
-from bow_jax.lib import checkpoint, sharding
+from bow_jax.lib import checkpoint, files, sharding
 from bow_jax.methods import bownet, common
 from bow_jax.models import feature_dims
 
@@ -347,10 +347,7 @@ def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
             scored = runner.score(scoring, variables, train_data, test_data, config, mesh)
             have[feature] = {"settings": settings, **scored}
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(have, f, indent=2)
-            os.replace(path + ".tmp", path)
+            files.atomic_write_text(path, json.dumps(have, indent=2))
     return {f: have[f] for f in features}
 
 
@@ -367,10 +364,8 @@ def summarize(results: Dict[str, dict], workdir: str) -> str:
 def _write_record(workdir: str, record: list) -> None:
     if jax.process_index() != 0:
         return
-    tmp = os.path.join(workdir, ".chain.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"stages": record}, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "chain.json"))
+    files.atomic_write_text(os.path.join(workdir, "chain.json"),
+                            json.dumps({"stages": record}, indent=2))
 
 
 def run_chain(config, workdir: str,

@@ -14,6 +14,7 @@ import os
 import sys
 
 from bow_jax.evaluate import runner
+from bow_jax.lib import files
 
 
 def _load(path: str, what: str) -> dict:
@@ -70,10 +71,7 @@ def main(argv=None) -> int:
     table = comparison_table(args.runs)
     print(table)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(table + "\n")
-        os.replace(tmp, args.output)
+        files.atomic_write_text(args.output, table + "\n")
     return 0
 
 

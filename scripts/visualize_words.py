@@ -23,7 +23,6 @@ The PNG is written atomically (temporary file + rename).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -139,20 +138,9 @@ def words_grid(images: np.ndarray, matches, words: Sequence[int], map_hw, border
 
 def save_png_atomic(image, path: str) -> str:
     """Writes a PIL image as PNG to a temporary file beside `path`, then renames it."""
-    import tempfile  # pylint: disable=import-outside-toplevel
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from bow_jax.lib import files  # pylint: disable=import-outside-toplevel
+    with files.atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
     return path
 
 

@@ -18,7 +18,6 @@ from bow_jax import train
 from bow_jax.bow import vocabulary as voc
 from bow_jax.data.splits import load_split
 from bow_jax.lib import schedules, sharding
-from bow_jax.lib.config import base_config
 from bow_jax.methods import DataInfo, common, create_method, obow
 
 HERE = os.path.dirname(os.path.abspath(__file__))

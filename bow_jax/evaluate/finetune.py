@@ -32,7 +32,7 @@ from absl import logging
 
 from bow_jax.data import augment, datasets, pipeline
 from bow_jax.evaluate import features
-from bow_jax.lib import schedules, sharding
+from bow_jax.lib import files, schedules, sharding
 from bow_jax.lib.state import TrainState
 from bow_jax.models import check_feature_names, feature_dims, heads
 
@@ -359,10 +359,7 @@ def write_finetune_results(workdir: str, network: str, name: str, result: dict) 
     if jax.process_index() == 0:
         for file, text in (("finetune.json", json.dumps(results, indent=2)),
                            ("finetune.md", "\n".join(table) + "\n")):
-            tmp = os.path.join(out_dir, f".{file}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(out_dir, file))
+            files.atomic_write_text(os.path.join(out_dir, file), text)
     return results
 
 

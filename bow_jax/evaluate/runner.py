@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, fewshot, knn, linear
+from bow_jax.lib import files
 
 
 def pretext(method, variables, test, config, mesh) -> dict:
@@ -84,13 +85,9 @@ def write_results(workdir: str, results: dict) -> None:
     if jax.process_index() != 0:
         return
     out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
     for name, text in (("results.json", json.dumps(results, indent=2)),
                        ("results.md", markdown_table(results) + "\n")):
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+        files.atomic_write_text(os.path.join(out_dir, name), text)
 
 
 def evaluate_state(config, workdir: str, method, state, mesh) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -39,6 +38,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from bow_jax.lib import files
 from bow_jax.models import create_backbone, feature_dims
 from bow_jax.models.heads import DynamicBoWHead
 from bow_jax.models.resnet import to_torch_layout, torchvision_key
@@ -342,27 +342,8 @@ def obow_fc(head_variables: Mapping[str, Any], vocabularies: Sequence[Any],
 def _atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename: whole or nothing."""
     torch = import_torch()
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with files.atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_torchvision(path: str, state_dict: Mapping[str, Any], layout: str = "torchvision") -> str:

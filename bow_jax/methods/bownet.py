@@ -42,7 +42,7 @@ import numpy as np
 
 from bow_jax.bow import quantize
 from bow_jax.data import augment
-from bow_jax.lib import checkpoint
+from bow_jax.lib import checkpoint, files
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import common
 from bow_jax.models import check_feature_names, create_backbone, feature_dims, heads
@@ -168,11 +168,8 @@ def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
 
 def write_vocabulary(path: str, centroids, meta: dict) -> None:
     """Writes centroids + JSON metadata atomically (temp file in the same folder, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append '.npz'
+    with files.atomic_open(path, "wb") as f:  # a file object: np.savez would append '.npz'
         np.savez(f, centroids=np.asarray(centroids, np.float32), meta=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
 
 
 def check_vocabulary(meta: dict, centroids_shape, cfg, teacher_step: int, channels: int,

@@ -30,7 +30,6 @@ update and the targets), and `word_sampling` 'local_average' | 'local_features' 
 from typing import Any, Sequence
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
