@@ -54,13 +54,7 @@ def comparison_table(paths) -> str:
     rows = {}
     for path in paths:
         rows.update(run_rows(path))
-    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-    lines = ["| run: network | " + " | ".join(columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{row[c]:.2f}" if c in row else "–" for c in columns) + " |")
-    return "\n".join(lines)
+    return runner.rows_table(rows, "run: network", align="---:", missing="–")
 
 
 def main(argv=None) -> int:

@@ -68,16 +68,21 @@ def flat(result: dict) -> dict:
     return row
 
 
-def markdown_table(results: dict) -> str:
-    """One row per network, one column per protocol (accuracies in %)."""
-    rows = {name: flat(r) for name, r in results.items()}
+def rows_table(rows: dict, first_column: str = "network", align: str = "---",
+               missing: str = "") -> str:
+    """A markdown table of {row name: {column: value}}; columns in first-seen order."""
     columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-    lines = ["| network | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [f"| {first_column} | " + " | ".join(columns) + " |",
+             "|---|" + f"{align}|" * len(columns)]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(
-            f"{row[c]:.2f}" if c in row else "" for c in columns) + " |")
+            f"{row[c]:.2f}" if c in row else missing for c in columns) + " |")
     return "\n".join(lines)
+
+
+def markdown_table(results: dict) -> str:
+    """One row per network, one column per protocol (accuracies in %)."""
+    return rows_table({name: flat(r) for name, r in results.items()})
 
 
 def write_results(workdir: str, results: dict) -> None:
