@@ -17,19 +17,13 @@ Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 import os
 
 from bow_jax.bownet_chain import load_config_file
-from bow_jax.lib.config import base_config
+from bow_jax.lib.config import base_config, cifar10_cpu_setting
 
 
 def get_config():
     c = base_config("bownet")
     c.task = "bownet_chain"
-    c.model.name = "resnet18"
-    c.model.kwargs.width = 16
-    c.model.kwargs.cifar_stem = True
-    c.data.source = "npz"
-    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
-    c.data.normalization = "cifar"
-    c.batch_size = 64
+    cifar10_cpu_setting(c)
     # 1400 x 64 student images (+ as many teacher forward passes): about the compute of the
     # RotNet teacher (400 x 64 images x 4 rotations). At 600 steps BoWNet only tied its teacher.
     c.num_train_steps = 1400

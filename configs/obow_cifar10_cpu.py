@@ -24,20 +24,12 @@ method needs far more steps than a CPU allows; use configs/obow_cifar10_resnet18
 
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-import os
-
-from bow_jax.lib.config import base_config
+from bow_jax.lib.config import base_config, cifar10_cpu_setting
 
 
 def get_config():
     c = base_config("obow")
-    c.model.name = "resnet18"
-    c.model.kwargs.width = 16
-    c.model.kwargs.cifar_stem = True
-    c.data.source = "npz"
-    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
-    c.data.normalization = "cifar"
-    c.batch_size = 64
+    cifar10_cpu_setting(c)
     c.num_train_steps = 360  # about 19 minutes on the shared 2-core machine (RotNet: 22)
     c.steps_per_epoch = 20  # schedule "epochs": the per-epoch cosine changes every 20 steps
     c.optim.lr = 0.05

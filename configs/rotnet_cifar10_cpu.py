@@ -5,20 +5,12 @@ the CIFAR stem (32x32 input; layer3 is 8x8, layer4 4x4), batch 64 images (x4 rot
 SGD Nesterov lr 0.1, wd 5e-4. Evaluated on layer3 (RotNet's mid-level features are its best).
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-import os
-
-from bow_jax.lib.config import base_config
+from bow_jax.lib.config import base_config, cifar10_cpu_setting
 
 
 def get_config():
     c = base_config("rotnet")
-    c.model.name = "resnet18"
-    c.model.kwargs.width = 16
-    c.model.kwargs.cifar_stem = True
-    c.data.source = "npz"
-    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
-    c.data.normalization = "cifar"
-    c.batch_size = 64
+    cifar10_cpu_setting(c)
     c.num_train_steps = 400
     c.steps_per_epoch = 100  # schedule "epochs" of 100 steps: lr 0.1, then 0.02 from step 300
     c.optim.lr = 0.1

@@ -4,8 +4,23 @@ Experiment files in `configs/` call `base_config()` and override fields. Because
 the config, `--config.some.typo=1` fails at once with the unknown key named.
 """
 import importlib
+import os
 
 import ml_collections
+
+
+def cifar10_cpu_setting(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The shared setting the CPU-sized CIFAR-10 runs of every method are compared on: ResNet-18
+    at width 16 with the CIFAR stem (32x32: layer3 8x8, layer4 4x4), CIFAR-10 npz files from
+    $BOW_JAX_CIFAR10 or ../shared/data/cifar10, batch 64."""
+    c.model.name = "resnet18"
+    c.model.kwargs.width = 16
+    c.model.kwargs.cifar_stem = True
+    c.data.source = "npz"
+    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
+    c.data.normalization = "cifar"
+    c.batch_size = 64
+    return c
 
 
 def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
