@@ -1,6 +1,7 @@
 """What `main.py` runs, by `config.task`."""
 import os
 
+import jax
 from absl import logging
 
 from bow_jax import train
@@ -9,14 +10,30 @@ TASKS = ("train", "evaluate", "bownet_chain", "export", "evaluate_torchvision", 
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-    """Scores the latest checkpoint in `workdir` (the `evaluate` task)."""
+    """Scores the latest checkpoint in `workdir`, or those of `config.eval.checkpoint_steps`
+    (the `evaluate` task)."""
     from bow_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
     _, _, method, mesh, ckpt, state = train.setup(config, workdir)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
                                 f"{os.path.join(workdir, 'checkpoints')} to evaluate.")
-    ckpt.close()
-    return runner.evaluate_state(config, workdir, method, state, mesh)
+    steps = [int(s) for s in config.eval.checkpoint_steps]
+    missing = sorted(set(steps) - set(ckpt.all_steps()))
+    if missing:
+        ckpt.close()
+        raise ValueError(f"config.eval.checkpoint_steps: no checkpoint at steps {missing} in "
+                         f"{ckpt.directory}; kept: {sorted(ckpt.all_steps())}.")
+    if not steps:
+        ckpt.close()
+        return runner.evaluate_state(config, workdir, method, state, mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    del state
+    try:
+        return runner.evaluate_states(
+            config, workdir, method, (ckpt.restore(abstract, config, step=s) for s in steps), mesh)
+    finally:
+        ckpt.close()
 
 
 def run(config, workdir: str):

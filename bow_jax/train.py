@@ -80,13 +80,16 @@ def setup(config, workdir: str):
 
 
 def compile_view_fn(method, mesh, seed: int):
-    """`make_views(images, index, step)`, jitted: gathers a batch from the on-device dataset and
-    makes its views, keyed by (seed, step); the output is sharded over the mesh."""
+    """`make_views(images, labels, index, step)`, jitted: gathers a batch from the on-device
+    dataset and makes its views, keyed by (seed, step), plus the batch's 'label' (methods ignore
+    it; OBoW's monitor head reads it); the output is sharded over the mesh."""
     view_key = jax.random.fold_in(jax.random.key(seed), 1)
-    return jax.jit(
-        lambda images, index, step: method.make_views(images[index],
-                                                      jax.random.fold_in(view_key, step)),
-        out_shardings=sharding.batch_sharded(mesh))
+
+    def make_views(images, labels, index, step):
+        views = method.make_views(images[index], jax.random.fold_in(view_key, step))
+        return {**views, "label": labels[index]}
+
+    return jax.jit(make_views, out_shardings=sharding.batch_sharded(mesh))
 
 
 def device_batches(config, train_data, method, mesh, start_step: int) -> Iterator:
@@ -105,15 +108,15 @@ def device_batches(config, train_data, method, mesh, start_step: int) -> Iterato
             seed=config.seed, view_fn=method.tf_views, start_step=start_step,
             num_examples=train_data.num_examples)
         for batch in host:
-            batch.pop("label", None)
             yield sharding.shard_batch(batch, mesh)
         return
     images = sharding.replicate(train_data.images, mesh)
+    labels = sharding.replicate(train_data.labels, mesh)
     loader = pipeline.IndexLoader(len(train_data), config.batch_size, config.seed,
                                   start_step=start_step)
     make_views = compile_view_fn(method, mesh, config.seed)
     for step in itertools.count(start_step):
-        yield make_views(images, sharding.shard_batch(next(loader)["index"], mesh), step)
+        yield make_views(images, labels, sharding.shard_batch(next(loader)["index"], mesh), step)
 
 
 def train_and_evaluate(config, workdir: str,
@@ -125,7 +128,7 @@ def train_and_evaluate(config, workdir: str,
     """
     train_data, data_info, method, mesh, ckpt, state = setup(config, workdir)
     start_step, total_steps = int(state.step), data_info.total_steps
-    writer = writers.MetricWriter(workdir)
+    writer = writers.MetricWriter(workdir, start_step=start_step)
     progress = writers.Progress(total_steps, config.batch_size, start_step)
 
     batches = device_batches(config, train_data, method, mesh, start_step)

@@ -40,6 +40,7 @@ def get_config():
     o.patch_size = 20
     o.patch_source_size = 56
     o.patch_jitter = 5
+    o.monitor, o.num_classes = True, 10  # logged monitor_accuracy (not part of the method)
     c.log_every = 100
     c.checkpoint_every_steps = 195 * 10
     c.keep_every_steps = 195 * 50

@@ -35,6 +35,7 @@ def get_config():
     o.kappa = 5.0
     o.num_crops = 2
     o.num_patches = 5
+    o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
     c.log_every = 100
     c.checkpoint_every_steps = 2031  # one epoch of 260,000 images at batch 128
     c.eval.after_training = False

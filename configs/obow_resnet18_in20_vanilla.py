@@ -61,6 +61,7 @@ def get_config():
     o.kappa = 5.0
     o.num_crops = 1
     o.num_patches = 0
+    o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
     c.log_every = 100
     c.checkpoint_every_steps = 1015  # one epoch of 260,000 images at batch 256
     c.eval.after_training = False

@@ -14,7 +14,7 @@ how to prepare it (`tfds build imagenet2012` with the two ILSVRC2012 tars in the
 The linear-probe / few-shot evaluation of the frozen-feature runner needs in-memory data, so it is
 off here; evaluate ImageNet features with a dedicated linear-probe run (batch 1024, lr 10, 100
 epochs, cosine: reference section g). The official monitor head (a linear classifier on the
-detached teacher features) needs labels that the training loop does not pass: it is off.
+detached teacher conv5 features, trained on the labels alongside) is on: its accuracy is logged.
 """
 import os
 
@@ -49,6 +49,7 @@ def get_config():
     o.num_crops, o.crop_size, o.crop_scale = 2, 160, (0.08, 0.6)
     o.num_patches, o.patch_size, o.patch_source_size = 5, 96, 256
     o.patch_source_scale, o.patch_jitter = (0.6, 1.0), 24
+    o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
     c.log_every = 100
     c.checkpoint_every_steps = 5004  # about one epoch
     c.keep_every_steps = 5004 * 10  # and every 10th epoch, as the official `permanent: 10`

@@ -25,10 +25,11 @@ Examples:
   python scripts/benchmark.py --config configs/obow_cifar10_cpu.py \
       --config configs/rotnet_cifar10_cpu.py --batch_size 32 --steps 3 --pipeline
   (--set key=value overrides a config field in every config, e.g. --set model.kwargs.width=8)
+  python scripts/benchmark.py kmeans --n 200000 --d 256 --k 2048   (our k-means vs scikit-learn;
+      the options are those of scripts/benchmark_kmeans.py)
 """
 import argparse
 import ast
-import contextlib
 import importlib.util
 import json
 import os
@@ -79,26 +80,6 @@ def stored_image_size(config, override: int) -> int:
     return 32  # CIFAR npz / jpeg_npz
 
 
-@contextlib.contextmanager
-def block_remat(enabled: bool):
-    """flax.linen.remat around every ResNet residual block (the model files have no remat field:
-    the block classes that ResNet looks up at call time are swapped for their remat versions, so
-    the parameter tree, and hence the initial state, is unchanged)."""
-    if not enabled:
-        yield
-        return
-    import flax.linen as nn  # pylint: disable=import-outside-toplevel
-    from bow_jax.models import resnet  # pylint: disable=import-outside-toplevel
-    originals = resnet.BasicBlock, resnet.Bottleneck
-    # __call__(self, x, train): `train` (argument 2) is a Python bool, static.
-    resnet.BasicBlock = nn.remat(originals[0], static_argnums=(2,))
-    resnet.Bottleneck = nn.remat(originals[1], static_argnums=(2,))
-    try:
-        yield
-    finally:
-        resnet.BasicBlock, resnet.Bottleneck = originals
-
-
 def _mib(n):
     return None if n is None else n / 2**20
 
@@ -125,27 +106,28 @@ def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps:
     config = config.copy_and_resolve_references()
     if "bf16" in variant:
         config.model.kwargs.dtype = "bfloat16"
+    if "remat" in variant:
+        config.model.kwargs.remat = True  # ResNet's remat field: same parameter tree
     config.batch_size = batch_size
     mesh = sharding.make_mesh()
     steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // batch_size)
     info = DataInfo(image_shape=(image_size, image_size, 3),
                     num_examples=steps_per_epoch * batch_size, steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * max(int(config.num_epochs), 1))
-    with block_remat("remat" in variant):
-        method = create_method(config, info)
-        state = jax.jit(method.init_state, out_shardings=sharding.replicated(mesh))(
-            jax.random.key(seed))
-        images = jax.random.randint(jax.random.key(seed + 1),
-                                    (batch_size, image_size, image_size, 3), 0, 256,
-                                    jnp.int32).astype(jnp.uint8)
-        batch = jax.jit(method.make_views, out_shardings=sharding.batch_sharded(mesh))(
-            jax.device_put(images, sharding.batch_sharded(mesh)), jax.random.key(seed + 2))
-        jax.block_until_ready(batch)
-        step = jax.jit(method.train_step, donate_argnums=0,
-                       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-        start = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - start
+    method = create_method(config, info)
+    state = jax.jit(method.init_state, out_shardings=sharding.replicated(mesh))(
+        jax.random.key(seed))
+    images = jax.random.randint(jax.random.key(seed + 1),
+                                (batch_size, image_size, image_size, 3), 0, 256,
+                                jnp.int32).astype(jnp.uint8)
+    batch = jax.jit(method.make_views, out_shardings=sharding.batch_sharded(mesh))(
+        jax.device_put(images, sharding.batch_sharded(mesh)), jax.random.key(seed + 2))
+    jax.block_until_ready(batch)
+    step = jax.jit(method.train_step, donate_argnums=0,
+                   out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
     losses = []
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
@@ -193,13 +175,14 @@ def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, 
                                             n // batch_size))
     images = sharding.replicate(np.random.default_rng(0).integers(
         0, 256, (n, image_size, image_size, 3), dtype=np.uint8), mesh)
+    labels = sharding.replicate(np.zeros(n, np.int32), mesh)
     views = train.compile_view_fn(method, mesh, 0)
     index = lambda s: sharding.shard_batch(
         np.arange(s * batch_size, (s + 1) * batch_size) % n, mesh)
-    jax.block_until_ready(views(images, index(0), 0))
+    jax.block_until_ready(views(images, labels, index(0), 0))
     start = time.perf_counter()
     for s in range(steps):
-        out = views(images, index(s), s)
+        out = views(images, labels, index(s), s)
     jax.block_until_ready(out)
     return batch_size * steps / (time.perf_counter() - start)
 
@@ -260,6 +243,11 @@ def markdown(rows, pipeline_rows):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "kmeans":  # the k-means comparison lives beside this file
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import benchmark_kmeans  # pylint: disable=import-outside-toplevel
+        return benchmark_kmeans.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True,
                         help="config file (repeat for several)")

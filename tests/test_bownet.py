@@ -325,9 +325,10 @@ def run_steps(config, mesh, num_steps):
     make_views = train.compile_view_fn(method, mesh, config.seed)
     step_fn = jax.jit(method.train_step, donate_argnums=0, out_shardings=(replicated, replicated))
     images = sharding.replicate(data.images, mesh)
+    labels = sharding.replicate(data.labels, mesh)
     for step in range(num_steps):
         index = np.arange(step * config.batch_size, (step + 1) * config.batch_size)
-        state, _ = step_fn(state, make_views(images, sharding.shard_batch(index, mesh), step))
+        state, _ = step_fn(state, make_views(images, labels, sharding.shard_batch(index, mesh), step))
     return jax.device_get(state)
 
 

@@ -1,6 +1,7 @@
 """OBoW: every piece of one training step against numpy, multi-device and multi-process equality,
 exact resume, and fast clear failures. Real images: scikit-learn's digits; tiny ResNets."""
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -322,6 +323,31 @@ def test_resume_is_exact_queue_and_statistics_included(tmp_path):
     assert all(float(m) != 0.5 for m in want.mean_min_dist)
 
 
+def test_monitor_learns_from_labels_and_cannot_touch_the_backbones(tmp_path):
+    """The loop delivers the batch's labels; the monitor head (on detached teacher features) adds
+    its loss and accuracy to the metrics, and leaves student and teacher exactly as without it."""
+    config = worker.tiny_config(fast=True)
+    config.num_train_steps = 2
+    plain = _run_dir_after_training(config, tmp_path / "plain")
+    config.obow.monitor, config.obow.num_classes = True, 10
+    watched = _run_dir_after_training(config, tmp_path / "watched")
+    assert_trees_close(watched.params["backbone"], plain.params["backbone"], atol=1e-6)
+    assert_trees_close(watched.params["bow_head"], plain.params["bow_head"], atol=1e-6)
+    assert_trees_close(watched.teacher_params, plain.teacher_params, atol=1e-6)
+    rows = [json.loads(line) for line in open(tmp_path / "watched" / "metrics.jsonl")]
+    assert all(0.0 <= r["monitor_accuracy"] <= 1.0 and r["monitor_loss"] > 0 for r in rows)
+    # The monitor's weights moved: it was trained on the labels.
+    init = create_method(config, train.data_info_for(config, load_split(config, "train")))
+    init = jax.device_get(init.init_state(jax.random.key(config.seed)))
+    assert not np.allclose(watched.params["monitor"]["fc"]["kernel"],
+                           init.params["monitor"]["fc"]["kernel"])
+
+
+def _run_dir_after_training(config, workdir):
+    train.train_and_evaluate(config, str(workdir))
+    return _run_dir(config, str(workdir))
+
+
 def _setup_error(tmp_path, **overrides):
     config = worker.tiny_config(fast=True)
     for key, value in overrides.items():
@@ -369,6 +395,7 @@ def test_recipe_configs_build_and_carry_the_paper_numbers():
             r50.batch_size, r50.num_epochs) == (0.03, 3e-5, 10, 1e-4, 256, 200)
     assert (r50.obow.kappa, r50.obow.inv_delta, r50.obow.num_words) == (8, 15, 8192)
     assert tuple(r50.obow.bow_levels) == ("layer3", "layer4")
+    assert (r50.obow.monitor, r50.obow.num_classes) == (True, 1000)  # official monitor head
     # The R50 lr at chosen steps (5004 steps per epoch): 0 at step 0, linear warm-up per step,
     # then a cosine stepped per epoch that never reaches end_lr.
     spe = 5004
@@ -507,6 +534,31 @@ def test_ablation_vocabularies_vs_numpy():
     assert float(m) == pytest.approx(want_m, rel=1e-5)
     np.testing.assert_allclose(v[4:], np_l2n(f_unit[:, 1:-1, 1:-1].mean(axis=(1, 2))), atol=1e-6)
     np.testing.assert_allclose(v[:4], v_unit[:4], atol=1e-6)
+
+
+def test_target_knn_script_targets_vs_numpy():
+    """scripts/obow_target_knn.py: the queue holds the 3x3-averaged words of the first K training
+    maps; the temperature statistic is their mean minimum distance; targets as in training."""
+    spec = importlib.util.spec_from_file_location(
+        "obow_target_knn", os.path.join(REPO, "scripts", "obow_target_knn.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = obow.default_config()
+    cfg.num_words = 6
+    rng = np.random.default_rng(0)
+    train_map = np.maximum(rng.normal(size=(8, 6, 6, 3)), 0).astype(np.float32)
+    test_map = np.maximum(rng.normal(size=(3, 6, 6, 3)), 0).astype(np.float32)
+    got_train, got_test = script.bow_targets(cfg, train_map, test_map, "layer3")
+    rows, cols = voc.sample_locations(jax.random.key(0), 6, 2, 2)
+    vocab = np.stack([np_local_average_word(train_map[i], int(r), int(c))
+                      for i, (r, c) in enumerate(zip(rows, cols))])
+    cropped = train_map[:, 1:-1, 1:-1].astype(np.float64)
+    m = ((cropped[..., None, :] - vocab) ** 2).sum(-1).min(-1).mean()
+    for maps, got in ((train_map, got_train), (test_map, got_test)):
+        want, _ = np_targets(maps, vocab, m, cfg.inv_delta, momentum=1.0)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="num_words=6"):
+        script.bow_targets(cfg, train_map[:5], test_map, "layer3")
 
 
 def test_loss_helpers_vs_numpy():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bow_jax import tasks, train
+from bow_jax.evaluate import runner
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding, writers
 from bow_jax.lib.config import base_config
@@ -54,9 +55,10 @@ def run_steps(config, mesh, num_steps):
     make_views = train.compile_view_fn(method, mesh, config.seed)
     train_step = jax.jit(method.train_step, donate_argnums=0)
     images = sharding.replicate(data.images, mesh)
+    labels = sharding.replicate(data.labels, mesh)
     for step in range(num_steps):
         index = np.arange(step * config.batch_size, (step + 1) * config.batch_size)
-        state, _ = train_step(state, make_views(images, sharding.shard_batch(index, mesh), step))
+        state, _ = train_step(state, make_views(images, labels, sharding.shard_batch(index, mesh), step))
     return jax.device_get(state)
 
 
@@ -115,6 +117,21 @@ def test_resume_and_sigterm_reach_the_uninterrupted_result(tmp_path):
         for step in (3, 4):
             for name in ("loss", "rotation_accuracy", "lr"):
                 assert metrics[step][name] == pytest.approx(want_metrics[step][name], abs=1e-6)
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    """A crash after the last checkpoint leaves metric rows (and maybe a torn line) for steps
+    that the resumed run repeats; the file must end with each step once, as logged on resume."""
+    config = tiny_config()
+    workdir = str(tmp_path)
+    train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, "a", encoding="utf-8") as f:  # what the crashed run had logged past step 2
+        f.write('{"step": 3, "loss": 123.0}\n{"step": 4, "lo')
+    train.train_and_evaluate(config, workdir)
+    rows = writers.read_jsonl(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["loss"] != 123.0
 
 
 def test_checkpoints_keep_last_n_plus_every_kth(tmp_path):
@@ -178,6 +195,33 @@ def test_evaluate_task_scores_the_latest_checkpoint(tmp_path):
         assert 0 <= scores["pretext"]["rotation_accuracy"] <= 1
     with open(tmp_path / "eval" / "results.md", encoding="utf-8") as f:
         assert "| rotnet step 2 |" in f.read()
+
+
+def test_evaluate_task_scores_chosen_checkpoints_as_a_learning_curve(tmp_path):
+    """eval.checkpoint_steps: one row per kept checkpoint, each equal to scoring that step's state
+    directly; eval.train_limit fits the probes on the first N training images; a step that was
+    not kept is a clear error naming the kept ones."""
+    config = tiny_config(num_train_steps=4, checkpoint_every_steps=1, keep_checkpoints=1,
+                         keep_every_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    config = tiny_config(task="evaluate", keep_checkpoints=1, keep_every_steps=2)
+    config.eval.linear, config.eval.fewshot = False, False
+    config.eval.test_limit, config.eval.train_limit = 100, 128
+    config.eval.checkpoint_steps = (2, 4)
+    results = tasks.run(config, str(tmp_path))
+    assert list(results) == ["rotnet step 2", "rotnet step 4"]
+    assert results["rotnet step 2"] != results["rotnet step 4"]
+
+    _, _, method, mesh, ckpt, state = train.setup(config, str(tmp_path))
+    ckpt.close()
+    data = load_split(config, "train")
+    direct = runner.score(method, state, data.subset(np.arange(128)), load_split(config, "test"),
+                          config, mesh)
+    assert results["rotnet step 4"] == direct
+
+    config.eval.checkpoint_steps = (3,)
+    with pytest.raises(ValueError, match=r"checkpoint_steps.*\[3\].*kept: \[2, 4\]"):
+        tasks.run(config, str(tmp_path))
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):

@@ -6,9 +6,11 @@ Linear probe (train split → test split), prototypical few-shot episodes and we
 """
 import json
 import os
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, fewshot, knn, linear
@@ -97,9 +99,17 @@ def write_results(workdir: str, results: dict) -> None:
 
 def evaluate_state(config, workdir: str, method, state, mesh) -> dict:
     """Scores `state` (and, if asked, the same network at random init); writes and prints."""
+    return evaluate_states(config, workdir, method, [state], mesh)
+
+
+def evaluate_states(config, workdir: str, method, states: Iterable, mesh) -> dict:
+    """Scores each state of `states` (one at a time: it may be a generator that restores them),
+    one row per step, then the random-init row if asked; writes and prints one table."""
     train, test = load_split(config, "train"), load_split(config, "test")
+    if config.eval.train_limit:
+        train = train.subset(np.arange(min(config.eval.train_limit, len(train))))
     results = {f"{config.method} step {int(state.step)}":
-               score(method, state, train, test, config, mesh)}
+               score(method, state, train, test, config, mesh) for state in states}
     if config.eval.random_init:
         init = jax.jit(method.init_state)(jax.random.key(config.seed))
         results["random init"] = score(method, init, train, test, config, mesh)

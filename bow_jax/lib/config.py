@@ -82,6 +82,9 @@ def base_config(method: str = "rotnet") -> ml_collections.ConfigDict:
     c.eval.fewshot_episodes = 200
     c.eval.knn = True
     c.eval.test_limit = 0  # evaluate on the first N test images (0 = all)
+    c.eval.train_limit = 0  # fit the probes on the first N training images (0 = all): quick looks
+    c.eval.checkpoint_steps = ()  # the `evaluate` task scores these kept checkpoints (a learning
+    #                               curve; keep them with keep_every_steps); () = the latest
 
     # Sections of the export and fine-tuning tasks, defined beside them.
     from bow_jax.evaluate import finetune  # pylint: disable=import-outside-toplevel

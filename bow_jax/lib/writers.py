@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from bow_jax.lib import files
+
 
 def _tensorboard_writer(logdir: str):
     try:
@@ -26,13 +28,19 @@ def _tensorboard_writer(logdir: str):
 class MetricWriter:
     """Writes scalars on process 0 only; other processes get a silent writer."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl",
+                 start_step: Optional[int] = None):
+        """`start_step`: the step training resumes from; JSON rows logged after it (by a run that
+        crashed after its last checkpoint) are dropped, so each step appears once in the file."""
         self.active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if self.active:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, filename), "a", encoding="utf-8")
+            path = os.path.join(workdir, filename)
+            if start_step is not None:
+                drop_rows_after(path, start_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
             self._tb = _tensorboard_writer(workdir) if tensorboard else None
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -59,6 +67,25 @@ class MetricWriter:
 def read_jsonl(path: str) -> list:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the JSON-lines file at `path` (atomically) without the rows past `step`; a torn
+    last line (a crash mid-write) is dropped too."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        files.atomic_write_text(path, "".join(kept))
 
 
 class Progress:

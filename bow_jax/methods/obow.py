@@ -108,8 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
     o.grayscale_p = 0.2
     o.blur_p = 0.5
     o.blur_sigma = (0.1, 2.0)
-    # Monitor: linear classifier on detached teacher features; needs 'label' in the batch, which
-    # the generic training loop does not deliver, so it is off in every config.
+    # Monitor (not part of the method): a linear classifier on the detached, pooled teacher
+    # features, trained on the batch's labels; its training accuracy tracks the teacher's
+    # quality during training. Its loss is added to the total but cannot reach the backbones.
     o.monitor = False
     o.monitor_feature = "layer4"
     o.num_classes = 0
@@ -447,8 +448,8 @@ def create(config, data_info: common.DataInfo) -> common.Method:
             aux = dict(zip(("loss_crops", "loss_patches"), group_losses))
             if monitor is not None:
                 if "label" not in batch:
-                    raise ValueError("config.obow.monitor=True needs 'label' in the batch; the "
-                                     "training loop does not deliver labels: set it to False.")
+                    raise ValueError("config.obow.monitor=True needs 'label' in the batch (a "
+                                     "labelled training split); set it to False.")
                 mon_logits, mon_updates = monitor.apply(
                     {"params": params["monitor"], "batch_stats": state.batch_stats["monitor"]},
                     feats[cfg.monitor_feature], train=True, mutable=["batch_stats"])

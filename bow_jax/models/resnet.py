@@ -171,6 +171,8 @@ class ResNet(nn.Module):
       cifar_stem: 3x3 stride-1 conv and no max-pool instead of 7x7/2 + max-pool 3x3/2 (32x32 inputs).
       num_classes: if set, an fc layer on the pooled vector ('logits'); for torchvision parity.
       dtype: compute dtype (e.g. jnp.bfloat16); parameters and BN statistics stay float32.
+      remat: recompute each residual block's activations in the backward pass instead of storing
+        them (flax.linen.remat): less memory for bigger batches, same parameters and results.
     """
     stage_sizes: Sequence[int]
     bottleneck: bool = False
@@ -178,6 +180,7 @@ class ResNet(nn.Module):
     cifar_stem: bool = False
     num_classes: Optional[int] = None
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -194,6 +197,8 @@ class ResNet(nn.Module):
         features["stem"] = x
 
         block_cls = Bottleneck if self.bottleneck else BasicBlock
+        if self.remat:  # __call__(self, x, train): `train` (argument 2) is a static Python bool
+            block_cls = nn.remat(block_cls, static_argnums=(2,))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
