@@ -1,10 +1,10 @@
 """What `main.py` runs, by `config.task`."""
 import os
 
-import jax
 from absl import logging
 
 from bow_jax import train
+from bow_jax.lib import checkpoint
 
 TASKS = ("train", "evaluate", "bownet_chain", "export", "evaluate_torchvision", "finetune")
 
@@ -18,16 +18,16 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
                                 f"{os.path.join(workdir, 'checkpoints')} to evaluate.")
     steps = [int(s) for s in config.eval.checkpoint_steps]
-    missing = sorted(set(steps) - set(ckpt.all_steps()))
+    kept = sorted(ckpt.all_steps())
+    missing = sorted(set(steps) - set(kept))
     if missing:
         ckpt.close()
         raise ValueError(f"config.eval.checkpoint_steps: no checkpoint at steps {missing} in "
-                         f"{ckpt.directory}; kept: {sorted(ckpt.all_steps())}.")
+                         f"{ckpt.directory}; kept: {kept}.")
     if not steps:
         ckpt.close()
         return runner.evaluate_state(config, workdir, method, state, mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
+    abstract = checkpoint.abstract_like(state)
     del state
     try:
         return runner.evaluate_states(

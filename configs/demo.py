@@ -4,7 +4,8 @@ side by side with the same network at random initialisation.
 Default data: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, upsampled to
 16x16), so it runs anywhere, offline, on 2 CPU cores in a few minutes. With the CIFAR-10 files:
   --config.data.source=npz --config.data.path=../shared/data/cifar10 --config.data.image_size=0
-Method: RotNet (a later version switches the demo to OBoW).
+Method: RotNet. OBoW is not the demo: within minutes of CPU its features do not beat random
+init (README, OBoW results: its first targets carry less information than random features).
 """
 from bow_jax.lib.config import base_config
 

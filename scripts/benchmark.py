@@ -122,6 +122,8 @@ def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps:
                                 jnp.int32).astype(jnp.uint8)
     batch = jax.jit(method.make_views, out_shardings=sharding.batch_sharded(mesh))(
         jax.device_put(images, sharding.batch_sharded(mesh)), jax.random.key(seed + 2))
+    # Labels as the training loop delivers them (read only by OBoW's monitor head).
+    batch["label"] = jax.device_put(jnp.zeros(batch_size, jnp.int32), sharding.batch_sharded(mesh))
     jax.block_until_ready(batch)
     step = jax.jit(method.train_step, donate_argnums=0,
                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))

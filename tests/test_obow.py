@@ -343,6 +343,17 @@ def test_monitor_learns_from_labels_and_cannot_touch_the_backbones(tmp_path):
                            init.params["monitor"]["fc"]["kernel"])
 
 
+def test_checkpoint_of_another_state_shape_names_the_differing_fields(tmp_path):
+    """A run trained without the monitor cannot be restored by a config with it (the state holds
+    no monitor): the error names the config field, not Orbax's tree paths."""
+    config = worker.tiny_config(fast=True)
+    config.num_train_steps = 1
+    train.train_and_evaluate(config, str(tmp_path))
+    config.obow.monitor, config.obow.num_classes = True, 10
+    with pytest.raises(ValueError, match=r"another shape.*config\.obow\.monitor: False -> True"):
+        train.setup(config, str(tmp_path))
+
+
 def _run_dir_after_training(config, workdir):
     train.train_and_evaluate(config, str(workdir))
     return _run_dir(config, str(workdir))

@@ -57,11 +57,24 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
+        saved = self.read_meta(step)["config"] if config is not None else None
         if config is not None:
-            check_same_config(self.read_meta(step)["config"], config_to_dict(config),
-                              f"{self.directory}/{step}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+            check_same_config(saved, config_to_dict(config), f"{self.directory}/{step}")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except ValueError as e:
+            message = str(e).lower()
+            if config is None or not ("mismatch" in message or "do not match" in message):
+                raise
+            # Another state-shaping field differs (e.g. config.obow.monitor or num_words): name
+            # the fields, not Orbax's tree paths.
+            changed = config_differences(saved, config_to_dict(config))
+            raise ValueError(
+                f"The checkpoint {self.directory}/{step} holds a state of another shape than "
+                "this config defines. Fields that differ from the run's config: "
+                + (", ".join(changed[:12]) or "none found") + ". Use the config the checkpoint "
+                "was trained with (or another --workdir).") from e
         return restored["state"]
 
     def wait(self) -> None:
@@ -80,6 +93,19 @@ def check_same_config(saved: dict, current: dict, where: str) -> None:
                 f"The checkpoint {where} was written with config.{field}={saved.get(field)!r}, "
                 f"but this run has config.{field}={current.get(field)!r}. Use another --workdir "
                 "or the config the checkpoint was trained with.")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "config") -> list:
+    """['config.a.b: saved -> current', ...] for every leaf that differs (sorted)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}.{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, name))
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 def abstract_like(state: Any) -> Any:
