@@ -54,17 +54,18 @@ def load_config(path: str, overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    config.lock()  # as main.py: an unknown --set key fails here, naming it
     for item in overrides:
         key, value = item.split("=", 1)
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             pass  # a plain string
-        node = config
-        *path_, leaf = key.split(".")
-        for name in path_:
-            node = node[name]
-        node[leaf] = value
+        try:
+            config.update_from_flattened_dict({key: value})
+        except (KeyError, AttributeError, TypeError) as e:
+            raise SystemExit(f"--set {item}: {path} has no field config.{key} ({e}).") from e
+    config.unlock()  # variants add model fields (dtype, remat) below
     return config
 
 

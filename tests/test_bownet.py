@@ -25,6 +25,7 @@ from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding
 from bow_jax.lib.config import base_config
 from bow_jax.methods import bownet, create_method
+from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,12 +222,7 @@ def tiny_chain_config(**overrides):
     c.eval.fewshot_queries = 5
     c.eval.fewshot_episodes = 5
     c.eval.test_limit = 256
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -314,22 +310,6 @@ def test_rerunning_the_chain_reuses_every_finished_stage(chain_run):
     assert [os.stat(p).st_mtime_ns for p in vocab] == mtimes
     assert {s: checkpoint_steps(os.path.join(workdir, s)) for s in steps} == steps
     assert again == chain_run["results"]
-
-
-def run_steps(config, mesh, num_steps):
-    """`num_steps` real steps, jitted as train.py does; returns the final state on the host."""
-    data = load_split(config, "train")
-    method = create_method(config, train.data_info_for(config, data))
-    replicated = sharding.replicated(mesh)
-    state = jax.jit(method.init_state, out_shardings=replicated)(jax.random.key(config.seed))
-    make_views = train.compile_view_fn(method, mesh, config.seed)
-    step_fn = jax.jit(method.train_step, donate_argnums=0, out_shardings=(replicated, replicated))
-    images = sharding.replicate(data.images, mesh)
-    labels = sharding.replicate(data.labels, mesh)
-    for step in range(num_steps):
-        index = np.arange(step * config.batch_size, (step + 1) * config.batch_size)
-        state, _ = step_fn(state, make_views(images, labels, sharding.shard_batch(index, mesh), step))
-    return jax.device_get(state)
 
 
 def test_one_and_eight_devices_give_the_same_step(chain_run):

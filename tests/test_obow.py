@@ -361,12 +361,7 @@ def _run_dir_after_training(config, workdir):
 
 def _setup_error(tmp_path, **overrides):
     config = worker.tiny_config(fast=True)
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     start = time.time()
     with pytest.raises(ValueError) as err:
         train.setup(config, str(tmp_path))

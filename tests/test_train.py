@@ -14,7 +14,7 @@ from bow_jax.evaluate import runner
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding, writers
 from bow_jax.lib.config import base_config
-from bow_jax.methods import create_method
+from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,29 +37,8 @@ def tiny_config(**overrides):
     c.log_every = 1
     c.checkpoint_every_steps = 2
     c.eval.after_training = False
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
-
-
-def run_steps(config, mesh, num_steps):
-    """`num_steps` of the real jitted step functions on `mesh`; returns the final state."""
-    data = load_split(config, "train")
-    method = create_method(config, train.data_info_for(config, data))
-    state = jax.jit(method.init_state, out_shardings=sharding.replicated(mesh))(
-        jax.random.key(config.seed))
-    make_views = train.compile_view_fn(method, mesh, config.seed)
-    train_step = jax.jit(method.train_step, donate_argnums=0)
-    images = sharding.replicate(data.images, mesh)
-    labels = sharding.replicate(data.labels, mesh)
-    for step in range(num_steps):
-        index = np.arange(step * config.batch_size, (step + 1) * config.batch_size)
-        state, _ = train_step(state, make_views(images, labels, sharding.shard_batch(index, mesh), step))
-    return jax.device_get(state)
 
 
 def assert_trees_close(a, b, atol):
