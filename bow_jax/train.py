@@ -1,82 +1,30 @@
-"""The one generic training loop: `train_and_evaluate(config, workdir)`. No method maths here.
+"""The one generic training loop: `train(run)`. No method maths here.
 
 Per step: the host produces this process's slice of the global batch indices (a function of
 (seed, step), so any step can be resumed), the device gathers and crops the views, and one jitted,
 donated `train_step` does the rest. Metrics are accumulated on the device and fetched only every
 `config.log_every` steps.
+
+Long runs lose nothing: every logged mean is checked for NaN/infinity (free: already fetched) and
+every state is checked before it is saved (one jitted reduction, in lib/checkpoint.py), so a
+diverged run stops with `checkpoint.NonFiniteError` and its last kept checkpoint is the last good
+one; a stop signal on any process becomes one decision of every process (lib/stop.py); and the
+host runs at most RUN_AHEAD_STEPS steps ahead of the device, so a stop's checkpoint is committed
+within a few steps' time of the signal.
 """
-import os
-import signal
-import threading
+import collections
 import itertools
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from bow_jax.data import datasets, pipeline
-from bow_jax.data.splits import load_split
-from bow_jax.lib import checkpoint, sharding, writers
-from bow_jax.methods import DataInfo, create_method
+from bow_jax.lib import checkpoint, sharding, stop, writers
 
-
-class StopRequest:
-    """Set by SIGTERM (or SIGINT): the loop saves a checkpoint at the next step and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("Signal %d received: saving a checkpoint and stopping.", signum)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def data_info_for(config, train_data) -> DataInfo:
-    """Steps per epoch (drop-last) and total steps, checked before anything is compiled."""
-    num_examples = len(train_data)
-    sharding.check_divisible(config.batch_size, jax.device_count(), "config.batch_size",
-                             "the number of devices")
-    steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0
-                       else pipeline.steps_per_epoch(num_examples, config.batch_size))
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else config.num_epochs * steps_per_epoch)
-    image_shape = getattr(train_data, "image_shape", None)  # None: streamed, sizes vary
-    return DataInfo(image_shape=image_shape, num_examples=num_examples,
-                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-
-
-def setup(config, workdir: str):
-    """Everything a run needs, validated: data, method, mesh, initial or restored state."""
-    train_data = load_split(config, "train")
-    data_info = data_info_for(config, train_data)
-    method = create_method(config, data_info)
-    mesh = sharding.make_mesh()
-    replicated = sharding.replicated(mesh)
-    key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(method.init_state, key)  # also validates shapes before compiling
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.keep_checkpoints,
-                                   keep_period=config.keep_every_steps)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            abstract)
-    state = ckpt.restore(abstract, config)
-    if state is None:
-        state = jax.jit(method.init_state, out_shardings=replicated)(key)
-    else:
-        logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
-    return train_data, data_info, method, mesh, ckpt, state
+RUN_AHEAD_STEPS = 2  # steps the host may dispatch ahead of the device (see RunAhead)
 
 
 def compile_view_fn(method, mesh, seed: int):
@@ -119,45 +67,103 @@ def device_batches(config, train_data, method, mesh, start_step: int) -> Iterato
         yield make_views(images, labels, sharding.shard_batch(next(loader)["index"], mesh), step)
 
 
-def train_and_evaluate(config, workdir: str,
-                       hooks: Iterable[Callable[[int], None]] = ()) -> Optional[dict]:
-    """Trains (resuming from `workdir` when it holds a checkpoint), then evaluates if asked.
+class RunAhead:
+    """Bounds how far the host dispatches ahead of the device: `before_dispatch()` blocks until
+    the step `depth` steps back has finished, so at most `depth` steps are in flight. Without it
+    the host queues many steps (12 seen on the CIFAR demo), and a stop signal's checkpoint waits
+    for all of them (31 s, past a cloud preemption's ~30 s grace). Blocks on that step's small
+    metrics, never on the (donated) state."""
 
+    def __init__(self, depth: int = RUN_AHEAD_STEPS):
+        self.depth = depth
+        self._pending = collections.deque()
+
+    def after_dispatch(self, metrics) -> None:
+        self._pending.append(metrics)
+
+    def before_dispatch(self) -> None:
+        while len(self._pending) >= self.depth:
+            jax.block_until_ready(self._pending.popleft())
+
+    def in_flight(self) -> int:
+        """Steps dispatched whose metrics are not ready yet (tests)."""
+        return sum(not all(x.is_ready() for x in jax.tree.leaves(m)) for m in self._pending)
+
+
+def nonfinite_message(config, step: int, names, last_good) -> str:
+    """What a user reads when the loss goes NaN: the step, the terms, the likely causes."""
+    dtype = config.model.get("kwargs", {}).get("dtype", "float32")
+    return (f"Non-finite metrics at step {step}: {', '.join(names)} (mean over the last "
+            f"{config.log_every} steps) hold NaN or infinity. Training stopped; nothing was saved "
+            f"past the last good checkpoint (step {last_good}). Likely causes: "
+            f"config.optim.lr={config.optim.lr} too high (lower it, or lengthen "
+            f"config.optim.warmup_epochs)" + (
+                f"; config.model.kwargs.dtype={dtype} (low precision overflows: try float32)"
+                if "16" in str(dtype) else "") + ". Resume from the last good checkpoint "
+            "with the fix: the same command with the new setting.")
+
+
+def check_metrics(config, step: int, means: dict, last_good) -> None:
+    """Raises checkpoint.NonFiniteError when any logged mean is NaN or infinite."""
+    bad = sorted(k for k, v in means.items() if not np.all(np.isfinite(v)))
+    if bad:
+        raise checkpoint.NonFiniteError(nonfinite_message(config, step, bad, last_good))
+
+
+def train(run, hooks: Iterable[Callable[[int], None]] = ()):
+    """Trains `run` (a `tasks.common.Run`: method, mesh, state, checkpointer) from its state's
+    step to `run.data_info.total_steps`, checkpointing every `config.checkpoint_every_steps` and
+    at the end. Returns the final state, or None when stopped early by a signal (after saving the
+    same step on every process).
+
+    Raises checkpoint.NonFiniteError (after waiting for pending good saves) when a logged loss or
+    the state to save is NaN/infinite: no non-finite checkpoint is ever written.
     `hooks` are called with the step number after each step (tests use them to send SIGTERM).
-    Returns the evaluation results, or None when stopped early by a signal.
     """
-    train_data, data_info, method, mesh, ckpt, state = setup(config, workdir)
-    start_step, total_steps = int(state.step), data_info.total_steps
-    writer = writers.MetricWriter(workdir, start_step=start_step)
+    config, ckpt, state = run.config, run.checkpointer, run.state
+    start_step, total_steps = int(state.step), run.data_info.total_steps
+    writer = writers.MetricWriter(run.workdir, start_step=start_step)
+    try:
+        with stop.AgreedStop() as stopper:
+            state, stopped = _loop(run, state, start_step, total_steps, writer, stopper, hooks)
+    finally:
+        ckpt.wait()  # the last good checkpoint is committed, even when an error stops training
+        writer.close()
+    run.state = state
+    return None if stopped else state
+
+
+def _loop(run, state, start_step, total_steps, writer, stopper, hooks):
+    """The step loop of `train`; returns (state, stopped early)."""
+    config, mesh, ckpt = run.config, run.mesh, run.checkpointer
     progress = writers.Progress(total_steps, config.batch_size, start_step)
-
-    batches = device_batches(config, train_data, method, mesh, start_step)
-    accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m), donate_argnums=0)
-
-    summed, count = None, 0
-    stopped = False
-    with StopRequest() as stop:
-        train_step = jax.jit(method.train_step, donate_argnums=0,
-                             out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-        for step in range(start_step, total_steps):
-            state, metrics = train_step(state, next(batches))
-            summed = metrics if summed is None else accumulate(summed, metrics)
-            count += 1
-            done = step + 1
-            if done % config.log_every == 0 or done == total_steps:
-                means = {k: v / count for k, v in jax.device_get(summed).items()}
-                writer.write_scalars(done, {**means, **progress.report(done)})
-                summed, count = None, 0
-            for hook in hooks:
-                hook(done)
-            if stop.requested or done % config.checkpoint_every_steps == 0 or done == total_steps:
-                ckpt.save(done, state, config)
-            if stop.requested and done < total_steps:
-                stopped = True
-                break
-    ckpt.close()
-    writer.close()
-    if stopped or not config.eval.after_training:
-        return None
-    from bow_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
-    return runner.evaluate_state(config, workdir, method, state, mesh)
+    batches = device_batches(config, run.train_data, run.method, mesh, start_step)
+    # Not donated: the run-ahead bound waits on each step's own metrics.
+    accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m))
+    train_step = jax.jit(run.method.train_step, donate_argnums=0,
+                         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+    run_ahead = RunAhead()
+    summed, count, last_good = None, 0, ckpt.latest_step()
+    for step in range(start_step, total_steps):
+        run_ahead.before_dispatch()
+        state, metrics = train_step(state, next(batches))
+        run_ahead.after_dispatch(metrics)
+        summed = metrics if summed is None else accumulate(summed, metrics)
+        count += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == total_steps:
+            means = {k: v / count for k, v in jax.device_get(summed).items()}
+            check_metrics(config, done, means, last_good)
+            writer.write_scalars(done, {**means, **progress.report(done)})
+            summed, count = None, 0
+        for hook in hooks:
+            hook(done)
+        stopping = stopper.should_stop(done) and done < total_steps
+        if stopping or done % config.checkpoint_every_steps == 0 or done == total_steps:
+            ckpt.save(done, state, config)  # NonFiniteError for a non-finite state
+            last_good = done
+        if stopping:
+            logging.warning("Stopped at step %d: checkpoint saved; the same command resumes.",
+                            done)
+            return state, True
+    return state, False

@@ -19,7 +19,7 @@ downloaded; without it the run stops at once with the TFDS message).
 import os
 
 from bow_jax.bownet_chain import load_config_file
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

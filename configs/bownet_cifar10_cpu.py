@@ -16,8 +16,7 @@ Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
 import os
 
-from bow_jax.bownet_chain import load_config_file
-from bow_jax.lib.config import base_config, cifar10_cpu_setting
+from bow_jax.config import base_config, cifar10_cpu_setting, load_config_file
 
 
 def get_config():

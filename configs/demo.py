@@ -7,7 +7,7 @@ Default data: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 
 Method: RotNet. OBoW is not the demo: within minutes of CPU its features do not beat random
 init (README, OBoW results: its first targets carry less information than random features).
 """
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

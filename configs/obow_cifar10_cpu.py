@@ -27,7 +27,7 @@ configs/obow_cifar10_resnet18.py on a GPU.
 
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-from bow_jax.lib.config import base_config, cifar10_cpu_setting
+from bow_jax.config import base_config, cifar10_cpu_setting
 
 
 def get_config():

@@ -11,7 +11,7 @@ Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz), held on 
 """
 import os
 
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ built once as described in configs/obow_resnet18_in20_vanilla.py.
 """
 import os
 
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

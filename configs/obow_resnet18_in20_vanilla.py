@@ -34,7 +34,7 @@ prepare `imagenet2012` and pass --config.data.name=imagenet2012 (not the paper's
 """
 import os
 
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

@@ -18,7 +18,7 @@ detached teacher conv5 features, trained on the labels alongside) is on: its acc
 """
 import os
 
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ flip (RotNet's CIFAR recipe). Run on its own, or as the first stage of
 configs/bownet_cifar100_wrn.py.
 Data: TFDS 'cifar100' (must be prepared in config.data.data_dir; nothing is downloaded).
 """
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ the CIFAR stem (32x32 input; layer3 is 8x8, layer4 4x4), batch 64 images (x4 rot
 SGD Nesterov lr 0.1, wd 5e-4. Evaluated on layer3 (RotNet's mid-level features are its best).
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-from bow_jax.lib.config import base_config, cifar10_cpu_setting
+from bow_jax.config import base_config, cifar10_cpu_setting
 
 
 def get_config():

@@ -7,7 +7,7 @@ Data: the CIFAR-10 npz files (`train.npz`, `test.npz`) in $BOW_JAX_CIFAR10 or co
 """
 import os
 
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 
 def get_config():

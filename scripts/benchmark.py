@@ -1,19 +1,33 @@
-"""Throughput and memory of bow_jax training steps, and of the input pipelines, measured apart.
+"""Throughput, memory and FLOPs of bow_jax training steps, and of the input pipelines, apart.
 
 Train step: the method's jitted, donated `train_step` on synthetic data that already lives on the
 device (random uint8 images turned into the method's views once, outside the timing), so neither
 the input pipeline nor TensorFlow is involved. Reported per (config, variant): images/s (source
 images per second, e.g. one OBoW image = teacher view + its crops + its patches), seconds per
-step, compile time, peak device memory (runtime `memory_stats` where the backend has it, i.e. GPUs,
-else n/a) and XLA's compiled-program footprint (arguments + outputs + temporaries, no aliasing),
-and what one epoch of ImageNet (1,281,167 images) would take at that speed.
+step, compile time, peak device memory, XLA's compiled-program footprint (arguments + outputs +
+temporaries - aliasing, per device) and that footprint per image of the per-device batch, FLOPs
+per image counted by XLA (`compiled.cost_analysis()` of the step) beside an analytic count (OBoW:
+`obow_analytic_flops`), and what one epoch of ImageNet (1,281,167 images) would take at that speed.
+
+Peak memory: JAX has no public way to reset the allocator's `peak_bytes_in_use`
+(github.com/jax-ml/jax/issues/8096), so a second variant in the same process would report the
+process peak. By default (`--isolate auto`, when more than one variant runs) every variant runs in
+its own Python process: its peak is its own (`peak_scope: "process"`), and a crash or an
+out-of-memory of one variant leaves the others measured. In one process (`--isolate never`) a
+variant's peak is reported only when the process peak rose during it (`peak_scope: "variant"`);
+otherwise it is `None` with `peak_bytes_bound` (the earlier peak, an upper bound), never a stale
+number. Backends without `memory_stats` (CPU) report n/a; the compiled footprint is there always.
 
 Variants: fp32 (the reference), bf16 (`config.model.kwargs.dtype='bfloat16'`: backbone convolutions
 and BatchNorm in bfloat16, parameters / BN statistics / BoW maths / losses in float32) and remat
 (`flax.linen.remat` around every residual block of a ResNet backbone: activations inside a block
-are recomputed in the backward pass instead of being stored). Each variant's losses over the first
-steps (same initial state, same batch) are compared with fp32's: remat must agree to
---remat_rtol (default 1e-5, relative), bf16 to --bf16_rtol (default 2e-2, relative).
+are recomputed in the backward pass instead of being stored). Each variant's first losses (same
+initial state, same batch; the --warmup steps', or the first timed step's with --warmup 0) are
+compared with fp32's: remat must agree to --remat_rtol (default 1e-5, relative), bf16 to
+--bf16_rtol (default 2e-2). The result is in the row (`loss_check.result`, e.g. "fail: rel err
+3.0e-02 > 2e-02") and printed; it does not change the exit status, which is 0 when every row was
+measured and 1 when a variant failed (listed under "failed"). The JSON is rewritten atomically
+after every row, so a run killed by a timeout keeps the rows measured so far ("complete": false).
 
 Input pipeline (--pipeline): (a) in-memory data: the device-side gather + `make_views` that
 train.py runs per step; (b) streamed data: tf.data decoding random 500x375 JPEGs (ImageNet's
@@ -24,6 +38,8 @@ Examples:
       --variants fp32,bf16,remat --steps 20 --json obow_r50.json
   python scripts/benchmark.py --config configs/obow_cifar10_cpu.py \
       --config configs/rotnet_cifar10_cpu.py --batch_size 32 --steps 3 --pipeline
+  python scripts/benchmark.py --config configs/obow_resnet50.py --batch_size 64 --cost_only
+      (FLOPs of the lowered step and the analytic count only: nothing compiled or run)
   (--set key=value overrides a config field in every config, e.g. --set model.kwargs.width=8)
   python scripts/benchmark.py kmeans --n 200000 --d 256 --k 2048   (our k-means vs scikit-learn;
       the options are those of scripts/benchmark_kmeans.py)
@@ -33,8 +49,11 @@ import ast
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +61,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bow_jax.lib import sharding  # noqa: E402
+from bow_jax.lib import files, sharding  # noqa: E402
 from bow_jax.methods import DataInfo, create_method  # noqa: E402
+from bow_jax.methods import common  # noqa: E402
+from bow_jax.models import feature_dims  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 VARIANTS = ("fp32", "bf16", "remat", "bf16+remat")
@@ -85,7 +106,12 @@ def _mib(n):
     return None if n is None else n / 2**20
 
 
+# ------------------------------------------------------------------------------------------------
+# What XLA says about a compiled (or lowered) program.
+
+
 def compiled_footprint(compiled):
+    """Bytes of one device's program: arguments + outputs + temporaries - aliased (donated)."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # pylint: disable=broad-except
@@ -96,26 +122,177 @@ def compiled_footprint(compiled):
                - m.alias_size_in_bytes)
 
 
-def runtime_peak(device):
+def cost_flops(cost):
+    """The 'flops' of a `cost_analysis()` result, or None where XLA gave none.
+
+    JAX returns one dict (jax >= 0.4.3x) or, in older versions, a list of dicts (one per HLO
+    module); both are accepted, the list summed. XLA counts a multiply-add as 2 FLOPs.
+    """
+    if cost is None:
+        return None
+    parts = [cost] if isinstance(cost, dict) else list(cost)
+    flops = [p.get("flops") for p in parts if p]
+    flops = [float(f) for f in flops if f is not None and f >= 0]
+    return sum(flops) if flops else None
+
+
+def backbone_forward_flops(backbone, size: int) -> float:
+    """FLOPs of one eval-mode backbone forward on one size x size x 3 image, as XLA counts the
+    lowered (not compiled: no compile cost) program: convolutions (2 per multiply-add) plus the
+    elementwise BatchNorm / ReLU / pooling work."""
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda k, x: backbone.init(k, x, train=False),
+                               jax.random.key(0), x)
+    lowered = jax.jit(lambda v, x: backbone.apply(v, x, train=False)).lower(variables, x)
+    return cost_flops(lowered.cost_analysis())
+
+
+# ------------------------------------------------------------------------------------------------
+# The analytic count.
+
+
+def obow_analytic_flops(*, forward_flops_ref: float, ref_size: int, teacher_size: int,
+                        crop_groups, levels, border: int, num_words: int, pooled_dim: int,
+                        hidden_dim: int, global_batch: int, monitor_dim: int = 0,
+                        num_classes: int = 0) -> dict:
+    """FLOPs per source image of one OBoW training step (Gidaris et al., CVPR 2021;
+    github.com/valeoai/obow), by component; a multiply-add counts 2.
+
+    Args: forward_flops_ref: FLOPs of one backbone forward at ref_size x ref_size (e.g. XLA's
+      count of the forward alone, or the documented ResNet-50 figure: 4.1 GMAC = 8.2 GFLOP at
+      224); crop_groups: [(crops per image, side)], e.g. [(2, 160), (5, 96)]; levels: the teacher's
+      BoW maps [(h, w, C)], e.g. [(14, 14, 1024), (7, 7, 2048)]; pooled_dim: the student's pooled
+      width D; hidden_dim: the weight generators' hidden width H; global_batch: images per step.
+    Returns {component: FLOPs per image, ..., 'total': sum} (floats).
+
+    Assumptions: a backbone forward costs forward_flops_ref x (side / ref_size)^2 (every
+    convolution's output has side / stride^2 pixels: exact for sides divisible by the total
+    stride); backward = 2 x forward (input and weight gradients), so a student crop costs 3 x its
+    forward and the teacher (no gradient) 1 x. Word distances: the teacher's squared-L2 distances
+    of its (h - 2 border)(w - 2 border) locations to K words of width C (the matmul; the norms are
+    O(K C)). BoW logits: each crop's D-vector against K generated weights per level, x 3. Weight
+    generators (Linear C->H, BN, ReLU, Linear H->D per level) run once per step on the K words
+    and are shared by the batch: forward 2K(CH + HD), backward 2 x for the second layer and 1 x
+    (weight gradient only: the words get none) for the first, then divided by global_batch, so
+    per image they shrink as the batch grows. Monitor: a linear classifier on the detached teacher
+    features, forward + weight gradient. Not counted: BatchNorm/ReLU of the student passes and
+    of the generators, softmax, augmentation, the EMA and SGD updates (elementwise, small).
+    """
+    def forward(side):
+        return forward_flops_ref * (side / ref_size) ** 2
+
+    k, h, d = num_words, hidden_dim, pooled_dim
+    crops = sum(n for n, _ in crop_groups)
+    parts = {
+        "student_backbone": sum(n * 3 * forward(side) for n, side in crop_groups),
+        "teacher_backbone": forward(teacher_size),
+        "word_distances": sum(2.0 * (lh - 2 * border) * (lw - 2 * border) * k * c
+                              for lh, lw, c in levels),
+        "bow_logits": crops * len(levels) * 3 * 2.0 * d * k,
+        "weight_generators": sum(2.0 * k * c * h * 2 + 2.0 * k * h * d * 3
+                                 for _, _, c in levels) / global_batch,
+        "monitor": 2.0 * monitor_dim * num_classes * 2,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def analytic_flops(config, global_batch: int):
+    """`obow_analytic_flops` for an OBoW config (the backbone forward counted by XLA at the
+    teacher's side), else None (no analytic count for the other methods yet)."""
+    if config.method != "obow":
+        return None
+    cfg = config.obow
+    backbone = common.backbone_from_config(config)
+    dims = feature_dims(backbone, (1, cfg.teacher_size, cfg.teacher_size, 3))
+    groups = [(cfg.num_crops, cfg.crop_size)]
+    if cfg.num_patches > 0:
+        groups.append((cfg.num_patches, cfg.patch_size))
+    pooled_dim = dims["pooled"][-1]
+    forward_ref = backbone_forward_flops(backbone, cfg.teacher_size)
+    parts = obow_analytic_flops(
+        forward_flops_ref=forward_ref, ref_size=cfg.teacher_size,
+        teacher_size=cfg.teacher_size, crop_groups=groups,
+        levels=[dims[level][1:] for level in cfg.bow_levels], border=cfg.border,
+        num_words=cfg.num_words, pooled_dim=pooled_dim,
+        hidden_dim=cfg.hidden_dim or 2 * pooled_dim, global_batch=global_batch,
+        monitor_dim=dims[cfg.monitor_feature][-1] if cfg.monitor else 0,
+        num_classes=cfg.num_classes if cfg.monitor else 0)
+    return {"backbone_forward_flops": forward_ref, "at_side": cfg.teacher_size, **parts}
+
+
+def flops_fields(config, compiled, global_batch: int) -> dict:
+    """Row fields: XLA's FLOPs per image of the compiled step (one device's program x devices /
+    global batch), the analytic count, and the compiled footprint per image of a device's batch."""
+    devices = jax.device_count()
+    xla = cost_flops(compiled.cost_analysis())
+    analytic = analytic_flops(config, global_batch)
+    footprint = compiled_footprint(compiled)
+    return {
+        "xla_flops_per_image": None if xla is None else xla * devices / global_batch,
+        "analytic_flops_per_image": None if analytic is None else analytic["total"],
+        "analytic_flops": analytic,
+        "compiled_bytes_per_image": (None if footprint is None
+                                     else footprint / (global_batch / devices)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak memory.
+
+
+def read_memory_stats(device):
+    """The runtime allocator's statistics (GPU/TPU), or None (CPU). Tests replace this."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return None if not stats else stats.get("peak_bytes_in_use")
+    return stats or None
 
 
-def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps: int,
-               warmup: int, seed: int = 0) -> dict:
-    """Times `steps` train steps after `warmup` untimed ones; returns a result row."""
+def peak_fields(before, after, isolated: bool) -> dict:
+    """A variant's peak from the allocator statistics at its start and end.
+
+    The process peak (`peak_bytes_in_use`) cannot be reset, so: alone in its process, the peak is
+    the variant's; in a shared process it is the variant's only if it rose during the variant,
+    else unknown (None, with the earlier peak as an upper bound).
+    """
+    if not after or "peak_bytes_in_use" not in after:
+        return {"peak_bytes": None, "peak_scope": "n/a (no memory_stats on this backend)"}
+    start = (before or {}).get("peak_bytes_in_use", 0)
+    fields = {"bytes_in_use_at_start": (before or {}).get("bytes_in_use")}
+    if isolated:
+        return {**fields, "peak_bytes": after["peak_bytes_in_use"], "peak_scope": "process"}
+    if after["peak_bytes_in_use"] > start:
+        return {**fields, "peak_bytes": after["peak_bytes_in_use"], "peak_scope": "variant"}
+    return {**fields, "peak_bytes": None, "peak_bytes_bound": start,
+            "peak_scope": "not measured: an earlier variant's peak was not exceeded "
+                          "(use --isolate always)"}
+
+
+# ------------------------------------------------------------------------------------------------
+# One variant's train step.
+
+
+def variant_config(config, variant: str, batch_size: int):
     config = config.copy_and_resolve_references()
     if "bf16" in variant:
         config.model.kwargs.dtype = "bfloat16"
     if "remat" in variant:
         config.model.kwargs.remat = True  # ResNet's remat field: same parameter tree
     config.batch_size = batch_size
-    mesh = sharding.make_mesh()
-    steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // batch_size)
+    return config
+
+
+def make_method(config, image_size: int):
+    steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
     info = DataInfo(image_shape=(image_size, image_size, 3),
-                    num_examples=steps_per_epoch * batch_size, steps_per_epoch=steps_per_epoch,
+                    num_examples=steps_per_epoch * config.batch_size,
+                    steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * max(int(config.num_epochs), 1))
-    method = create_method(config, info)
+    return create_method(config, info)
+
+
+def synthetic_inputs(method, mesh, batch_size: int, image_size: int, seed: int):
+    """(state, batch) on the device: the initial state and one batch of views of random images,
+    with labels as the training loop delivers them (read only by OBoW's monitor head)."""
     state = jax.jit(method.init_state, out_shardings=sharding.replicated(mesh))(
         jax.random.key(seed))
     images = jax.random.randint(jax.random.key(seed + 1),
@@ -123,49 +300,150 @@ def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps:
                                 jnp.int32).astype(jnp.uint8)
     batch = jax.jit(method.make_views, out_shardings=sharding.batch_sharded(mesh))(
         jax.device_put(images, sharding.batch_sharded(mesh)), jax.random.key(seed + 2))
-    # Labels as the training loop delivers them (read only by OBoW's monitor head).
     batch["label"] = jax.device_put(jnp.zeros(batch_size, jnp.int32), sharding.batch_sharded(mesh))
-    jax.block_until_ready(batch)
-    step = jax.jit(method.train_step, donate_argnums=0,
+    return state, jax.block_until_ready(batch)
+
+
+def jit_step(method, mesh):
+    return jax.jit(method.train_step, donate_argnums=0,
                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+
+
+def time_steps(compiled, state, batch, *, steps: int, warmup: int):
+    """Runs `warmup` untimed then `steps` timed steps; returns (first losses, seconds per step).
+
+    First losses: the warm-up steps'; with no warm-up, the first timed step's (read after the
+    timing, so nothing syncs inside it)."""
     losses = []
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
     jax.block_until_ready(state)
+    timed = []
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = compiled(state, batch)
+        timed.append(metrics["loss"])
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
+    return losses or [float(timed[0])], seconds
+
+
+def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps: int,
+               warmup: int, seed: int = 0, isolated: bool = False) -> dict:
+    """Times `steps` train steps after `warmup` untimed ones; returns a result row."""
+    config = variant_config(config, variant, batch_size)
     device = jax.devices()[0]
-    return {
+    before = read_memory_stats(device)
+    mesh = sharding.make_mesh()
+    method = make_method(config, image_size)
+    state, batch = synthetic_inputs(method, mesh, batch_size, image_size, seed)
+    start = time.perf_counter()
+    compiled = jit_step(method, mesh).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    losses, seconds = time_steps(compiled, state, batch, steps=steps, warmup=warmup)
+    row = {
         "method": config.method, "model": config.model.name,
         "model_kwargs": {k: str(v) for k, v in config.model.kwargs.items()},
         "variant": variant, "global_batch": batch_size, "devices": jax.device_count(),
         "device_kind": device.device_kind, "platform": device.platform,
         "image_size": image_size, "step_s": seconds, "images_per_s": batch_size / seconds,
-        "compile_s": compile_s, "peak_bytes": runtime_peak(device),
-        "compiled_bytes": compiled_footprint(compiled), "first_losses": losses,
+        "compile_s": compile_s, "compiled_bytes": compiled_footprint(compiled),
+        "first_losses": losses,
         "imagenet_epoch_h": IMAGENET_TRAIN_IMAGES / (batch_size / seconds) / 3600,
     }
+    row.update(peak_fields(before, read_memory_stats(device), isolated))
+    row.update(flops_fields(config, compiled, batch_size))
+    return row
+
+
+def cost_only_row(config, variant: str, *, batch_size: int, image_size: int) -> dict:
+    """FLOPs per image of the lowered (not compiled) step of abstract inputs, beside the analytic
+    count: no device memory, no compile, so it works for batches that would not fit here. The
+    lowered program is the whole global step (before partitioning and XLA's optimisations)."""
+    config = variant_config(config, variant, batch_size)
+    method = make_method(config, image_size)
+    key = jax.random.key(0)
+    images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
+    state = jax.eval_shape(method.init_state, key)
+    batch = dict(jax.eval_shape(method.make_views, images, key),
+                 label=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+    lowered = jax.jit(method.train_step, donate_argnums=0).lower(state, batch)
+    xla = cost_flops(lowered.cost_analysis())
+    analytic = analytic_flops(config, batch_size)
+    return {"method": config.method, "model": config.model.name, "variant": variant,
+            "global_batch": batch_size, "image_size": image_size,
+            "xla_lowered_flops_per_image": None if xla is None else xla / batch_size,
+            "analytic_flops_per_image": None if analytic is None else analytic["total"],
+            "analytic_flops": analytic}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss check, one process per variant, results.
+
+
+def loss_check(row, reference, remat_rtol: float, bf16_rtol: float):
+    """How far `row`'s first losses are from the fp32 reference's: a dict with the largest
+    relative difference, the variant's tolerance, ok, and a printable result; None when there is
+    no loss to compare."""
+    n = min(len(row["first_losses"]), len(reference["first_losses"]))
+    if n == 0:
+        return None
+    a = np.asarray(row["first_losses"][:n])
+    b = np.asarray(reference["first_losses"][:n])
+    rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+    tol = bf16_rtol if "bf16" in row["variant"] else remat_rtol
+    ok = bool(rel <= tol)  # False for NaN
+    result = f"{'ok' if ok else 'fail'}: rel err {rel:.1e} {'<=' if ok else '>'} {tol:.0e}"
+    return {"max_rel_diff_vs_fp32": rel, "rtol": tol, "ok": ok, "steps_compared": n,
+            "result": result}
 
 
 def check_losses(rows, remat_rtol: float, bf16_rtol: float):
-    """Adds to each non-fp32 row how far its first losses are from fp32's, and whether that is
-    within the variant's tolerance."""
+    """Adds `loss_check` to each non-fp32 row that has an fp32 row of the same config."""
     reference = {r["config"]: r for r in rows if r["variant"] == "fp32"}
     for row in rows:
         ref = reference.get(row["config"])
-        if row["variant"] == "fp32" or ref is None:
-            continue
-        a, b = np.asarray(row["first_losses"]), np.asarray(ref["first_losses"])
-        rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
-        tol = bf16_rtol if "bf16" in row["variant"] else remat_rtol
-        row["loss_check"] = {"max_rel_diff_vs_fp32": rel, "rtol": tol, "ok": rel <= tol}
+        if row["variant"] != "fp32" and ref is not None:
+            check = loss_check(row, ref, remat_rtol, bf16_rtol)
+            if check is not None:
+                row["loss_check"] = check
+
+
+def run_isolated(path: str, variant: str, args) -> dict:
+    """Runs one variant in a fresh Python process (this script with --child); returns its row.
+    Raises RuntimeError naming the exit status when the child wrote no row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        command = [sys.executable, os.path.abspath(__file__), "--child", "--config", path,
+                   "--variants", variant, "--json", out, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch_size", str(args.batch_size),
+                   "--per_device_batch", str(args.per_device_batch),
+                   "--image_size", str(args.image_size)]
+        for item in args.set:
+            command += ["--set", item]
+        status = subprocess.run(command, check=False).returncode
+        rows = (json.load(open(out, encoding="utf-8"))["train_step"]
+                if os.path.exists(out) else [])
+    if status != 0 or not rows:
+        raise RuntimeError(f"variant {variant} in its own process: exit status {status}")
+    return rows[0]
+
+
+def write_result(path: str, rows, pipeline_rows, failed, cost_rows, complete: bool):
+    """The whole result as JSON, atomically (a reader sees the previous version or this one)."""
+    result = {"train_step": rows, "pipeline": pipeline_rows, "failed": failed,
+              "cost_only": cost_rows, "complete": complete, "jax": jax.__version__,
+              # jax.default_backend() would start the backend in this process (and take GPU
+              # memory from the variants' processes): the rows say where they ran.
+              "backend": rows[0]["platform"] if rows else None}
+    if path:
+        files.atomic_write_text(path, json.dumps(result, indent=1))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Input pipelines.
 
 
 def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, n: int = 2048):
@@ -218,25 +496,36 @@ def bench_tf_views(config, *, batch_size: int, image_size: int, batches: int,
     return batch_size * batches / (time.perf_counter() - start)
 
 
-def markdown(rows, pipeline_rows):
+def _fmt(value, scale=1.0, spec=".0f"):
+    return "n/a" if value is None else format(value / scale, spec)
+
+
+def markdown(rows, pipeline_rows, cost_rows=()):
     lines = ["| config | method | model | variant | devices | batch | images/s | s/step | "
-             "compile s | peak MiB | compiled MiB | ImageNet epoch h | loss vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile s | peak MiB | compiled MiB | compiled MiB/img | XLA GFLOP/img | "
+             "analytic GFLOP/img | ImageNet epoch h | loss vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         check = r.get("loss_check")
         check = ("reference" if r["variant"] == "fp32" else
                  f"{check['max_rel_diff_vs_fp32']:.1e} (rtol {check['rtol']:g}) "
-                 f"{'ok' if check['ok'] else 'FAIL'}" if check else "")
-        peak = _mib(r["peak_bytes"])
-        comp = _mib(r["compiled_bytes"])
+                 f"{'ok' if check['ok'] else 'FAIL'}" if check else "not checked")
         lines.append(
             f"| {r['config']} | {r['method']} | {r['model']} "
             f"w{r['model_kwargs'].get('width', '')} | {r['variant']} | {r['devices']} "
             f"{r['platform']} | {r['global_batch']} | {r['images_per_s']:.1f} | "
-            f"{r['step_s']:.3f} | {r['compile_s']:.1f} | "
-            f"{'n/a' if peak is None else f'{peak:.0f}'} | "
-            f"{'n/a' if comp is None else f'{comp:.0f}'} | {r['imagenet_epoch_h']:.1f} | "
-            f"{check} |")
+            f"{r['step_s']:.3f} | {r['compile_s']:.1f} | {_fmt(r.get('peak_bytes'), 2**20)} | "
+            f"{_fmt(r['compiled_bytes'], 2**20)} | "
+            f"{_fmt(r.get('compiled_bytes_per_image'), 2**20, '.1f')} | "
+            f"{_fmt(r.get('xla_flops_per_image'), 1e9, '.3g')} | "
+            f"{_fmt(r.get('analytic_flops_per_image'), 1e9, '.3g')} | "
+            f"{r['imagenet_epoch_h']:.1f} | {check} |")
+    if cost_rows:
+        lines += ["", "| config | variant | batch | XLA GFLOP/img (lowered) | analytic GFLOP/img |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['config']} | {c['variant']} | {c['global_batch']} | "
+                  f"{_fmt(c['xla_lowered_flops_per_image'], 1e9, '.3g')} | "
+                  f"{_fmt(c['analytic_flops_per_image'], 1e9, '.3g')} |" for c in cost_rows]
     if pipeline_rows:
         lines += ["", "| config | pipeline | batch | images/s |", "|---|---|---|---|"]
         for p in pipeline_rows:
@@ -245,13 +534,8 @@ def markdown(rows, pipeline_rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "kmeans":  # the k-means comparison lives beside this file
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import benchmark_kmeans  # pylint: disable=import-outside-toplevel
-        return benchmark_kmeans.main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--config", action="append", required=True,
                         help="config file (repeat for several)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -264,54 +548,115 @@ def main(argv=None):
     parser.add_argument("--per_device_batch", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=0,
                         help="side of the synthetic stored images (default from the config)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (>= 1)")
     parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed steps after compiling (their losses are compared)")
+                        help="untimed steps after compiling (their losses are compared; with 0, "
+                             "the first timed step's loss is)")
     parser.add_argument("--remat_rtol", type=float, default=1e-5)
     parser.add_argument("--bf16_rtol", type=float, default=2e-2)
+    parser.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
+                        help="run each variant in its own process (auto: when more than one "
+                             "variant runs), so that each peak memory is its own")
+    parser.add_argument("--cost_only", action="store_true",
+                        help="only the FLOPs of the lowered step and the analytic count")
     parser.add_argument("--pipeline", action="store_true", help="also time the input pipelines")
     parser.add_argument("--pipeline_steps", type=int, default=5)
-    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--json", default="", help="write the results here (after every row)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: at least 1 timed step is needed")
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: expected >= 0")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: {v!r} is not one of {VARIANTS}")
-    if variants != ["fp32"] and "fp32" not in variants:
+    if not args.child and variants != ["fp32"] and "fp32" not in variants:
         variants = ["fp32"] + variants
-    rows, pipeline_rows = [], []
+    return args, variants
+
+
+def global_batch(args, config) -> int:
+    """--batch_size, else --per_device_batch x devices (this starts the backend), else config's."""
+    return (args.batch_size or args.per_device_batch * jax.device_count()
+            or int(config.batch_size))
+
+
+def measure_variant(path, name, config, variant, args, isolated: bool) -> dict:
+    if isolated:
+        row = run_isolated(path, variant, args)
+    else:
+        row = bench_step(config, variant, batch_size=global_batch(args, config),
+                         image_size=stored_image_size(config, args.image_size),
+                         steps=args.steps, warmup=args.warmup, isolated=args.child)
+    row["config"] = name
+    return row
+
+
+def report_row(row, rows, args):
+    """Loss check against fp32 (same config), then the lines check.sh and people read."""
+    check_losses(rows, args.remat_rtol, args.bf16_rtol)
+    name, variant = row["config"], row["variant"]
+    print(f"{name} {variant}: {row['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
+    if variant != "fp32":
+        check = row.get("loss_check")
+        print(f"{name} {variant} loss vs fp32: "
+              f"{check['result'] if check else 'not checked (no fp32 losses)'}",
+              file=sys.stderr, flush=True)
+
+
+def pipeline_rows_for(name, config, args):
+    batch = global_batch(args, config)
+    size = stored_image_size(config, args.image_size)
+    return [{"config": name, "pipeline": "device make_views (in-memory)", "batch": batch,
+             "images_per_s": bench_device_views(config, batch_size=batch, image_size=size,
+                                                steps=args.pipeline_steps)},
+            {"config": name, "pipeline": "tf.data JPEG 500x375 + tf_views", "batch": batch,
+             "images_per_s": bench_tf_views(config, batch_size=batch, image_size=size,
+                                            batches=args.pipeline_steps)}]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "kmeans":  # the k-means comparison lives beside this file
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import benchmark_kmeans  # pylint: disable=import-outside-toplevel
+        return benchmark_kmeans.main(argv[1:])
+    args, variants = parse_args(argv)
+    isolated = not args.child and (args.isolate == "always" or
+                                   (args.isolate == "auto" and len(variants) > 1))
+    rows, pipeline_rows, failed, cost_rows = [], [], [], []
+    save = lambda complete: write_result(args.json, rows, pipeline_rows, failed, cost_rows,
+                                         complete)
     for path in args.config:
         config = load_config(path, args.set)
         name = os.path.basename(path)[:-3]
-        batch = (args.batch_size or args.per_device_batch * jax.device_count()
-                 or int(config.batch_size))
-        size = stored_image_size(config, args.image_size)
         for variant in variants:
-            row = bench_step(config, variant, batch_size=batch, image_size=size,
-                             steps=args.steps, warmup=args.warmup)
-            row["config"] = name
-            rows.append(row)
-            print(f"{name} {variant}: {row['images_per_s']:.1f} images/s", file=sys.stderr,
-                  flush=True)
-        if args.pipeline:
-            pipeline_rows.append({"config": name, "pipeline": "device make_views (in-memory)",
-                                  "batch": batch, "images_per_s": bench_device_views(
-                                      config, batch_size=batch, image_size=size,
-                                      steps=args.pipeline_steps)})
-            pipeline_rows.append({"config": name, "pipeline": "tf.data JPEG 500x375 + tf_views",
-                                  "batch": batch, "images_per_s": bench_tf_views(
-                                      config, batch_size=batch, image_size=size,
-                                      batches=args.pipeline_steps)})
-    check_losses(rows, args.remat_rtol, args.bf16_rtol)
-    print(markdown(rows, pipeline_rows))
-    result = {"train_step": rows, "pipeline": pipeline_rows,
-              "jax": jax.__version__, "backend": jax.default_backend()}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-    failed = [r for r in rows if not r.get("loss_check", {}).get("ok", True)]
+            if args.cost_only:
+                cost_rows.append({"config": name, **cost_only_row(
+                    config, variant, batch_size=global_batch(args, config),
+                    image_size=stored_image_size(config, args.image_size))})
+                save(False)
+                continue
+            try:
+                rows.append(measure_variant(path, name, config, variant, args, isolated))
+            except Exception as e:  # pylint: disable=broad-except
+                traceback.print_exc()
+                failed.append({"config": name, "variant": variant,
+                               "error": f"{type(e).__name__}: {e}"})
+                print(f"{name} {variant}: FAILED ({e})", file=sys.stderr, flush=True)
+            else:
+                if not args.child:  # the parent prints (once) what its child measured
+                    report_row(rows[-1], rows, args)
+            save(False)
+        if args.pipeline and not args.child:
+            pipeline_rows += pipeline_rows_for(name, config, args)
+            save(False)
+    result = save(True)
+    if not args.child:
+        print(markdown(rows, pipeline_rows, cost_rows))
+        print(json.dumps(result, indent=1))
     return 1 if failed else 0
 
 

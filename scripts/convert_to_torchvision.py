@@ -13,8 +13,15 @@ of the last BoW level; OBoW runs only). The backbone is config.model (name and k
 torchvision file is read with torch.load(weights_only=True) only. torch is imported first, before
 anything that could import TensorFlow.
 """
+import os
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bow_jax.export import torchvision  # noqa: E402  (torch itself is imported in main, first)
+from bow_jax.tasks import evaluate_torchvision, export  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -32,19 +39,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from bow_jax.export import torchvision  # pylint: disable=import-outside-toplevel
     torchvision.import_torch()  # before any TensorFlow import (the reverse order can crash)
     config = FLAGS.config
     if FLAGS.evaluate:
-        torchvision.evaluate_torchvision_checkpoint(config, FLAGS.workdir, FLAGS.evaluate)
+        evaluate_torchvision.run(config, FLAGS.workdir, FLAGS.evaluate)
         return
     with config.unlocked():
-        config.export = torchvision.default_config()
+        config.export = export.default_config()
         config.export.path = FLAGS.out
         config.export.layout = FLAGS.layout
         config.export.fc = FLAGS.fc
         config.export.num_classes = FLAGS.num_classes
-    torchvision.export_checkpoint(config, FLAGS.workdir)
+    export.run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bow_jax import train
 from bow_jax.bow import quantize, vocabulary
 from bow_jax.data import augment
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import knn
-from bow_jax.methods import common, create_method
+from bow_jax.methods import common, create_method, data_info_for
+from bow_jax.tasks import common as task_common
 
 FLAGS = flags.FLAGS
 
@@ -92,11 +92,11 @@ def main(argv):
     train_idx = np.arange(0, len(train_split), FLAGS.train_every)
     test_idx = np.arange(min(FLAGS.test_images, len(test_split)))
     if FLAGS.workdir:
-        *_, ckpt, state = train.setup(config, FLAGS.workdir)
-        ckpt.close()
+        with task_common.restore_trained(config, FLAGS.workdir, "score") as run:
+            state = run.state
         source = f"teacher of {FLAGS.workdir} step {int(state.step)}"
     else:
-        method = create_method(config, train.data_info_for(config, train_split))
+        method = create_method(config, data_info_for(config, train_split))
         state = jax.jit(method.init_state)(jax.random.key(config.seed))
         source = "teacher at random init"
     levels = tuple(config.obow.bow_levels)

@@ -208,10 +208,9 @@ def word_source(config, state, level: Optional[str] = None, *, images=None,
                           jax.device_get(state.teacher), np.asarray(jax.device_get(
                               state.vocabulary)), layer, config.bownet.border, None)
     # RotNet (or any method with a backbone but no vocabulary): k-means words on the fly.
-    from bow_jax.export.torchvision import student_backbone_variables  # pylint: disable=C0415
     level = level or "layer3"
     backbone = common.backbone_from_config(config)
-    variables = jax.device_get(student_backbone_variables(config, state))
+    variables = jax.device_get(common.backbone_variables(state))
     if images is None:
         raise ValueError(f"config.method={method!r} has no vocabulary: pass images for k-means.")
     mean, std = common.normalization(config)
@@ -275,15 +274,13 @@ def visual_words_figure(source: WordSource, images: np.ndarray, words: Sequence[
 def main(argv):
     del argv
     from absl import flags  # pylint: disable=import-outside-toplevel
-    from bow_jax import train  # pylint: disable=import-outside-toplevel
+    from bow_jax.tasks import common as task_common  # pylint: disable=import-outside-toplevel
     from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel
     from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
     f = flags.FLAGS
     config = f.config
-    _, _, _, mesh, ckpt, state = train.setup(config, f.workdir)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"--workdir={f.workdir}: no checkpoint to visualise.")
-    ckpt.close()
+    with task_common.restore_trained(config, f.workdir, "visualise") as run:
+        mesh, state = run.mesh, run.state
     data = load_split(config, f.split)
     images = data.images[:f.num_images] if f.num_images else data.images
     # A multiple of the device count (the batch is sharded over the mesh).

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 
 TOTAL_STEPS = 20
 STEP = 9  # the step the prepared state is at: mid-run teacher momentum, cosine lr past warm-up

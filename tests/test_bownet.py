@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from bow_jax import bownet_chain, tasks, train
+from bow_jax import tasks, train
+from bow_jax.config import load_config_file
+from bow_jax.tasks import bownet_chain
 from bow_jax.data import augment
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 from bow_jax.methods import bownet, create_method
 from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
 
@@ -245,10 +247,10 @@ def chain_run(tmp_path_factory):
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = bownet_chain.run_chain(config, workdir, stage_hooks={"bownet_1": [sigterm_at_1]})
+    first = bownet_chain.run(config, workdir, stage_hooks={"bownet_1": [sigterm_at_1]})
     interrupted = {"result": first, "status": stage_status(workdir),
                    "bownet_1_steps": checkpoint_steps(os.path.join(workdir, "bownet_1"))}
-    results = bownet_chain.run_chain(config, workdir)
+    results = bownet_chain.run(config, workdir)
     return {"workdir": workdir, "config": config, "interrupted": interrupted,
             "results": results, "status": stage_status(workdir),
             "stage": bownet_chain.bownet_config(config, 1, workdir)}
@@ -361,7 +363,7 @@ def test_bad_inputs_name_the_field(chain_run, tmp_path):
 
 
 def test_paper_configs_build_and_fail_clearly_without_cifar100(tmp_path):
-    config = bownet_chain.load_config_file(os.path.join(REPO, "configs",
+    config = load_config_file(os.path.join(REPO, "configs",
                                                         "bownet_cifar100_wrn.py"))
     assert config.task == "bownet_chain" and config.bownet.num_words == 2048
     assert config.bownet.rotnet.rotnet.head == "residual"
@@ -369,6 +371,6 @@ def test_paper_configs_build_and_fail_clearly_without_cifar100(tmp_path):
     assert config.steps_per_epoch == 2000 and tuple(config.optim.milestones) == (12, 24)
     config.data.data_dir = str(tmp_path)  # an empty TFDS folder: nothing prepared
     with pytest.raises(Exception, match="cifar100"):
-        bownet_chain.run_chain(config, str(tmp_path / "run"))
-    cpu = bownet_chain.load_config_file(os.path.join(REPO, "configs", "bownet_cifar10_cpu.py"))
+        bownet_chain.run(config, str(tmp_path / "run"))
+    cpu = load_config_file(os.path.join(REPO, "configs", "bownet_cifar10_cpu.py"))
     assert cpu.bownet.rotnet.model.to_dict() == cpu.model.to_dict()

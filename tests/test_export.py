@@ -23,6 +23,11 @@ torch = pytest.importorskip("torch")
 from bow_jax.export import torchvision as tv_export  # noqa: E402
 from bow_jax.models import create_backbone  # noqa: E402
 from bow_jax.models.heads import DynamicBoWHead  # noqa: E402
+from bow_jax.data.splits import load_split  # noqa: E402
+from bow_jax.lib.checkpoint import Checkpointer  # noqa: E402
+from bow_jax.methods import create_method, data_info_for  # noqa: E402
+from bow_jax.tasks import evaluate_torchvision  # noqa: E402
+from bow_jax.tasks import export as export_task  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_FRESH_PROCESS = "BOW_JAX_TORCHVISION_FRESH_PROCESS"
@@ -272,7 +277,7 @@ def test_obow_fc_is_kappa_times_generated_weights_in_eval_mode(tmp_path):
                                   batch_stats={"bow_head": variables["batch_stats"]},
                                   vocabularies=tuple(vocabs))
     config = ml_collections.ConfigDict(dict(method="obow", obow=dict(kappa=kappa)))
-    np.testing.assert_array_equal(tv_export.obow_state_fc(config, state)[0], weight)
+    np.testing.assert_array_equal(export_task.obow_state_fc(config, state)[0], weight)
 
     # The OBoW layout: {'network': state dict} with that fc; load_torchvision unwraps it.
     _, bb = random_variables("resnet18", width=8, cifar_stem=True)
@@ -363,7 +368,7 @@ def test_failed_save_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch)
 
 
 def tiny_rotnet_config():
-    from bow_jax.lib.config import base_config
+    from bow_jax.config import base_config
     c = base_config("rotnet")
     c.model.kwargs.width = 4
     c.model.kwargs.cifar_stem = True
@@ -380,26 +385,22 @@ def tiny_rotnet_config():
 
 
 def test_export_task_writes_the_checkpointed_student_and_it_scores(tmp_path):
-    from bow_jax import train
-    from bow_jax.data.splits import load_split
-    from bow_jax.lib.checkpoint import Checkpointer
-    from bow_jax.methods import create_method, rotnet
     config = tiny_rotnet_config()
     workdir = str(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        tv_export.export_checkpoint(config, workdir)
+        export_task.run(config, workdir)
     assert not os.path.exists(workdir)  # a mistyped --workdir is not created
     # A checkpoint (as training writes it) whose BN statistics are not the init's.
-    method = create_method(config, train.data_info_for(config, load_split(config, "train")))
+    method = create_method(config, data_info_for(config, load_split(config, "train")))
     state = jax.jit(method.init_state)(jax.random.key(0))
     state = state.replace(batch_stats=jax.tree.map(lambda s: s + 0.25, state.batch_stats))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     ckpt.save(7, state, config)
     ckpt.close()
-    path = tv_export.export_checkpoint(config, workdir)
+    path = export_task.run(config, workdir)
     assert os.path.basename(path) == "torchvision_resnet18_step7.pth"
 
-    expected = jax.device_get(rotnet.backbone_variables(state))
+    expected = jax.device_get(method.backbone_variables(state))
     sd = tv_export.load_torchvision(path)
     assert sd["fc.weight"].shape == (1000, 32) and not sd["fc.weight"].any()
     params, batch_stats = tv_export.from_torchvision_state_dict(
@@ -410,11 +411,11 @@ def test_export_task_writes_the_checkpointed_student_and_it_scores(tmp_path):
         assert all(np.array_equal(np.asarray(fa[k]), fb[k]) for k in fa)
 
     # The torchvision file is scored by our evaluations, written where `evaluate` writes.
-    results = tv_export.evaluate_torchvision_checkpoint(config, str(tmp_path / "eval"), path)
+    results = evaluate_torchvision.run(config, str(tmp_path / "eval"), path)
     (name, scores), = results.items()
     assert name == "torchvision torchvision_resnet18_step7.pth"
     assert 0.1 < scores["knn"]["top1"] <= 1  # random conv features of digits beat chance
     assert os.path.exists(tmp_path / "eval" / "eval" / "results.json")
 
     with pytest.raises(ValueError, match="layout='obow' needs an OBoW run"):
-        tv_export.export_state(config, state, str(tmp_path / "o.pth"), layout="obow")
+        export_task.export_state(config, method, state, str(tmp_path / "o.pth"), layout="obow")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from bow_jax.data import datasets
 from bow_jax.evaluate import finetune as ft
+from bow_jax.tasks import finetune as finetune_task
 from bow_jax.lib.state import TrainState
 from bow_jax.models import ResNet
 
@@ -78,7 +79,7 @@ def test_subset_file_of_indices_and_of_image_folder_names(tmp_path):
 
 
 def test_recipe_presets_and_overrides():
-    cfg = ft.default_config()
+    cfg = finetune_task.default_config()
     r = ft.recipe(cfg)
     assert (r["percent"], r["epochs"], r["milestones"]) == (1.0, 40, (24, 32))
     assert (r["lr_trunk"], r["lr_head"], r["momentum"], r["weight_decay"], r["decay"],
@@ -151,7 +152,7 @@ def test_tiny_finetune_on_digits_beats_chance(tmp_path):
     backbone = small_backbone((1, 1), width=8)
     variables = jax.jit(lambda k: backbone.init(k, jnp.zeros((1, 8, 8, 3)), train=False))(
         jax.random.key(0))
-    cfg = ft.default_config()
+    cfg = finetune_task.default_config()
     cfg.preset = "10percent"
     cfg.epochs = 10
     cfg.batch_size = 16
@@ -167,8 +168,8 @@ def test_tiny_finetune_on_digits_beats_chance(tmp_path):
     assert result["milestones"] == [6, 8]
     assert result["top1"] > 0.3, result  # chance is 0.1
 
-    ft.write_finetune_results(str(tmp_path), "rotnet step 3", "10%", result)
-    results = ft.write_finetune_results(str(tmp_path), "rotnet step 3", "1%",
+    finetune_task.write_finetune_results(str(tmp_path), "rotnet step 3", "10%", result)
+    results = finetune_task.write_finetune_results(str(tmp_path), "rotnet step 3", "1%",
                                         dict(result, top1=0.25))
     saved = json.loads((tmp_path / "eval" / "finetune.json").read_text())
     assert saved == json.loads(json.dumps(results)) and set(saved["rotnet step 3"]) == {"10%", "1%"}
@@ -180,7 +181,7 @@ def test_tiny_finetune_on_digits_beats_chance(tmp_path):
 def test_batch_larger_than_the_subset_is_a_clear_error():
     train = datasets.load_digits("train", image_size=8).subset(np.arange(100))
     backbone = small_backbone()
-    cfg = ft.default_config()  # 1% of 100 images, batch 256
+    cfg = finetune_task.default_config()  # 1% of 100 images, batch 256
     with pytest.raises(ValueError, match="config.finetune.batch_size=256 is larger than"):
         ft.finetune(backbone, None, train, train, cfg, (0.5,) * 3, (0.25,) * 3)
 
@@ -217,7 +218,7 @@ def test_compare_runs_prints_one_side_by_side_table(tmp_path, capsys):
     for name, results in runs.items():
         (tmp_path / name / "eval").mkdir(parents=True)
         (tmp_path / name / "eval" / "results.json").write_text(json.dumps(results))
-    ft.write_finetune_results(str(tmp_path / "obow"), "obow step 200", "1%", {"top1": 0.333})
+    finetune_task.write_finetune_results(str(tmp_path / "obow"), "obow step 200", "1%", {"top1": 0.333})
 
     assert compare_runs.main([str(tmp_path / "rotnet"), str(tmp_path / "obow"),
                               "--output", str(tmp_path / "table.md")]) == 0

@@ -9,11 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from bow_jax import tasks, train
+from bow_jax import tasks
+from bow_jax.tasks import common
+from bow_jax.tasks import train as train_task
 from bow_jax.evaluate import runner
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding, writers
-from bow_jax.lib.config import base_config
+from bow_jax.config import base_config
 from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,20 +60,19 @@ def test_one_and_eight_devices_give_the_same_parameters():
 
 
 def final_state(config, workdir):
-    *_, ckpt, state = train.setup(config, workdir)
-    ckpt.close()
-    return jax.device_get(state)
+    with common.restore(config, workdir) as run:
+        return jax.device_get(run.state)
 
 
 def test_resume_and_sigterm_reach_the_uninterrupted_result(tmp_path):
     config = tiny_config()
     full = str(tmp_path / "full")
-    train.train_and_evaluate(config, full)
+    train_task.run(config, full)
 
     # Stopped by the step budget after 2 steps, then resumed for 2 more.
     split = str(tmp_path / "split")
-    train.train_and_evaluate(tiny_config(num_train_steps=2), split)
-    train.train_and_evaluate(config, split)
+    train_task.run(tiny_config(num_train_steps=2), split)
+    train_task.run(config, split)
 
     # Stopped by SIGTERM after step 1 (a checkpoint is written there), then resumed.
     term = str(tmp_path / "term")
@@ -80,9 +81,9 @@ def test_resume_and_sigterm_reach_the_uninterrupted_result(tmp_path):
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert train.train_and_evaluate(config, term, hooks=[sigterm_at_1]) is None
+    assert train_task.run(config, term, hooks=[sigterm_at_1]) is None
     assert final_state(config, term).step == 1
-    train.train_and_evaluate(config, term)
+    train_task.run(config, term)
 
     want = final_state(config, full)
     assert int(want.step) == 4
@@ -103,11 +104,11 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path):
     that the resumed run repeats; the file must end with each step once, as logged on resume."""
     config = tiny_config()
     workdir = str(tmp_path)
-    train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+    train_task.run(tiny_config(num_train_steps=2), workdir)
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path, "a", encoding="utf-8") as f:  # what the crashed run had logged past step 2
         f.write('{"step": 3, "loss": 123.0}\n{"step": 4, "lo')
-    train.train_and_evaluate(config, workdir)
+    train_task.run(config, workdir)
     rows = writers.read_jsonl(path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[2]["loss"] != 123.0
@@ -116,33 +117,33 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path):
 def test_checkpoints_keep_last_n_plus_every_kth(tmp_path):
     config = tiny_config(num_train_steps=8, checkpoint_every_steps=1, keep_checkpoints=2,
                          keep_every_steps=3)
-    train.train_and_evaluate(config, str(tmp_path))
+    train_task.run(config, str(tmp_path))
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == [3, 6, 7, 8]
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):
-    train.train_and_evaluate(tiny_config(num_train_steps=1), str(tmp_path))
+    train_task.run(tiny_config(num_train_steps=1), str(tmp_path))
     with pytest.raises(ValueError, match="config.model"):
-        train.setup(tiny_config(**{"model.kwargs.width": 8}), str(tmp_path))
+        common.restore(tiny_config(**{"model.kwargs.width": 8}), str(tmp_path))
 
 
 def test_batch_that_does_not_divide_over_devices_fails_fast(tmp_path):
     with pytest.raises(ValueError, match=r"config.batch_size=12 .*number of devices \(8\)"):
-        train.setup(tiny_config(batch_size=12), str(tmp_path))
+        common.restore(tiny_config(batch_size=12), str(tmp_path))
 
 
 def test_missing_dataset_names_the_field(tmp_path):
     config = tiny_config(**{"data.source": "npz", "data.path": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="config.data.path"):
-        train.setup(config, str(tmp_path))
+        common.restore(config, str(tmp_path))
 
 
 def test_unknown_task_and_method_are_named(tmp_path):
     with pytest.raises(ValueError, match="config.task"):
         tasks.run(tiny_config(task="fly"), str(tmp_path))
     with pytest.raises(ValueError, match="config.method"):
-        train.setup(tiny_config(method="simclr"), str(tmp_path))
+        common.restore(tiny_config(method="simclr"), str(tmp_path))
 
 
 def test_command_line_rejects_an_unknown_config_key(tmp_path):
@@ -158,7 +159,7 @@ def test_command_line_rejects_an_unknown_config_key(tmp_path):
 
 def test_evaluate_task_scores_the_latest_checkpoint(tmp_path):
     config = tiny_config(num_train_steps=2)
-    train.train_and_evaluate(config, str(tmp_path))
+    train_task.run(config, str(tmp_path))
     config = tiny_config(task="evaluate")
     config.eval.linear_epochs = 2
     config.eval.fewshot_episodes = 10
@@ -182,7 +183,7 @@ def test_evaluate_task_scores_chosen_checkpoints_as_a_learning_curve(tmp_path):
     not kept is a clear error naming the kept ones."""
     config = tiny_config(num_train_steps=4, checkpoint_every_steps=1, keep_checkpoints=1,
                          keep_every_steps=2)
-    train.train_and_evaluate(config, str(tmp_path))
+    train_task.run(config, str(tmp_path))
     config = tiny_config(task="evaluate", keep_checkpoints=1, keep_every_steps=2)
     config.eval.linear, config.eval.fewshot = False, False
     config.eval.test_limit, config.eval.train_limit = 100, 128
@@ -191,11 +192,10 @@ def test_evaluate_task_scores_chosen_checkpoints_as_a_learning_curve(tmp_path):
     assert list(results) == ["rotnet step 2", "rotnet step 4"]
     assert results["rotnet step 2"] != results["rotnet step 4"]
 
-    _, _, method, mesh, ckpt, state = train.setup(config, str(tmp_path))
-    ckpt.close()
-    data = load_split(config, "train")
-    direct = runner.score(method, state, data.subset(np.arange(128)), load_split(config, "test"),
-                          config, mesh)
+    with common.restore(config, str(tmp_path)) as run:
+        data = load_split(config, "train")
+        direct = runner.score(run.method, run.state, data.subset(np.arange(128)),
+                              load_split(config, "test"), config, run.mesh)
     assert results["rotnet step 4"] == direct
 
     config.eval.checkpoint_steps = (3,)

@@ -79,7 +79,7 @@ def test_patch_boxes_are_centred_on_the_location_and_stay_inside():
 
 
 def tiny_rotnet_config():
-    from bow_jax.lib.config import base_config
+    from bow_jax.config import base_config
     c = base_config("rotnet")
     c.model.kwargs = ml_collections.ConfigDict(dict(width=4, cifar_stem=True))
     c.data.source = "digits"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -571,42 +571,3 @@ def minibatch_kmeans(key, x, k: int, batch_size: int = 1024, n_steps: int | None
     arguments as `kmeans`.
     """
     return kmeans(key, x, k, method="minibatch", batch_size=batch_size, n_steps=n_steps, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# Dense features of a frozen teacher -> rows for k-means.
-
-def sample_dense_features(features: np.ndarray | jax.Array | Iterable, max_vectors: int | None,
-                          key) -> np.ndarray:
-    """Per-location feature vectors [n, C] from maps [B, h, w, C] (one array or an iterable).
-
-    With `max_vectors`, keeps a uniform random subset of that many vectors over the whole stream
-    (each vector gets a random priority from `key`, the smallest priorities are kept), so memory
-    stays O(max_vectors + batch) and the subset depends only on the key and the data order.
-    """
-    if max_vectors is not None:
-        _check_positive_int(max_vectors, "max_vectors")
-    batches = [features] if hasattr(features, "ndim") else features
-    kept, kept_priority, everything = None, None, []
-    for i, maps in enumerate(batches):
-        maps = np.asarray(maps)
-        if maps.ndim != 4:
-            raise ValueError(f"feature maps must be [B, h, w, C], got shape {maps.shape}.")
-        rows = maps.reshape(-1, maps.shape[-1]).astype(np.float32)
-        if max_vectors is None:
-            everything.append(rows)
-            continue
-        priority = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (rows.shape[0],)))
-        if kept is not None:
-            rows = np.concatenate([kept, rows])
-            priority = np.concatenate([kept_priority, priority])
-        if rows.shape[0] > max_vectors:
-            top = np.argpartition(priority, max_vectors - 1)[:max_vectors]
-            top = top[np.argsort(priority[top], kind="stable")]
-            rows, priority = rows[top], priority[top]
-        kept, kept_priority = rows, priority
-    if everything:
-        kept = np.concatenate(everything)
-    if kept is None:
-        raise ValueError("features is empty: expected at least one [B, h, w, C] array.")
-    return kept

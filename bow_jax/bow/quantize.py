@@ -21,12 +21,6 @@ REDUCE_MODES = ("histogram", "binary", "max", "avg")
 # Small array helpers
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||_2, eps) along `axis` (torch `F.normalize(p=2)` semantics)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
 def l1_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """x / max(||x||_1, eps) along `axis` (torch `F.normalize(p=1)` semantics)."""
     norm = jnp.sum(jnp.abs(x), axis=axis, keepdims=True)

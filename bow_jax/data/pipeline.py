@@ -123,7 +123,8 @@ class IndexLoader:
 # is a function of (seed, epoch, process, position) and a resumed pipeline repeats itself exactly.
 
 
-def _tf():
+def import_tensorflow():
+    """The tensorflow module (the optional `tfds` extra), kept off the accelerators."""
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")  # JAX owns the accelerators
     return tf
@@ -135,7 +136,7 @@ def _to_uint8(tf, image):
 
 def tf_resize(image, height, width):
     """Bilinear resize with antialiasing (PIL / torchvision-antialias semantics) -> uint8."""
-    tf = _tf()
+    tf = import_tensorflow()
     return _to_uint8(tf, tf.image.resize(image, tf.stack([height, width]), method="bilinear",
                                          antialias=True))
 
@@ -150,7 +151,7 @@ def tf_random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4
     """
     if seed is None:
         raise ValueError("seed: a [2] integer tensor is required (stateless random ops).")
-    tf = _tf()
+    tf = import_tensorflow()
     height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
     area = tf.cast(height * width, tf.float32)
@@ -184,7 +185,7 @@ def tf_random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4
 
 def tf_random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=None):
     """torchvision RandomResizedCrop(size, scale, ratio): uint8 [H,W,3] -> [size,size,3]."""
-    tf = _tf()
+    tf = import_tensorflow()
     shape = tf.shape(image)
     top, left, ch, cw = tf_random_resized_crop_box(shape[0], shape[1], scale, ratio, seed)
     return tf_resize(image[top:top + ch, left:left + cw], size, size)
@@ -192,7 +193,7 @@ def tf_random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 
 
 def tf_center_crop_resize(image, resize_shorter: int, crop: int):
     """torchvision Resize(resize_shorter) + CenterCrop(crop) on a uint8 [H,W,3] tensor."""
-    tf = _tf()
+    tf = import_tensorflow()
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     short, long = tf.minimum(h, w), tf.maximum(h, w)
@@ -210,7 +211,7 @@ def tf_center_crop_resize(image, resize_shorter: int, crop: int):
 
 def tf_random_crop_pad(image, size: int, padding: int, seed):
     """torchvision RandomCrop(size, padding): zero-pad every side, take a uniform window."""
-    tf = _tf()
+    tf = import_tensorflow()
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
     shape = tf.shape(padded)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
@@ -221,7 +222,7 @@ def tf_random_crop_pad(image, size: int, padding: int, seed):
 
 def tf_flip(image, seed):
     """Horizontal flip with probability 1/2 (torchvision RandomHorizontalFlip)."""
-    tf = _tf()
+    tf = import_tensorflow()
     flip = tf.random.stateless_uniform([], tf.cast(seed, tf.int64)) < 0.5
     return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
 
@@ -238,7 +239,7 @@ ViewFn = Callable[[Any, Any], dict]
 def _epoch_views(builder, split, *, epoch_key, take, skip, local_batch, view_fn, shuffle_buffer,
                  image_key, label_key, prefetch):
     """One process's batches of one epoch, from example `skip` on."""
-    tf = _tf()
+    tf = import_tensorflow()
     import tensorflow_datasets as tfds
     features = builder.info.features
     image_feature = features[image_key]

@@ -17,22 +17,19 @@ cross from the host each step, as in `train.py`; the step is one jitted, donated
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
 from bow_jax.data import augment, datasets, pipeline
 from bow_jax.evaluate import features
-from bow_jax.lib import files, schedules, sharding
+from bow_jax.lib import schedules, sharding
 from bow_jax.lib.state import TrainState
 from bow_jax.models import check_feature_names, feature_dims, heads
 
@@ -42,30 +39,6 @@ PRESETS = {
     "10percent": dict(percent=10.0, epochs=20, milestones=(12, 16)),
 }
 TRUNK, HEAD = "trunk", "head"
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """config.finetune (the `finetune` task); the defaults are the OBoW recipe."""
-    f = ml_collections.ConfigDict()
-    f.preset = "1percent"  # '1percent' | '10percent': percent, epochs and milestones
-    f.percent = 0.0  # > 0 overrides the preset's percentage of labels
-    f.subset_file = ""  # one index (or image-folder file name) per line; overrides percent
-    f.subset_seed = 0  # the class-balanced draw when no file is given
-    f.epochs = 0  # > 0 overrides the preset (milestones scale with it unless given)
-    f.milestones = ()  # epochs of the x decay; () = the preset's (scaled)
-    f.batch_size = 256
-    f.lr_trunk = 2e-4
-    f.lr_head = 0.5
-    f.momentum = 0.9
-    f.weight_decay = 0.0
-    f.decay = 0.2
-    f.crop_size = 0  # RandomResizedCrop output; 0 = the stored image size
-    f.crop_scale = (0.08, 1.0)
-    f.flip = True
-    f.feature = "pooled"  # backbone output under the linear head
-    f.eval_every = 0  # epochs between test evaluations (0: only at the end)
-    f.torchvision_path = ""  # fine-tune this torchvision .pth instead of the run's checkpoint
-    return f
 
 
 def recipe(cfg) -> dict:
@@ -324,80 +297,3 @@ def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
     return {"top1": history[-1][1], "num_labelled": int(len(labelled)),
             "percent": float(100.0 * len(labelled) / len(train)), "epochs": r["epochs"],
             "milestones": list(r["milestones"]), "history": history}
-
-
-# ------------------------------------------------------------------------------------------------
-# The `finetune` task.
-
-
-def _finetune_config(config) -> ml_collections.ConfigDict:
-    """config.finetune, or its defaults where the config has no such section."""
-    defaults = default_config()
-    section = config.get("finetune")
-    if section is not None:
-        for key in section:
-            defaults[key] = section[key]
-    return defaults
-
-
-def write_finetune_results(workdir: str, network: str, name: str, result: dict) -> dict:
-    """Adds result under results[network][name] in <workdir>/eval/finetune.json (+ .md), atomic."""
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "finetune.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    results.setdefault(network, {})[name] = result
-    names = list(dict.fromkeys(n for r in results.values() for n in r))
-    table = ["| network | " + " | ".join(f"fine-tune {n} top-1" for n in names) + " |",
-             "|---|" + "---|" * len(names)]
-    for net, runs in results.items():
-        table.append(f"| {net} | " + " | ".join(
-            f"{100 * runs[n]['top1']:.2f}" if n in runs else "" for n in names) + " |")
-    if jax.process_index() == 0:
-        for file, text in (("finetune.json", json.dumps(results, indent=2)),
-                           ("finetune.md", "\n".join(table) + "\n")):
-            files.atomic_write_text(os.path.join(out_dir, file), text)
-    return results
-
-
-def finetune_checkpoint(config, workdir: str) -> dict:
-    """The `finetune` task: fine-tunes the student backbone of the latest checkpoint in `workdir`
-    (or config.finetune.torchvision_path) on config.data; results in <workdir>/eval/finetune.*."""
-    from bow_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-    from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel
-    from bow_jax.export import torchvision  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
-    cfg = _finetune_config(config)
-    if cfg.torchvision_path:
-        torchvision.import_torch()  # before any TensorFlow import
-        backbone, variables = torchvision.encode_torchvision_checkpoint(
-            cfg.torchvision_path, config.model.name, config.model.kwargs.to_dict())
-        network = f"torchvision {os.path.basename(cfg.torchvision_path)}"
-    else:
-        _, _, _, _, ckpt, state = train_lib.setup(config, workdir)
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
-                                    f"{os.path.join(workdir, 'checkpoints')} to fine-tune.")
-        ckpt.close()
-        backbone = common.backbone_from_config(config)
-        variables = jax.device_get(torchvision.student_backbone_variables(config, state))
-        network = f"{config.method} step {int(state.step)}"
-    train, test = load_split(config, "train"), load_split(config, "test")
-    if config.data.source == "image_folder" and cfg.subset_file:
-        root = pathlib.Path(config.data.path)
-        root = root / "train" if (root / "train").is_dir() else root  # as load_dataset
-        subset = read_subset_file(cfg.subset_file, len(train), image_folder_filenames(root))
-    else:
-        subset = None
-    mean, std = common.normalization(config)
-    result = finetune(backbone, variables, train, test, cfg, mean, std, seed=config.seed,
-                      subset=subset, log=print)
-    name = (f"{recipe(cfg)['percent']:g}%" if not cfg.subset_file
-            else os.path.basename(cfg.subset_file))
-    write_finetune_results(workdir, network, name, result)
-    print(f"Fine-tuning ({name} of the labels): test top-1 {100 * result['top1']:.2f}%",
-          flush=True)
-    return result

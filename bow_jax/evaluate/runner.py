@@ -97,22 +97,18 @@ def write_results(workdir: str, results: dict) -> None:
         files.atomic_write_text(os.path.join(out_dir, name), text)
 
 
-def evaluate_state(config, workdir: str, method, state, mesh) -> dict:
-    """Scores `state` (and, if asked, the same network at random init); writes and prints."""
-    return evaluate_states(config, workdir, method, [state], mesh)
-
-
-def evaluate_states(config, workdir: str, method, states: Iterable, mesh) -> dict:
+def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
+                    random_init=None) -> dict:
     """Scores each state of `states` (one at a time: it may be a generator that restores them),
-    one row per step, then the random-init row if asked; writes and prints one table."""
+    one row per step, then `random_init` (the method's initial state) if given; writes and prints
+    one table."""
     train, test = load_split(config, "train"), load_split(config, "test")
     if config.eval.train_limit:
         train = train.subset(np.arange(min(config.eval.train_limit, len(train))))
     results = {f"{config.method} step {int(state.step)}":
                score(method, state, train, test, config, mesh) for state in states}
-    if config.eval.random_init:
-        init = jax.jit(method.init_state)(jax.random.key(config.seed))
-        results["random init"] = score(method, init, train, test, config, mesh)
+    if random_init is not None:
+        results["random init"] = score(method, random_init, train, test, config, mesh)
     write_results(workdir, results)
     print(f"Evaluation ({config.data.source}, feature {config.eval.feature!r}):\n"
           + markdown_table(results), flush=True)

@@ -33,9 +33,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import logging
 from flax import traverse_util
 
 from bow_jax.lib import files
@@ -50,20 +48,9 @@ FC_MODES = ("params", "zero", "random", "none")
 # {'network': sd} (the OBoW release), {'model': sd}.
 CONTAINER_KEYS = ("state_dict", "network", "model")
 NUM_BATCHES_TRACKED = "num_batches_tracked"
-_TEMPLATE_INPUT = (1, 64, 64, 3)  # parameter shapes do not depend on the input size
+TEMPLATE_INPUT = (1, 64, 64, 3)  # parameter shapes do not depend on the input size
 
 StateDict = dict  # str -> np.ndarray
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """config.export: the `export` and `evaluate_torchvision` tasks' fields."""
-    e = ml_collections.ConfigDict()
-    e.path = ""  # export: the .pth written ('' = <workdir>/torchvision_<arch>_step<N>.pth);
-    #              evaluate_torchvision: the .pth read
-    e.layout = "torchvision"  # 'torchvision': plain state dict | 'obow': {'network': sd}, fc=kG(V)
-    e.fc = "zero"  # 'zero' | 'random' | 'none' | 'params' (layout 'obow' ignores it)
-    e.num_classes = 1000  # fc rows for fc='zero'/'random' (torchvision's default 1000)
-    return e
 
 
 def import_torch():
@@ -80,13 +67,13 @@ def import_torch():
 # Templates: which variables an architecture has, named and shaped.
 
 
-def _check_arch(arch: str) -> None:
+def check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: torchvision export/import supports {list(ARCHS)}.")
 
 
 def _backbone(arch: str, model_kwargs: Optional[Mapping[str, Any]], num_classes: Optional[int]):
-    _check_arch(arch)
+    check_arch(arch)
     kwargs = dict(model_kwargs or {})
     if num_classes:
         kwargs["num_classes"] = int(num_classes)
@@ -102,7 +89,7 @@ def variable_template(arch: str, model_kwargs: Optional[Mapping[str, Any]] = Non
     """
     backbone = _backbone(arch, model_kwargs, num_classes)
     shapes = jax.eval_shape(
-        lambda: backbone.init(jax.random.key(0), jnp.zeros(_TEMPLATE_INPUT), train=False))
+        lambda: backbone.init(jax.random.key(0), jnp.zeros(TEMPLATE_INPUT), train=False))
     return traverse_util.flatten_dict(dict(shapes))
 
 
@@ -260,7 +247,7 @@ def to_torchvision_state_dict(params, batch_stats, arch: str, *, fc=None,
                     np.asarray(flat[stat], np.float32))
             prefix = torchvision_key(stat).rsplit(".", 1)[0]
             state_dict[f"{prefix}.{NUM_BATCHES_TRACKED}"] = np.zeros((), np.int64)
-    dim = feature_dims(_backbone(arch, model_kwargs, None), _TEMPLATE_INPUT)["pooled"][-1]
+    dim = feature_dims(_backbone(arch, model_kwargs, None), TEMPLATE_INPUT)["pooled"][-1]
     state_dict.update(_fc_entries(fc, flat_params, dim, num_classes, seed))
     return state_dict
 
@@ -425,137 +412,3 @@ def encode_torchvision_checkpoint(path: str, arch: str,
                                                       model_kwargs=model_kwargs)
     backbone = _backbone(arch, model_kwargs, None)
     return backbone, {"params": params, "batch_stats": batch_stats}
-
-
-def _export_config(config) -> ml_collections.ConfigDict:
-    """config.export, or its defaults where the config has no such section."""
-    section = config.get("export") if hasattr(config, "get") else None
-    defaults = default_config()
-    if section is not None:
-        for key in section:
-            defaults[key] = section[key]
-    return defaults
-
-
-def _model_kwargs(config) -> dict:
-    return config.model.kwargs.to_dict() if hasattr(config.model.kwargs, "to_dict") else dict(
-        config.model.kwargs)
-
-
-def evaluate_torchvision_checkpoint(config, workdir: str, path: Optional[str] = None) -> dict:
-    """Scores the torchvision checkpoint `path` (default config.export.path) with the enabled
-    frozen-feature protocols of `config.eval` on `config.data`; results in <workdir>/eval as
-    `evaluate` writes them. The backbone is `config.model` (name + kwargs)."""
-    import_torch()  # before anything may import TensorFlow
-    from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel
-    from bow_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
-    from bow_jax.lib import sharding  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
-    path = path or _export_config(config).path
-    if not path:
-        raise ValueError("config.export.path: set the .pth file to evaluate.")
-    backbone, variables = encode_torchvision_checkpoint(path, config.model.name,
-                                                        _model_kwargs(config))
-    mean, std = common.normalization(config)
-
-    def encode(v, x):
-        return common.encode_with(backbone, v, x, config.eval.feature, mean, std)
-
-    # runner.score reads a method's encoder (a torchvision file has no pretext task to score).
-    scorer = common.Method(init_state=None, train_step=None, make_views=None, encode=encode)
-    mesh = sharding.make_mesh()
-    train, test = load_split(config, "train"), load_split(config, "test")
-    results = {f"torchvision {os.path.basename(path)}":
-               runner.score(scorer, variables, train, test, config, mesh)}
-    if config.eval.random_init:
-        init = jax.jit(lambda k: backbone.init(k, jnp.zeros(_TEMPLATE_INPUT), train=False))(
-            jax.random.key(config.seed))
-        results["random init"] = runner.score(scorer, init, train, test, config, mesh)
-    runner.write_results(workdir, results)
-    print(runner.markdown_table(results), flush=True)
-    return results
-
-
-# ------------------------------------------------------------------------------------------------
-# The `export` task: the latest checkpoint of a workdir -> a torchvision file.
-
-
-def student_backbone_variables(config, state) -> dict:
-    """The student backbone's {'params', 'batch_stats'} of a method's state.
-
-    Uses the method module's `backbone_variables(state)` (rotnet, obow) or
-    `student_variables(state)` (bownet), else the state's 'backbone' entries.
-    """
-    import importlib  # pylint: disable=import-outside-toplevel
-    module = importlib.import_module(f"bow_jax.methods.{config.method}")
-    for name in ("backbone_variables", "student_variables"):
-        if hasattr(module, name):
-            return getattr(module, name)(state)
-    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
-
-
-def obow_state_fc(config, state) -> Tuple[np.ndarray, np.ndarray]:
-    """`obow_fc` of an OBoW state: its BoW head, current vocabularies and config.obow.kappa."""
-    if config.method != "obow":
-        raise ValueError(f"config.export.layout='obow' needs an OBoW run (config.method='obow'), "
-                         f"not {config.method!r}.")
-    head_variables = {"params": state.params["bow_head"],
-                      "batch_stats": state.batch_stats["bow_head"]}
-    return obow_fc(jax.device_get(head_variables), jax.device_get(state.vocabularies),
-                   config.obow.kappa)
-
-
-def export_state(config, state, path: str, layout: str = "torchvision", fc="zero",
-                 num_classes: int = 1000) -> str:
-    """Writes the student backbone of `state` to `path` in `layout`; returns the path."""
-    arch = config.model.name
-    _check_arch(arch)
-    kwargs = _model_kwargs(config)
-    if kwargs.get("width", 64) != 64 or kwargs.get("cifar_stem", False):
-        logging.warning("config.model.kwargs=%s is not torchvision's %s (width 64, ImageNet "
-                        "stem): the file keeps torchvision's names but a stock torchvision model "
-                        "will not load it.", kwargs, arch)
-    variables = jax.device_get(student_backbone_variables(config, state))
-    if layout == "obow":
-        fc = obow_state_fc(config, state)
-    state_dict = to_torchvision_state_dict(variables["params"], variables["batch_stats"], arch,
-                                           fc=fc, num_classes=num_classes, model_kwargs=kwargs)
-    if jax.process_index() == 0:
-        save_torchvision(path, state_dict, layout)
-    return path
-
-
-def _latest_step(directory: str) -> Optional[int]:
-    from bow_jax.lib import checkpoint  # pylint: disable=import-outside-toplevel
-    ckpt = checkpoint.Checkpointer(directory)
-    try:
-        return ckpt.latest_step()
-    finally:
-        ckpt.close()
-
-
-def export_checkpoint(config, workdir: str, path: Optional[str] = None) -> str:
-    """The `export` task: the latest checkpoint of `workdir` -> a torchvision `.pth` file.
-
-    Output: `path`, else config.export.path, else <workdir>/torchvision_<arch>[_obow]_step<N>.pth.
-    """
-    import_torch()  # fail early, and before any TensorFlow import (see the module docstring)
-    from bow_jax import train  # pylint: disable=import-outside-toplevel
-    cfg = _export_config(config)
-    _check_arch(config.model.name)
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"config.export.layout={cfg.layout!r}; expected one of {list(LAYOUTS)}.")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or _latest_step(ckpt_dir) is None:  # before the slow set-up
-        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in "
-                                f"{os.path.join(workdir, 'checkpoints')} to export.")
-    _, _, _, _, ckpt, state = train.setup(config, workdir)
-    step = ckpt.latest_step()
-    ckpt.close()
-    suffix = "_obow" if cfg.layout == "obow" else ""
-    path = path or cfg.path or os.path.join(
-        workdir, f"torchvision_{config.model.name}{suffix}_step{step}.pth")
-    export_state(config, state, path, cfg.layout, cfg.fc, cfg.num_classes)
-    logging.info("Wrote %s (layout %s, step %d).", path, cfg.layout, step)
-    print(path, flush=True)
-    return path

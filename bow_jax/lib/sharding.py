@@ -40,12 +40,6 @@ def check_divisible(value: int, divisor: int, field: str, what: str) -> None:
         raise ValueError(f"{field}={value} must be divisible by {what} ({divisor}).")
 
 
-def local_batch_size(global_batch: int, field: str = "config.batch_size") -> int:
-    """The slice of the global batch this process loads; checks it divides over devices."""
-    check_divisible(global_batch, jax.device_count(), field, "the number of devices")
-    return global_batch // jax.process_count()
-
-
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every leaf of `tree` whole on every device of `mesh`."""
     return jax.device_put(tree, replicated(mesh))

@@ -5,7 +5,8 @@ A method is a bundle of pure functions; `train.py` jits them over the device mes
 - `make_views(images_uint8 [B,H,W,3], key) -> batch`: geometric views of in-memory images, on the
   device (for TFDS input the host pipeline makes the same views with TensorFlow ops);
 - `train_step(state, batch) -> (state, metrics)`: photometric augmentation, forward, loss, update;
-- `encode(state, images_uint8) -> [B, D]`: frozen features for evaluation (eval-mode BatchNorm).
+- `encode(state, images_uint8) -> [B, D]`: frozen features for evaluation (eval-mode BatchNorm);
+- `backbone_variables(state) -> {'params', 'batch_stats'}`: the student backbone's variables.
 """
 import dataclasses
 from typing import Any, Callable, Optional
@@ -27,6 +28,13 @@ class DataInfo:
     total_steps: int
 
 
+def backbone_variables(state) -> dict:
+    """{'params', 'batch_stats'} of the student backbone of a training state: every method keeps
+    it under the 'backbone' key of its params and batch_stats (what evaluation, export and a
+    BoWNet teacher read)."""
+    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     init_state: Callable
@@ -37,6 +45,8 @@ class Method:
     # (state, images_uint8) -> {name: per-image score [B]}: the pretext task scored on held-out
     # images (RotNet: rotation accuracy), averaged over the test split by the evaluation.
     pretext_scores: Optional[Callable] = None
+    # state -> {'params', 'batch_stats'} of the student backbone: the one way to the backbone.
+    backbone_variables: Callable = backbone_variables
 
 
 def normalization(config):

@@ -3,7 +3,7 @@
 A student sees crops of an image and predicts, with a dynamic BoW head, the bag of visual words of
 the whole image as seen by a teacher (an EMA of the student). The visual words are a queue of
 teacher features that is refreshed every step. One step, in the order of the official
-`OBoW.forward` (see `reference/obow_reference.md` section 0):
+`OBoW.forward` (github.com/valeoai/obow):
 
 1. snapshot the vocabulary of every BoW level (here: the state's arrays, which are values);
 2. student: one backbone pass per crop group (all crops, then all patches; BatchNorm statistics
@@ -27,16 +27,20 @@ Ablations of the paper (Table 1 / appendix D): `config.obow.vocabulary='online_k
 `kmeans_assignment` 'hard' (rare-word reseeding) or 'sinkhorn' (balanced codes for both the k-means
 update and the targets), and `word_sampling` 'local_average' | 'local_features' | 'global_average'.
 """
-from typing import Any, Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from bow_jax.bow import quantize, vocabulary
-from bow_jax.data import augment
-from bow_jax.lib import schedules
+from bow_jax.data import augment, geometric, host_views, photometric
+from bow_jax.lib import ops, schedules
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import common
 from bow_jax.models import check_feature_names, feature_dims, heads
@@ -189,6 +193,54 @@ def _sinkhorn_level_targets(fmap, vocab, mean_min_dist, *, inv_delta, momentum, 
     return bow, jax.lax.stop_gradient(m_new), aux, jax.lax.stop_gradient(codes)
 
 
+def level_targets(cfg, fmap, vocab, mean_min_dist):
+    """Soft (or Sinkhorn-balanced) BoW targets of one level's teacher map [B, h, w, C] against
+    `vocab` [K, C] (OBoW eq. 4; appendix D for 'sinkhorn'); the running mean-min-distance
+    statistic is updated with this batch before the codes.
+
+    With teacher_distance 'cosine' the map and the words are L2-normalised first. Returns (bow
+    [B, K], mean_min_dist, aux, codes [N, K] for Sinkhorn else None, the compared map, the
+    compared words).
+    """
+    if cfg.teacher_distance == "cosine":
+        fmap = ops.l2_normalize(fmap.astype(jnp.float32))
+        vocab = ops.l2_normalize(vocab)
+    if cfg.vocabulary == "online_kmeans" and cfg.kmeans_assignment == "sinkhorn":
+        bow, m_new, aux, codes = _sinkhorn_level_targets(
+            fmap, vocab, mean_min_dist, inv_delta=cfg.inv_delta, momentum=cfg.stat_momentum,
+            pool=cfg.bow_pool, border=cfg.border, iters=cfg.sinkhorn_iters)
+    else:
+        bow, m_new, aux = quantize.obow_level_targets(
+            fmap, vocab, mean_min_dist, inv_delta=cfg.inv_delta if cfg.inv_delta > 0 else None,
+            momentum=cfg.stat_momentum, pool=cfg.bow_pool, border=cfg.border)
+        codes = None
+    return bow, m_new, aux, codes, fmap, vocab
+
+
+def update_vocabulary(cfg, level: str, teacher_map, vocab, pointer, kmeans, codes, key):
+    """One level's vocabulary after this step: the queue gets one new word per image of the
+    global batch (FIFO), or online k-means moves its centroids (appendix D, eq. 6-7).
+
+    teacher_map: the level's map [B, h, w, C] as compared (no gradient). Returns (vocab, pointer,
+    kmeans).
+    """
+    if cfg.vocabulary == "queue":
+        words = vocabulary.sample_words(key, teacher_map, cfg.word_sampling, border=cfg.border,
+                                        level=level)
+        if cfg.teacher_distance == "cosine":
+            words = ops.l2_normalize(words)
+        vocab, pointer = vocabulary.update_queue(vocab, pointer, words)
+        return vocab, pointer, kmeans
+    cropped = quantize.skip_border(teacher_map, cfg.border)
+    km = vocabulary.OnlineKMeansState(vocab, kmeans["ema_counts"], kmeans["ema_sums"],
+                                      kmeans["steps_since_used"])
+    km = vocabulary.online_kmeans_update(
+        km, cropped.reshape(-1, cropped.shape[-1]), key=key, momentum=cfg.kmeans_momentum,
+        reseed_after=cfg.reseed_after if codes is None else None, codes=codes)
+    return km.centroids, pointer, {"ema_counts": km.ema_counts, "ema_sums": km.ema_sums,
+                                   "steps_since_used": km.steps_since_used}
+
+
 def teacher_level_update(cfg, level: str, fmap, vocab, pointer, mean_min_dist, kmeans, key):
     """Targets of one BoW level from the teacher map, and the level's updated vocabulary state.
 
@@ -196,36 +248,10 @@ def teacher_level_update(cfg, level: str, fmap, vocab, pointer, mean_min_dist, k
     updated with this batch before the codes; then the vocabulary is updated (queue write or
     online k-means). Returns (bow [B, K], (vocab, pointer, mean_min_dist, kmeans), aux).
     """
-    inv_delta = cfg.inv_delta if cfg.inv_delta > 0 else None
-    codes = None
-    if cfg.teacher_distance == "cosine":
-        fmap = quantize.l2_normalize(fmap.astype(jnp.float32))
-        vocab = quantize.l2_normalize(vocab)
-    if cfg.vocabulary == "online_kmeans" and cfg.kmeans_assignment == "sinkhorn":
-        bow, m_new, aux, codes = _sinkhorn_level_targets(
-            fmap, vocab, mean_min_dist, inv_delta=cfg.inv_delta, momentum=cfg.stat_momentum,
-            pool=cfg.bow_pool, border=cfg.border, iters=cfg.sinkhorn_iters)
-    else:
-        bow, m_new, aux = quantize.obow_level_targets(
-            fmap, vocab, mean_min_dist, inv_delta=inv_delta, momentum=cfg.stat_momentum,
-            pool=cfg.bow_pool, border=cfg.border)
+    bow, m_new, aux, codes, fmap, vocab = level_targets(cfg, fmap, vocab, mean_min_dist)
     teacher_map = jax.lax.stop_gradient(fmap.astype(jnp.float32))
-    if cfg.vocabulary == "queue":
-        words = vocabulary.sample_words(key, teacher_map, cfg.word_sampling, border=cfg.border,
-                                        level=level)
-        if cfg.teacher_distance == "cosine":
-            words = quantize.l2_normalize(words)
-        vocab, pointer = vocabulary.update_queue(vocab, pointer, words)
-    else:
-        cropped = quantize.skip_border(teacher_map, cfg.border)
-        km = vocabulary.OnlineKMeansState(vocab, kmeans["ema_counts"], kmeans["ema_sums"],
-                                          kmeans["steps_since_used"])
-        km = vocabulary.online_kmeans_update(
-            km, cropped.reshape(-1, cropped.shape[-1]), key=key, momentum=cfg.kmeans_momentum,
-            reseed_after=cfg.reseed_after if codes is None else None, codes=codes)
-        vocab = km.centroids
-        kmeans = {"ema_counts": km.ema_counts, "ema_sums": km.ema_sums,
-                  "steps_since_used": km.steps_since_used}
+    vocab, pointer, kmeans = update_vocabulary(cfg, level, teacher_map, vocab, pointer, kmeans,
+                                               codes, key)
     return bow, (vocab, pointer, m_new, kmeans), aux
 
 
@@ -243,7 +269,7 @@ def augment_views(key, batch, cfg, mean, std):
     crops = batch["crops"]
     b, n = crops.shape[:2]
     flat = crops.reshape((b * n,) + crops.shape[2:])
-    x = augment.photometric(k_crops, augment.to_float(flat), blur_p=cfg.blur_p, **recipe)
+    x = photometric.photometric(k_crops, augment.to_float(flat), blur_p=cfg.blur_p, **recipe)
     groups, copies = [augment.normalize(x, mean, std)], [n]
     if cfg.num_patches > 0:
         patches = batch["patches"]
@@ -251,7 +277,7 @@ def augment_views(key, batch, cfg, mean, std):
         # One coin flips all patches of an image: the official code flips the source crop
         # before cutting, which mirrors the (symmetric when S - P - jitter is even) patch grid,
         # so the distribution of the views is the same.
-        y = augment.photometric(k_patches, augment.to_float(patches), blur_p=0.0, **recipe)
+        y = photometric.photometric(k_patches, augment.to_float(patches), blur_p=0.0, **recipe)
         groups.append(augment.normalize(y.reshape((b * v,) + y.shape[2:]), mean, std))
         copies.append(v)
     return teacher, groups, copies
@@ -292,7 +318,12 @@ def check_config(config, level_shapes: dict) -> None:
         raise ValueError("config.obow.monitor=True needs config.obow.num_classes > 0.")
     if cfg.vocabulary == "queue":
         vocabulary.check_queue_divisible(cfg.num_words, config.batch_size)
-    # Every level must be a spatial map big enough for the border skip and the word sampling.
+    check_level_shapes(cfg, level_shapes)
+
+
+def check_level_shapes(cfg, level_shapes: dict) -> None:
+    """Every BoW level must be a spatial map [B, h, w, C] big enough for the border skip and the
+    word sampling; ValueError naming config.obow.bow_levels otherwise."""
     need = 2 * cfg.border + (3 if cfg.vocabulary == "queue"
                              and cfg.word_sampling == "local_average" else 1)
     for level, shape in level_shapes.items():
@@ -311,216 +342,252 @@ def check_config(config, level_shapes: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The method.
+# The method: module-level functions of a `Setup` (what `create` fixes) and the state.
 
 
-def backbone_variables(state):
-    """The student backbone's variables (what evaluation and the torchvision export use)."""
-    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What OBoW's functions need besides the state and the batch, fixed by `create`."""
+    cfg: Any  # config.obow
+    backbone: nn.Module
+    head: heads.DynamicBoWHead
+    monitor: Optional[nn.Module]  # heads.LinearClassifier on the teacher's features, or None
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    dims: dict  # backbone output name -> shape on a [1, teacher_size, teacher_size, 3] input
+    mean: tuple
+    std: tuple
+    total_steps: int
+    eval_feature: str  # config.eval.feature
+
+    @property
+    def levels(self) -> tuple:
+        return tuple(self.cfg.bow_levels)
+
+    @property
+    def teacher_shape(self) -> tuple:
+        return (1, self.cfg.teacher_size, self.cfg.teacher_size, 3)
 
 
 def teacher_variables(state):
+    """The teacher backbone's variables {'params', 'batch_stats'}."""
     return {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
 
 
-def _uint8(x):
-    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
-
-
-def create(config, data_info: common.DataInfo) -> common.Method:
+def setup(config, data_info: common.DataInfo) -> Setup:
+    """The networks, optimizer and sizes of `config`, checked before anything is compiled."""
     cfg = config.obow
     backbone = common.backbone_from_config(config)
     levels = tuple(cfg.bow_levels)
-    teacher_shape = (1, cfg.teacher_size, cfg.teacher_size, 3)
-    dims = feature_dims(backbone, teacher_shape)
+    dims = feature_dims(backbone, (1, cfg.teacher_size, cfg.teacher_size, 3))
     check_feature_names(levels, dims, "config.obow.bow_levels", config.model.name)
     check_config(config, {level: dims[level] for level in levels})
-    channels = tuple(dims[level][-1] for level in levels)
-    student_dim = dims["pooled"][-1]
-    head = heads.DynamicBoWHead(num_channels_out=student_dim, kappa=cfg.kappa,
-                                hidden_dim=cfg.hidden_dim or None, learn_kappa=cfg.learn_kappa)
-    monitor = (heads.LinearClassifier(cfg.num_classes, batch_norm=True) if cfg.monitor else None)
     if cfg.monitor:
         check_feature_names([cfg.monitor_feature], dims, "config.obow.monitor_feature",
                             config.model.name)
+    head = heads.DynamicBoWHead(num_channels_out=dims["pooled"][-1], kappa=cfg.kappa,
+                                hidden_dim=cfg.hidden_dim or None, learn_kappa=cfg.learn_kappa)
+    monitor = (heads.LinearClassifier(cfg.num_classes, batch_norm=True) if cfg.monitor else None)
     tx, lr_schedule = common.optimizer_from_config(config, data_info)
     mean, std = common.normalization(config)
-    total_steps = data_info.total_steps
-
-    def init_state(key):
-        k_backbone, k_head, k_monitor, k_vocab, k_state = jax.random.split(key, 5)
-        variables = backbone.init({"params": k_backbone}, jnp.zeros(teacher_shape), train=False)
-        vocabs = tuple(vocabulary.init_queue(jax.random.fold_in(k_vocab, i), cfg.num_words, c)
-                       for i, c in enumerate(channels))
-        head_vars = head.init({"params": k_head}, jnp.zeros((1, student_dim)), vocabs,
-                              train=False)
-        params = {"backbone": variables["params"], "bow_head": head_vars["params"]}
-        batch_stats = {"backbone": variables["batch_stats"],
-                       "bow_head": head_vars["batch_stats"]}
-        if monitor is not None:
-            mon = monitor.init({"params": k_monitor}, jnp.zeros((1, dims[cfg.monitor_feature][-1])))
-            params["monitor"], batch_stats["monitor"] = mon["params"], mon["batch_stats"]
-        if cfg.vocabulary == "online_kmeans":
-            kmeans = tuple(
-                {"ema_counts": s.ema_counts, "ema_sums": s.ema_sums,
-                 "steps_since_used": s.steps_since_used}
-                for s in map(vocabulary.init_online_kmeans, vocabs))
-        else:
-            kmeans = ()
-        # The teacher starts as a copy of the student (distinct buffers: the state is donated).
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)
-        return OBoWState(
-            step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-            opt_state=tx.init(params), rng=k_state,
-            teacher_params=copy(variables["params"]),
-            teacher_batch_stats=copy(variables["batch_stats"]),
-            vocabularies=vocabs,
-            pointers=tuple(vocabulary.init_pointer() for _ in levels),
-            mean_min_dist=tuple(jnp.full((), 0.5, jnp.float32) for _ in levels),
-            kmeans=kmeans)
-
-    def make_views(images, key):
-        """Geometric views of in-memory uint8 images [B, H, W, 3] (see the module docstring)."""
-        def one(k, image):
-            k_flip, k_crops, k_src, k_patch = jax.random.split(k, 4)
-            teacher = image
-            if cfg.teacher_resize > 0:
-                teacher = augment.center_crop(_uint8(augment.resize(image, cfg.teacher_resize)),
-                                              cfg.teacher_size)
-            elif teacher.shape[:2] != (cfg.teacher_size, cfg.teacher_size):
-                teacher = _uint8(augment.resize(image, (cfg.teacher_size, cfg.teacher_size)))
-            if cfg.flip:
-                teacher = augment.random_flip(k_flip, teacher)
-            crops = jax.vmap(lambda kc: _uint8(augment.random_resized_crop(
-                kc, image, cfg.crop_size, scale=tuple(cfg.crop_scale))))(
-                    jax.random.split(k_crops, cfg.num_crops))
-            views = {"teacher": teacher, "crops": crops}
-            if cfg.num_patches > 0:
-                source = _uint8(augment.random_resized_crop(
-                    k_src, image, cfg.patch_source_size, scale=tuple(cfg.patch_source_scale)))
-                views["patches"] = augment.jittered_patches(
-                    k_patch, source, patch_size=cfg.patch_size, jitter=cfg.patch_jitter,
-                    keep=cfg.num_patches)
-            return views
-
-        return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
-
-    def tf_views(image, seed):
-        """The same views on the host with TensorFlow (streamed TFDS data, e.g. ImageNet)."""
-        return tf_obow_views(image, seed, cfg)
-
-    def train_step(state, batch):
-        k_augment, k_words = jax.random.split(state.step_key())
-        teacher_x, groups, copies = augment_views(k_augment, batch, cfg, mean, std)
-        # 1. The vocabulary snapshot: the state's arrays are values, so this step's queue writes
-        #    below cannot reach what the student predicts against.
-        snapshot = state.vocabularies
-
-        # 3. Teacher: EMA with the pre-step student params, then a train-mode forward.
-        momentum = schedules.teacher_momentum(state.step, total_steps, cfg.teacher_momentum)
-        teacher_params = ema_update(state.teacher_params, state.params["backbone"], momentum)
-        feats, updates = backbone.apply(
-            {"params": teacher_params, "batch_stats": state.teacher_batch_stats}, teacher_x,
-            train=True, mutable=["batch_stats"])
-        feats = jax.lax.stop_gradient(feats)
-        targets, new_levels, metrics = [], [], {}
-        for i, level in enumerate(levels):
-            bow, new, aux = teacher_level_update(
-                cfg, level, feats[level], state.vocabularies[i], state.pointers[i],
-                state.mean_min_dist[i], state.kmeans[i] if state.kmeans else None,
-                jax.random.fold_in(k_words, i))
-            targets.append(bow)
-            new_levels.append(new)
-            metrics[f"perplexity_image_{level}"] = aux["perplexity_image"]
-            metrics[f"perplexity_batch_{level}"] = aux["perplexity_batch"]
-            metrics[f"min_dist_batch_{level}"] = aux["min_dist_mean"]
-            metrics[f"mean_min_dist_{level}"] = new[2]
-
-        # 2 + 4. Student per crop group, BoW head against the snapshot, loss.
-        def loss_fn(params):
-            pooled, backbone_stats = student_forward(
-                backbone, params["backbone"], state.batch_stats["backbone"], groups)
-            logits, head_updates = head.apply(
-                {"params": params["bow_head"], "batch_stats": state.batch_stats["bow_head"]},
-                pooled, snapshot, train=True, mutable=["batch_stats"])
-            loss, group_losses = bow_prediction_loss(logits, targets, copies)
-            batch_stats = {"backbone": backbone_stats, "bow_head": head_updates["batch_stats"]}
-            aux = dict(zip(("loss_crops", "loss_patches"), group_losses))
-            if monitor is not None:
-                if "label" not in batch:
-                    raise ValueError("config.obow.monitor=True needs 'label' in the batch (a "
-                                     "labelled training split); set it to False.")
-                mon_logits, mon_updates = monitor.apply(
-                    {"params": params["monitor"], "batch_stats": state.batch_stats["monitor"]},
-                    feats[cfg.monitor_feature], train=True, mutable=["batch_stats"])
-                mon_loss = common.cross_entropy(mon_logits, batch["label"])
-                loss = loss + mon_loss
-                batch_stats["monitor"] = mon_updates["batch_stats"]
-                aux["monitor_loss"] = mon_loss
-                aux["monitor_accuracy"] = jnp.mean(jnp.argmax(mon_logits, -1) == batch["label"])
-            return loss, (batch_stats, aux)
-
-        (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        vocabs, pointers, stats, kmeans = (tuple(x) for x in zip(*new_levels))
-        new_state = state.apply_gradients(
-            grads, tx, batch_stats=batch_stats, teacher_params=teacher_params,
-            teacher_batch_stats=updates["batch_stats"], vocabularies=vocabs, pointers=pointers,
-            mean_min_dist=stats, kmeans=kmeans if state.kmeans else ())
-        metrics.update(aux, loss=loss, teacher_momentum=momentum, lr=lr_schedule(state.step))
-        return new_state, metrics
-
-    def encode(state, images):
-        return common.encode_with(backbone, backbone_variables(state), images,
-                                  config.eval.feature, mean, std)
-
-    return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
-                         encode=encode, tf_views=tf_views)
+    return Setup(cfg=cfg, backbone=backbone, head=head, monitor=monitor, tx=tx,
+                 lr_schedule=lr_schedule, dims=dims, mean=mean, std=std,
+                 total_steps=data_info.total_steps, eval_feature=config.eval.feature)
 
 
-# ------------------------------------------------------------------------------------------------
-# Host-side views (TensorFlow), for streamed TFDS data.
+def init_student(s: Setup, backbone_variables, vocabs, k_head, k_monitor):
+    """(params, batch_stats) of the student side {'backbone', 'bow_head'[, 'monitor']}: the
+    initial backbone, and the BoW head (and monitor) initialised from `k_head` (`k_monitor`)."""
+    student_dim = s.dims["pooled"][-1]
+    head_vars = s.head.init({"params": k_head}, jnp.zeros((1, student_dim)), vocabs,
+                            train=False)
+    params = {"backbone": backbone_variables["params"], "bow_head": head_vars["params"]}
+    batch_stats = {"backbone": backbone_variables["batch_stats"],
+                   "bow_head": head_vars["batch_stats"]}
+    if s.monitor is not None:
+        mon = s.monitor.init({"params": k_monitor},
+                             jnp.zeros((1, s.dims[s.cfg.monitor_feature][-1])))
+        params["monitor"], batch_stats["monitor"] = mon["params"], mon["batch_stats"]
+    return params, batch_stats
 
 
-def tf_jittered_patches(image, seed, *, patch_size: int, jitter: int, keep: int, grid: int = 3):
-    """OBoW's CropImagePatches in TF: `keep` of the 3x3 jittered grid patches of a square image
-    [S, S, 3] (positions as `augment.jittered_patch_params`)."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    size = int(image.shape[0])
-    step = (size - patch_size - jitter) // (grid - 1)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    offsets = tf.random.stateless_uniform([grid * grid, 2], seeds[0], 0, jitter + 1,
-                                          dtype=tf.int32)
-    kept = tf.argsort(tf.random.stateless_uniform([grid * grid], seeds[1]))[:keep]
-    cells = tf.range(grid * grid)
-    tops = tf.gather((cells // grid) * step + offsets[:, 0], kept)
-    lefts = tf.gather((cells % grid) * step + offsets[:, 1], kept)
-    return tf.stack([image[tops[i]:tops[i] + patch_size, lefts[i]:lefts[i] + patch_size]
-                     for i in range(keep)])
+def init_kmeans(cfg, vocabs) -> tuple:
+    """Per level the online k-means statistics of appendix D, or () for the queue."""
+    if cfg.vocabulary != "online_kmeans":
+        return ()
+    return tuple({"ema_counts": km.ema_counts, "ema_sums": km.ema_sums,
+                  "steps_since_used": km.steps_since_used}
+                 for km in map(vocabulary.init_online_kmeans, vocabs))
 
 
-def tf_obow_views(image, seed, cfg):
-    """uint8 views of one image: teacher Resize(teacher_resize)+CenterCrop(teacher_size)+flip,
-    `num_crops` RandomResizedCrop(crop_size, crop_scale), `num_patches` jittered patches of one
-    RandomResizedCrop(patch_source_size, patch_source_scale)."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from bow_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64),
-                                                   3 + cfg.num_crops)
-    resize = cfg.teacher_resize or cfg.teacher_size
-    teacher = pipeline.tf_center_crop_resize(image, resize, cfg.teacher_size)
+def init_state(s: Setup, key) -> OBoWState:
+    """The state at initialisation: random student, teacher = a copy of the student, random
+    queue words, pointers 0, mean-min-distance statistics 0.5."""
+    k_backbone, k_head, k_monitor, k_vocab, k_state = jax.random.split(key, 5)
+    variables = s.backbone.init({"params": k_backbone}, jnp.zeros(s.teacher_shape), train=False)
+    vocabs = tuple(vocabulary.init_queue(jax.random.fold_in(k_vocab, i), s.cfg.num_words,
+                                         s.dims[level][-1])
+                   for i, level in enumerate(s.levels))
+    params, batch_stats = init_student(s, variables, vocabs, k_head, k_monitor)
+    # The teacher starts as a copy of the student (distinct buffers: the state is donated).
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    return OBoWState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=s.tx.init(params), rng=k_state,
+        teacher_params=copy(variables["params"]),
+        teacher_batch_stats=copy(variables["batch_stats"]),
+        vocabularies=vocabs,
+        pointers=tuple(vocabulary.init_pointer() for _ in s.levels),
+        mean_min_dist=tuple(jnp.full((), 0.5, jnp.float32) for _ in s.levels),
+        kmeans=init_kmeans(s.cfg, vocabs))
+
+
+def teacher_view(cfg, key, image):
+    """Resize(teacher_resize) + CenterCrop(teacher_size) (or a resize of the whole image to
+    teacher_size when teacher_resize is 0) + flip of one uint8 image [H, W, 3] -> uint8."""
+    teacher = image
+    if cfg.teacher_resize > 0:
+        teacher = geometric.center_crop(
+            augment.to_uint8(geometric.resize(image, cfg.teacher_resize)), cfg.teacher_size)
+    elif teacher.shape[:2] != (cfg.teacher_size, cfg.teacher_size):
+        teacher = augment.to_uint8(geometric.resize(image, (cfg.teacher_size, cfg.teacher_size)))
     if cfg.flip:
-        teacher = pipeline.tf_flip(teacher, seeds[0])
-    teacher = tf.ensure_shape(teacher, (cfg.teacher_size, cfg.teacher_size, 3))
-    crops = tf.stack([pipeline.tf_random_resized_crop(image, cfg.crop_size, tuple(cfg.crop_scale),
-                                                      seed=seeds[3 + i])
-                      for i in range(cfg.num_crops)])
-    views = {"teacher": teacher,
-             "crops": tf.ensure_shape(crops, (cfg.num_crops, cfg.crop_size, cfg.crop_size, 3))}
+        teacher = geometric.random_flip(key, teacher)
+    return teacher
+
+
+def image_views(cfg, key, image) -> dict:
+    """OBoW's uint8 views of one in-memory image [H, W, 3] (see the module docstring)."""
+    k_flip, k_crops, k_src, k_patch = jax.random.split(key, 4)
+    crop = lambda k: augment.to_uint8(geometric.random_resized_crop(
+        k, image, cfg.crop_size, scale=tuple(cfg.crop_scale)))
+    views = {"teacher": teacher_view(cfg, k_flip, image),
+             "crops": jax.vmap(crop)(jax.random.split(k_crops, cfg.num_crops))}
     if cfg.num_patches > 0:
-        source = pipeline.tf_random_resized_crop(image, cfg.patch_source_size,
-                                                 tuple(cfg.patch_source_scale), seed=seeds[1])
-        source = tf.ensure_shape(source, (cfg.patch_source_size, cfg.patch_source_size, 3))
-        views["patches"] = tf_jittered_patches(source, seeds[2], patch_size=cfg.patch_size,
-                                               jitter=cfg.patch_jitter, keep=cfg.num_patches)
+        source = augment.to_uint8(geometric.random_resized_crop(
+            k_src, image, cfg.patch_source_size, scale=tuple(cfg.patch_source_scale)))
+        views["patches"] = geometric.jittered_patches(
+            k_patch, source, patch_size=cfg.patch_size, jitter=cfg.patch_jitter,
+            keep=cfg.num_patches)
     return views
+
+
+def make_views(cfg, images, key) -> dict:
+    """Geometric views of in-memory uint8 images [B, H, W, 3], one key per image."""
+    one = functools.partial(image_views, cfg)
+    return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+def tf_views(cfg, image, seed) -> dict:
+    """The same views on the host with TensorFlow (streamed TFDS data, e.g. ImageNet)."""
+    return host_views.obow_views(
+        image, seed, teacher_size=cfg.teacher_size, teacher_resize=cfg.teacher_resize,
+        flip=cfg.flip, num_crops=cfg.num_crops, crop_size=cfg.crop_size,
+        crop_scale=tuple(cfg.crop_scale), num_patches=cfg.num_patches,
+        patch_size=cfg.patch_size, patch_source_size=cfg.patch_source_size,
+        patch_source_scale=tuple(cfg.patch_source_scale), patch_jitter=cfg.patch_jitter)
+
+
+def teacher_features(s: Setup, teacher_params, teacher_batch_stats, x):
+    """Train-mode teacher forward (batch statistics; it keeps its own running statistics), no
+    gradient. Returns (named outputs, new teacher batch_stats)."""
+    feats, updates = s.backbone.apply({"params": teacher_params,
+                                       "batch_stats": teacher_batch_stats}, x,
+                                      train=True, mutable=["batch_stats"])
+    return jax.lax.stop_gradient(feats), updates["batch_stats"]
+
+
+def teacher_targets(s: Setup, state: OBoWState, feats, key):
+    """Per level: the BoW targets against the pre-step vocabulary and the level's new
+    (vocab, pointer, mean_min_dist, kmeans). Returns (targets, new levels, metrics)."""
+    targets, new_levels, metrics = [], [], {}
+    for i, level in enumerate(s.levels):
+        bow, new, aux = teacher_level_update(
+            s.cfg, level, feats[level], state.vocabularies[i], state.pointers[i],
+            state.mean_min_dist[i], state.kmeans[i] if state.kmeans else None,
+            jax.random.fold_in(key, i))
+        targets.append(bow)
+        new_levels.append(new)
+        metrics[f"perplexity_image_{level}"] = aux["perplexity_image"]
+        metrics[f"perplexity_batch_{level}"] = aux["perplexity_batch"]
+        metrics[f"min_dist_batch_{level}"] = aux["min_dist_mean"]
+        metrics[f"mean_min_dist_{level}"] = new[2]
+    return targets, new_levels, metrics
+
+
+def monitor_loss(s: Setup, params, batch_stats, feats, labels):
+    """The monitor's cross-entropy on the detached teacher feature `monitor_feature`.
+    Returns (loss, monitor batch_stats, metrics)."""
+    logits, updates = s.monitor.apply({"params": params, "batch_stats": batch_stats},
+                                      feats[s.cfg.monitor_feature], train=True,
+                                      mutable=["batch_stats"])
+    loss = common.cross_entropy(logits, labels)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, updates["batch_stats"], {"monitor_loss": loss, "monitor_accuracy": accuracy}
+
+
+def student_loss(s: Setup, params, batch_stats, groups, copies, snapshot, targets, feats,
+                 labels):
+    """OBoW loss of the student (plus the monitor's): one backbone pass per crop group, the
+    dynamic BoW head's logits against the vocabulary `snapshot`, the soft cross-entropy with the
+    teacher's `targets`. Returns (loss, (new batch_stats, metrics))."""
+    pooled, backbone_stats = student_forward(s.backbone, params["backbone"],
+                                             batch_stats["backbone"], groups)
+    logits, head_updates = s.head.apply(
+        {"params": params["bow_head"], "batch_stats": batch_stats["bow_head"]},
+        pooled, snapshot, train=True, mutable=["batch_stats"])
+    loss, group_losses = bow_prediction_loss(logits, targets, copies)
+    new_stats = {"backbone": backbone_stats, "bow_head": head_updates["batch_stats"]}
+    aux = dict(zip(("loss_crops", "loss_patches"), group_losses))
+    if s.monitor is not None:
+        mon_loss, new_stats["monitor"], mon_aux = monitor_loss(
+            s, params["monitor"], batch_stats["monitor"], feats, labels)
+        loss = loss + mon_loss
+        aux.update(mon_aux)
+    return loss, (new_stats, aux)
+
+
+def train_step(s: Setup, state: OBoWState, batch):
+    """One OBoW step, in the order of the official `OBoW.forward` (module docstring)."""
+    k_augment, k_words = jax.random.split(state.step_key())
+    teacher_x, groups, copies = augment_views(k_augment, batch, s.cfg, s.mean, s.std)
+    if s.monitor is not None and "label" not in batch:
+        raise ValueError("config.obow.monitor=True needs 'label' in the batch (a labelled "
+                         "training split); set it to False.")
+    # 3. Teacher: EMA with the pre-step student params, then a train-mode forward.
+    momentum = schedules.teacher_momentum(state.step, s.total_steps, s.cfg.teacher_momentum)
+    teacher_params = ema_update(state.teacher_params, state.params["backbone"], momentum)
+    feats, teacher_stats = teacher_features(s, teacher_params, state.teacher_batch_stats,
+                                            teacher_x)
+    targets, new_levels, metrics = teacher_targets(s, state, feats, k_words)
+    # 1 + 2 + 4. The student predicts against the vocabulary snapshot: the state's arrays are
+    #    values, so this step's queue writes above cannot reach it.
+    loss_fn = functools.partial(student_loss, s, batch_stats=state.batch_stats, groups=groups,
+                                copies=copies, snapshot=state.vocabularies, targets=targets,
+                                feats=feats, labels=batch.get("label"))
+    (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    vocabs, pointers, stats, kmeans = (tuple(x) for x in zip(*new_levels))
+    new_state = state.apply_gradients(
+        grads, s.tx, batch_stats=batch_stats, teacher_params=teacher_params,
+        teacher_batch_stats=teacher_stats, vocabularies=vocabs, pointers=pointers,
+        mean_min_dist=stats, kmeans=kmeans if state.kmeans else ())
+    metrics.update(aux, loss=loss, teacher_momentum=momentum, lr=s.lr_schedule(state.step))
+    return new_state, metrics
+
+
+def encode(s: Setup, state: OBoWState, images):
+    """Frozen features of uint8 images [B, H, W, 3] -> [B, D]: the student backbone's
+    `config.eval.feature`, eval-mode BatchNorm, pooled."""
+    return common.encode_with(s.backbone, common.backbone_variables(state), images,
+                              s.eval_feature, s.mean, s.std)
+
+
+def create(config, data_info: common.DataInfo) -> common.Method:
+    """OBoW's `Method` for `config` (ValueError naming the field for a bad config)."""
+    s = setup(config, data_info)
+    return common.Method(init_state=functools.partial(init_state, s),
+                         train_step=functools.partial(train_step, s),
+                         make_views=functools.partial(make_views, s.cfg),
+                         encode=functools.partial(encode, s),
+                         tf_views=functools.partial(tf_views, s.cfg))

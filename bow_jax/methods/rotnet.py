@@ -5,12 +5,17 @@ same batch, so a batch of B images is a forward pass over 4B inputs with labels 
 rate is not rescaled for the 4x batch (as in the official code). BatchNorm statistics are taken
 over all 4B inputs.
 """
+import dataclasses
+import functools
+from typing import Any, Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
-from bow_jax.data import augment
+from bow_jax.data import geometric
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import common
 from bow_jax.models import heads
@@ -61,12 +66,23 @@ def default_config() -> ml_collections.ConfigDict:
     return r
 
 
-def backbone_variables(state):
-    """The backbone's part of the variables (what evaluation and export use)."""
-    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What RotNet's functions need besides the state and the batch, fixed by `create`."""
+    cfg: Any  # config.rotnet
+    backbone: nn.Module
+    model: RotNetModel
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    mean: tuple
+    std: tuple
+    height: int  # of the stored images
+    crop: int  # of the training views
+    eval_feature: str  # config.eval.feature
 
 
-def create(config, data_info: common.DataInfo) -> common.Method:
+def setup(config, data_info: common.DataInfo) -> Setup:
+    """The network, optimizer and sizes of `config`; ValueError naming a bad field."""
     cfg = config.rotnet
     if cfg.head not in ("linear", "residual"):
         raise ValueError(f"config.rotnet.head={cfg.head!r}; expected 'linear' or 'residual'.")
@@ -75,58 +91,79 @@ def create(config, data_info: common.DataInfo) -> common.Method:
                         name=None)
     tx, lr_schedule = common.optimizer_from_config(config, data_info)
     mean, std = common.normalization(config)
-    height, width, _ = data_info.image_shape
-    crop = cfg.crop_size or height
+    height = data_info.image_shape[0]
+    return Setup(cfg=cfg, backbone=backbone, model=model, tx=tx, lr_schedule=lr_schedule,
+                 mean=mean, std=std, height=height, crop=cfg.crop_size or height,
+                 eval_feature=config.eval.feature)
 
-    def init_state(key):
-        init_key, state_key = jax.random.split(key)
-        dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
-        variables = model.init({"params": init_key}, dummy, train=False)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"],
-                          opt_state=tx.init(variables["params"]), rng=state_key)
 
-    def make_views(images, key):
-        """The split's geometric augmentation (CIFAR: RandomCrop(pad 4) + flip), uint8."""
-        keys = jax.random.split(key, images.shape[0])
+def init_state(s: Setup, key) -> TrainState:
+    """The state at random initialisation (backbone + rotation head), step 0."""
+    init_key, state_key = jax.random.split(key)
+    dummy = jnp.zeros((1, s.crop, s.crop, 3), jnp.float32)
+    variables = s.model.init({"params": init_key}, dummy, train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=s.tx.init(variables["params"]), rng=state_key)
 
-        def one(k, image):
-            crop_key, flip_key = jax.random.split(k)
-            if cfg.crop_padding or crop != height:
-                image = augment.random_crop_with_padding(crop_key, image, crop, cfg.crop_padding)
-            if cfg.flip:
-                image = augment.random_flip(flip_key, image)
-            return image
 
-        return {"image": jax.vmap(one)(keys, images).astype(jnp.uint8)}
+def image_view(s: Setup, key, image):
+    """The split's geometric augmentation of one uint8 image (CIFAR: RandomCrop(pad 4) + flip)."""
+    crop_key, flip_key = jax.random.split(key)
+    if s.cfg.crop_padding or s.crop != s.height:
+        image = geometric.random_crop_with_padding(crop_key, image, s.crop, s.cfg.crop_padding)
+    if s.cfg.flip:
+        image = geometric.random_flip(flip_key, image)
+    return image
 
-    def train_step(state, batch):
-        inputs, labels = augment.rotate4(common.to_network_input(batch["image"], mean, std))
 
-        def loss_fn(params):
-            (logits, _), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                mutable=["batch_stats"])
-            return common.cross_entropy(logits, labels), (updates["batch_stats"], logits)
+def make_views(s: Setup, images, key) -> dict:
+    """{'image': uint8 [B, crop, crop, 3]}: one view per image, one key per image."""
+    keys = jax.random.split(key, images.shape[0])
+    return {"image": jax.vmap(functools.partial(image_view, s))(keys, images).astype(jnp.uint8)}
 
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        metrics = {"loss": loss,
-                   "rotation_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-                   "lr": lr_schedule(state.step)}
-        return state.apply_gradients(grads, tx, batch_stats=batch_stats), metrics
 
-    def encode(state, images):
-        return common.encode_with(backbone, backbone_variables(state), images,
-                                  config.eval.feature, mean, std)
+def rotation_loss(s: Setup, params, batch_stats, inputs, labels):
+    """Cross-entropy of the rotation classifier on the 4B rotated inputs (train-mode BN).
+    Returns (loss, (new batch_stats, logits))."""
+    (logits, _), updates = s.model.apply({"params": params, "batch_stats": batch_stats}, inputs,
+                                         train=True, mutable=["batch_stats"])
+    return common.cross_entropy(logits, labels), (updates["batch_stats"], logits)
 
-    def pretext_scores(state, images):
-        """Rotation accuracy per image (mean over its 4 rotations), eval-mode BatchNorm."""
-        inputs, labels = augment.rotate4(common.to_network_input(images, mean, std))
-        logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                inputs, train=False)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return {"rotation_accuracy": correct.reshape(-1, 4).mean(axis=1)}
 
-    return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
-                         encode=encode, pretext_scores=pretext_scores)
+def train_step(s: Setup, state: TrainState, batch):
+    """One SGD step on all 4 rotations of every image of batch['image'] (uint8 [B, H, H, 3])."""
+    inputs, labels = geometric.rotate4(common.to_network_input(batch["image"], s.mean, s.std))
+    loss_fn = functools.partial(rotation_loss, s, batch_stats=state.batch_stats, inputs=inputs,
+                                labels=labels)
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    metrics = {"loss": loss,
+               "rotation_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "lr": s.lr_schedule(state.step)}
+    return state.apply_gradients(grads, s.tx, batch_stats=batch_stats), metrics
+
+
+def encode(s: Setup, state: TrainState, images):
+    """Frozen features [B, D] of uint8 images: `config.eval.feature`, eval-mode BN, pooled."""
+    return common.encode_with(s.backbone, common.backbone_variables(state), images,
+                              s.eval_feature, s.mean, s.std)
+
+
+def pretext_scores(s: Setup, state: TrainState, images):
+    """Rotation accuracy per image (mean over its 4 rotations), eval-mode BatchNorm."""
+    inputs, labels = geometric.rotate4(common.to_network_input(images, s.mean, s.std))
+    logits, _ = s.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              inputs, train=False)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"rotation_accuracy": correct.reshape(-1, 4).mean(axis=1)}
+
+
+def create(config, data_info: common.DataInfo) -> common.Method:
+    """RotNet's `Method` for `config`."""
+    s = setup(config, data_info)
+    return common.Method(init_state=functools.partial(init_state, s),
+                         train_step=functools.partial(train_step, s),
+                         make_views=functools.partial(make_views, s),
+                         encode=functools.partial(encode, s),
+                         pretext_scores=functools.partial(pretext_scores, s))

@@ -17,22 +17,27 @@ from bow_jax.models.heads import (CosineBoWHead, DynamicBoWHead, LinearClassifie
 from bow_jax.models.nin import NIN
 from bow_jax.models.resnet import (ResNet, ResNet18, ResNet34, ResNet50, to_torch_layout,
                                    torchvision_key)
-from bow_jax.models.wide_resnet import WideResNet
+from bow_jax.models.norm import BatchNorm
+from bow_jax.models.wide_resnet import OBoWWideResNet, WideResNet
 
 BACKBONES: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "resnet34": ResNet34,
     "resnet50": ResNet50,
     "wrn28": lambda **kw: WideResNet(**{"depth": 28, **kw}),
+    "wrn_obow": OBoWWideResNet,  # official OBoW CIFAR WRN; default WRN-16-2, strides (1, 2, 2)
     "nin": NIN,
 }
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """The backbone `name` ('resnet18', 'resnet34', 'resnet50', 'wrn28', 'nin') built with `kwargs`.
+    """The backbone `name` ('resnet18', 'resnet34', 'resnet50', 'wrn28', 'wrn_obow', 'nin') built
+    with `kwargs`.
 
     e.g. create_backbone('resnet18', cifar_stem=True, width=16), create_backbone('wrn28',
-    widen_factor=10), create_backbone('nin', num_blocks=4).
+    widen_factor=10), create_backbone('wrn_obow', depth=16, widen_factor=2, strides=(1, 2, 2))
+    (the official OBoW code's CIFAR WRN), create_backbone('nin', num_blocks=4).
+    Raises ValueError for an unknown name or an option the architecture does not have.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {sorted(BACKBONES)}.")
@@ -67,7 +72,8 @@ def check_feature_names(names: Iterable[str], available: Iterable[str], field: s
 
 __all__ = [
     "BACKBONES", "create_backbone", "feature_dims", "check_feature_names",
-    "ResNet", "ResNet18", "ResNet34", "ResNet50", "WideResNet", "NIN", "torchvision_key",
+    "ResNet", "ResNet18", "ResNet34", "ResNet50", "WideResNet", "OBoWWideResNet", "NIN",
+    "BatchNorm", "torchvision_key",
     "to_torch_layout",
     "RotationHead", "LinearClassifier", "CosineBoWHead", "DynamicBoWHead", "WeightGenerator",
     "l2_normalize",

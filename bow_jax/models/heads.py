@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bow_jax.models.norm import BatchNorm
 from bow_jax.models.resnet import TorchLinear, global_average_pool, torch_default_kernel_init
 
 
@@ -49,8 +50,9 @@ class RotationHead(nn.Module):
 class LinearClassifier(nn.Module):
     """OBoW linear-probe head: optional BatchNorm(affine=False), then Linear N(0, 0.01), bias 0.
 
-    BatchNorm (when `batch_norm`) has PyTorch numerics (eps 1e-5, momentum 0.1) and uses batch
-    statistics when `train`, running statistics otherwise.
+    BatchNorm (when `batch_norm`) has PyTorch numerics (`models.norm.BatchNorm`: eps 1e-5, momentum
+    0.1, unbiased running variance) and uses batch statistics when `train`, running statistics
+    otherwise.
     """
     num_classes: int
     batch_norm: bool = False
@@ -59,8 +61,8 @@ class LinearClassifier(nn.Module):
     def __call__(self, x, train: bool = False):
         x = _as_pooled(x).astype(jnp.float32)
         if self.batch_norm:
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             use_scale=False, use_bias=False, name="bn")(x)
+            x = BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
+                          name="bn")(x)
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                         bias_init=nn.initializers.zeros, name="fc")(x)
 
@@ -93,7 +95,7 @@ class WeightGenerator(nn.Module):
         G(V) = L2norm( relu( BN( L2norm(V) @ A ) ) @ B + b )
 
     A [C_l, hidden] has no bias; BN normalises each hidden unit over the K words (batch statistics
-    when `train`, running statistics otherwise; eps 1e-5, momentum 0.1 as PyTorch's BatchNorm1d);
+    when `train`, running statistics otherwise; PyTorch BatchNorm1d numerics, `models.norm`);
     B [hidden, C], b [C]. Linear layers use torch.nn.Linear's default init, like the official code.
     """
     num_channels_out: int
@@ -103,7 +105,7 @@ class WeightGenerator(nn.Module):
     def __call__(self, vocabulary, train: bool):
         v = l2_normalize(vocabulary.astype(jnp.float32))
         h = TorchLinear(self.hidden_dim, use_bias=False, name="fc1")(v)
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(h)
+        h = BatchNorm(use_running_average=not train, name="bn")(h)
         w = TorchLinear(self.num_channels_out, name="fc2")(nn.relu(h))
         return l2_normalize(w)
 

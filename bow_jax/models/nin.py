@@ -15,6 +15,7 @@ count_include_pad=True, so border windows divide by 9 including the zero padding
 
 Init: the official `weight_initialization()` is never called, so the nets used torch's defaults:
 conv weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform a=sqrt(5)), BN scale 1 bias 0.
+BatchNorm numerics are PyTorch's (`models.norm.BatchNorm`).
 (Torch releases before 1.0, which RotNet ran on, drew BN scales from U(0, 1); we use today's 1.)
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bow_jax.models.resnet import (global_average_pool, torch_batch_norm, torch_conv,
-                                   torch_default_kernel_init)
+from bow_jax.models.norm import torch_batch_norm
+from bow_jax.models.resnet import global_average_pool, torch_conv, torch_default_kernel_init
 
 
 class NINUnit(nn.Module):

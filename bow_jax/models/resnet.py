@@ -10,8 +10,9 @@ The backbone returns a dict of named feature maps so that methods pick BoW level
 With a 224 input, layer3 is 14x14 and layer4 7x7 (OBoW's conv4 / conv5); OBoW calls them block3/block4.
 
 Numerics follow PyTorch: explicit symmetric padding (Flax 'SAME' pads stride-2 convolutions
-asymmetrically, torch does not), max-pool padding with -inf, BatchNorm eps 1e-5 and momentum 0.1
-(Flax momentum 0.9), `use_running_average = not train`. BatchNorm has no `axis_name`: under `jax.jit`
+asymmetrically, torch does not), max-pool padding with -inf, and BatchNorm = `models.norm.BatchNorm`
+(eps 1e-5, torch momentum 0.1 = Flax 0.9, running variance from the unbiased batch variance, as
+torch keeps it), `use_running_average = not train`. BatchNorm has no `axis_name`: under `jax.jit`
 over a mesh the batch statistics are those of the global batch (SyncBN).
 
 Initialisation is torchvision's: convolutions kaiming_normal(mode='fan_out', nonlinearity='relu'),
@@ -30,10 +31,9 @@ Flax -> torchvision state_dict names (1:1; see `torchvision_key` and `to_torch_l
     params/layer{i}_{j}/downsample_bn/{scale,bias}   layer{i}.{j}.downsample.1.{weight,bias}
     params/fc/{kernel,bias}                          fc.{weight,bias}                [in,out] -> [out,in]
 
-Note: torch's BatchNorm keeps the *unbiased* batch variance in running_var and has a
-`num_batches_tracked` buffer; Flax keeps the biased one and no counter. An exporter writes
-`num_batches_tracked` itself; the biased/unbiased difference (factor n/(n-1) per update) only matters
-for eval-mode outputs of nets trained with tiny batches.
+Note: torch's BatchNorm has a `num_batches_tracked` buffer, ours has no counter (it only matters
+for torch's momentum=None); an exporter writes it itself. running_var is the same quantity in both
+(the unbiased batch variance is averaged in), so exported eval-mode outputs match torch's.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bow_jax.models.norm import torch_batch_norm
 # -- Initialisers and layers shared by every backbone and head (torch conventions). ---------------
 
 # torchvision ResNet: kaiming_normal_(mode='fan_out', nonlinearity='relu') = N(0, 2 / fan_out),
@@ -98,15 +99,6 @@ def torch_conv(features: int, kernel_size: int, stride: int = 1, *, name: str,
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=kernel_init,
                    dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def torch_batch_norm(train: bool, *, name: str, dtype: Any = jnp.float32, **kwargs) -> nn.BatchNorm:
-    """BatchNorm with PyTorch numerics: eps 1e-5, momentum 0.1 (= Flax 0.9), batch stats in train.
-
-    No axis_name on purpose: under jit over a mesh the statistics are already global (SyncBN).
-    """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        param_dtype=jnp.float32, name=name, **kwargs)
 
 
 def global_average_pool(x: jax.Array) -> jax.Array:

@@ -1,4 +1,7 @@
-"""Wide ResNet WRN-d-k (Zagoruyko & Komodakis 2016), the CIFAR backbone of BoWNet (WRN-28-10).
+"""Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k, the CIFAR backbone of BoWNet (WRN-28-10),
+and the variant of the official OBoW code for small images (`OBoWWideResNet`, see its docstring).
+
+`WideResNet` (backbone name 'wrn28'):
 
 Pre-activation basic blocks, (d - 4) / 6 blocks per group (4 for d = 28), group widths 16k, 32k, 64k,
 strides 1, 2, 2, then a final BN-ReLU and global average pooling (640-d for WRN-28-10). A block is
@@ -15,17 +18,19 @@ non-negative map that is pooled; BoWNet builds its CIFAR vocabulary on it), 'poo
 and 'logits' when num_classes is set.
 
 Init (stated choice): convs kaiming_normal fan_out, N(0, 2 / (k*k*C_out)), as in the reference
-WRN code and torchvision; BN scale 1 bias 0; fc torch.nn.Linear default. BN numerics as PyTorch.
+WRN code and torchvision; BN scale 1 bias 0; fc torch.nn.Linear default. BN numerics as PyTorch
+(`models.norm.BatchNorm`).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bow_jax.models.resnet import TorchLinear, global_average_pool, torch_batch_norm, torch_conv
+from bow_jax.models.norm import torch_batch_norm
+from bow_jax.models.resnet import TorchLinear, global_average_pool, torch_conv
 
 
 class WideBasicBlock(nn.Module):
@@ -90,3 +95,83 @@ class WideResNet(nn.Module):
 
 
 WRN28_10 = functools.partial(WideResNet, depth=28, widen_factor=10)
+
+
+
+# -- The official OBoW Wide ResNet for small images (github.com/valeoai/obow). ---------------------
+
+class OBoWWideBlock(nn.Module):
+    """One block of the official OBoW WRN (see `OBoWWideResNet`). Params: conv1, bn2, conv2, and
+    bn1 (pre-activation) for an identity block or shortcut_conv (1x1) for a projection block."""
+    out_planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = functools.partial(torch_conv, dtype=self.dtype)
+        norm = functools.partial(torch_batch_norm, train, dtype=self.dtype)
+        identity = self.stride == 1 and x.shape[-1] == self.out_planes
+        # Identity blocks are pre-activated; projection blocks see x (already post-ReLU: the
+        # stem and every group end with BN-ReLU) directly, in both branches.
+        y = nn.relu(norm(name="bn1")(x)) if identity else x
+        y = conv(self.out_planes, 3, self.stride, name="conv1")(y)
+        y = conv(self.out_planes, 3, name="conv2")(nn.relu(norm(name="bn2")(y)))
+        if identity:
+            return x + y
+        return conv(self.out_planes, 1, self.stride, name="shortcut_conv")(x) + y
+
+
+class OBoWWideResNet(nn.Module):
+    """The Wide ResNet of the official OBoW code for small images (github.com/valeoai/obow),
+    backbone name 'wrn_obow'. NHWC in, a dict of named maps out:
+
+        conv3x3(16) -> BN -> ReLU                                        'stem'   [B, H, W, 16]
+        group g = 1, 2, 3: (depth - 4) / 6 blocks of width (16, 32, 64)[g-1] * widen_factor, the
+          first with stride strides[g-1], then the group's own BN -> ReLU     'block{g}' (>= 0)
+        global average of 'block3', float32                              'pooled' [B, 64k]
+
+    A block whose input and output widths match and whose stride is 1 is pre-activated,
+    x + conv3x3(relu(bn2(conv3x3(relu(bn1(x)))))); any other block is
+    conv1x1(x, stride) + conv3x3(relu(bn2(conv3x3(x, stride)))) with no pre-activation.
+    Convolutions have no bias and weights N(0, 2 / (k*k*C_out)); BN scale 1, bias 0, PyTorch
+    numerics (`models.norm.BatchNorm`). WRN-16-2: 690,384 parameters, 'pooled' 128-d; at 32x32 with
+    strides (1, 2, 2) block1 32x32x32, block2 16x16x64, block3 8x8x128.
+
+    Unlike `WideResNet` (BoWNet's, whose 'block1'/'block2' are the pre-activation residual
+    stream), every named map here is post-ReLU, so any of them is a BoW level. torchvision has no
+    such network: there is no torchvision export for it.
+
+    Attributes:
+      depth: 6n + 4 (16 -> 2 blocks per group).
+      widen_factor: k; group widths 16k, 32k, 64k.
+      strides: the first block's stride of each of the three groups.
+      dtype: compute dtype; parameters and BN statistics stay float32.
+
+    Raises ValueError for a depth that is not 6n + 4 (n >= 1) or strides that are not 3 ints.
+    """
+    depth: int = 16
+    widen_factor: int = 2
+    strides: Sequence[int] = (1, 2, 2)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError(f"OBoWWideResNet depth={self.depth} must be 6n+4 with n >= 1 "
+                             "(e.g. 16).")
+        if len(tuple(self.strides)) != 3:
+            raise ValueError(f"OBoWWideResNet strides={self.strides!r}: expected 3 ints, one "
+                             "per group.")
+        norm = functools.partial(torch_batch_norm, train, dtype=self.dtype)
+        x = jnp.asarray(x, self.dtype)
+        x = nn.relu(norm(name="bn1")(torch_conv(16, 3, name="conv1", dtype=self.dtype)(x)))
+        features = {"stem": x}
+        for g, (multiplier, stride) in enumerate(zip((16, 32, 64), self.strides)):
+            for j in range((self.depth - 4) // 6):
+                x = OBoWWideBlock(multiplier * self.widen_factor, int(stride) if j == 0 else 1,
+                                  dtype=self.dtype, name=f"block{g + 1}_{j}")(x, train)
+            x = nn.relu(norm(name=f"block{g + 1}_bn")(x))
+            features[f"block{g + 1}"] = x
+        features["pooled"] = global_average_pool(x)
+        return features

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -42,26 +41,22 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bow_jax import train
 from bow_jax.bow import kmeans, quantize
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import runner
 from bow_jax.lib import checkpoint, files, sharding
-from bow_jax.methods import bownet, common
+from bow_jax.methods import bownet, common, data_info_for
 from bow_jax.models import feature_dims
+from bow_jax.tasks import common as task_common
+from bow_jax.tasks import train as train_task
+
+SECTION = None  # its fields live in config.bownet (rounds, rotnet, vocab_*, eval_features)
+
+
+def default_config():
+    return None
 
 VOCABULARY_FILE = "vocabulary.npz"
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file (configs/<name>.py), e.g. a chain's RotNet stage."""
-    spec = importlib.util.spec_from_file_location(
-        "_config_" + os.path.splitext(os.path.basename(path))[0], path)
-    if spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +81,7 @@ def rotnet_config(config) -> ml_collections.ConfigDict:
     block = config.bownet.rotnet
     if "method" not in block or block.method != "rotnet":
         raise ValueError("config.bownet.rotnet must be a full RotNet config (base_config("
-                         "'rotnet'), e.g. loaded with bownet_chain.load_config_file); got "
+                         "'rotnet'), e.g. loaded with bow_jax.config.load_config_file); got "
                          f"{sorted(block.keys()) or 'an empty block'}.")
     return _share_chain_fields(_copy(block), config)
 
@@ -113,7 +108,7 @@ def stage_dir(workdir: str, name: str) -> str:
 
 
 def total_steps(config) -> int:
-    return train.data_info_for(config, load_split(config, "train")).total_steps
+    return data_info_for(config, load_split(config, "train")).total_steps
 
 
 def finished_step(config, workdir: str) -> Optional[int]:
@@ -138,7 +133,7 @@ def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = (
     total = total_steps(config)
     if (finished_step(config, workdir) or 0) >= total:
         return "reused"
-    train.train_and_evaluate(config, workdir, hooks=hooks)
+    train_task.run(config, workdir, hooks=hooks)
     return "ran" if (finished_step(config, workdir) or 0) >= total else "interrupted"
 
 
@@ -280,7 +275,7 @@ def _encode(backbone, feature, mean, std, variables, images):
 
 def _encode_state(backbone, feature, mean, std, state, images):
     """The same from a RotNet or BoWNet training state (its 'backbone' sub-tree)."""
-    variables = bownet.backbone_of({"params": state.params, "batch_stats": state.batch_stats})
+    variables = common.backbone_variables(state)
     return _encode(backbone, feature, mean, std, variables, images)
 
 
@@ -308,8 +303,8 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
     missing = [f for f in features if f not in have]
     if not missing:
         return have, "reused"
-    train_data, _, method, mesh, ckpt, state = train.setup(config, workdir)
-    ckpt.close()
+    with task_common.restore(config, workdir) as run_:
+        train_data, method, mesh, state = run_.train_data, run_.method, run_.mesh, run_.state
     test_data = load_split(config, "test")
     backbone = common.backbone_from_config(config)
     mean, std = common.normalization(config)
@@ -368,7 +363,7 @@ def _write_record(workdir: str, record: list) -> None:
                             json.dumps({"stages": record}, indent=2))
 
 
-def run_chain(config, workdir: str,
+def run(config, workdir: str,
               stage_hooks: Optional[Dict[str, Sequence[Callable[[int], None]]]] = None
               ) -> Optional[dict]:
     """Runs (or resumes) every stage; returns the evaluation results, or None when a training

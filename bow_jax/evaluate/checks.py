@@ -1,0 +1,197 @@
+"""Checks, made before training starts, that the evaluation at its end can run on its data.
+
+`check_evaluation_data(config)` reads what the frozen-feature protocols (`runner.score`: linear
+probe, few-shot episodes, weighted k-NN) will read, the training and test splits after
+config.data.limit, config.eval.train_limit and config.eval.test_limit, without decoding a single
+image: image folders are listed, npz files open only their label arrays, TFDS builders report
+their split sizes (or config.data.num_examples under mock data). Each setting the data cannot
+satisfy is a ValueError naming the config field, what was expected and the data checked, so a
+missing `test/` split or a 5-way few-shot on 3 classes stops the run in seconds rather than after
+days of training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import jax
+import numpy as np
+
+from bow_jax.data import datasets
+from bow_jax.evaluate import fewshot, knn, linear
+
+# The k the runner's k-NN uses: knn_accuracy's default unless config.eval.knn_k is set.
+KNN_K_DEFAULT = inspect.signature(knn.knn_accuracy).parameters["k"].default
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+    """A split as the evaluation will see it: `num_examples` and `labels` (int [num_examples], or
+    None when only reading the examples would tell, as for TFDS) after the limits; `num_classes`
+    of the source's class index; `where` names the data and the limits applied, for messages."""
+    num_examples: int
+    labels: np.ndarray | None
+    num_classes: int
+    where: str
+
+
+def _field(section, name: str, default=None):
+    value = getattr(section, name, default)
+    return default if value is None else value
+
+
+def _limited(summary: datasets.SplitSummary, limits, split: str) -> EvalSplit:
+    """`summary` cut to the first `limit` examples for each (field name, limit) of `limits`,
+    in order; a limit larger than what it cuts is a ValueError (a wrong path or a typo)."""
+    count, where = summary.num_examples, f"the {split} split ({summary.where}"
+    for name, limit in limits:
+        if limit < 0:
+            raise ValueError(f"{name}={limit}; expected 0 (all) or a positive count.")
+        if limit > count:
+            raise ValueError(f"{name}={limit} is larger than {where}), which has {count} "
+                             f"examples.")
+        if limit:
+            count, where = limit, f"{where}, first {limit} by {name}"
+    labels = None if summary.labels is None else summary.labels[:count]
+    return EvalSplit(count, labels, summary.num_classes, where + ")")
+
+
+def evaluation_splits(config) -> tuple[EvalSplit, EvalSplit]:
+    """(train, test) as `runner.evaluate_states` will read them: config.data.limit then
+    config.eval.train_limit on the training split, config.eval.test_limit on the test split.
+
+    Raises FileNotFoundError / ValueError naming config.data.* when a split is missing, and
+    ValueError naming config.eval.*_limit when a limit exceeds its split.
+    """
+    ev = config.eval
+    train = datasets.describe_split(config.data, "train")
+    data_limit = int(_field(config.data, "limit", 0))
+    # load_split cuts the training split to config.data.limit without complaint (a quick run on
+    # part of the data), so only the evaluation's own limits are checked against their splits.
+    if data_limit and data_limit < train.num_examples:
+        train = dataclasses.replace(
+            train, num_examples=data_limit,
+            labels=None if train.labels is None else train.labels[:data_limit],
+            where=f"{train.where}, first {data_limit} by config.data.limit")
+    test = datasets.describe_split(config.data, "test")
+    return (_limited(train, [("config.eval.train_limit", int(ev.train_limit))], "training"),
+            _limited(test, [("config.eval.test_limit", int(ev.test_limit))], "test"))
+
+
+def _check_tfds_in_memory(config) -> None:
+    """TFDS splits the evaluation reads whole into memory (`splits.load_split`: the test split,
+    and the training split, which `runner.evaluate_states` needs as arrays) must be in memory and
+    hold images of one size."""
+    if _field(config.data, "source") != "tfds":
+        return
+    if not _field(config.data, "in_memory", True):
+        raise ValueError("config.data.in_memory=False: the evaluation after training reads the "
+                         "training split's images into memory, which a streamed TFDS split "
+                         "does not allow; set config.eval.after_training=False (and evaluate "
+                         "with in_memory=True on a dataset that fits in memory).")
+    for split in ("train", "test"):
+        source = datasets.load_dataset(config.data, split)
+        shape = tuple(source.builder.info.features["image"].shape)
+        if None in shape:
+            raise ValueError(f"config.data.name={source.name!r}: split {source.split!r} has "
+                             f"images of several sizes ({shape}); the evaluation reads it into "
+                             f"memory as one array, which needs images of one size.")
+
+
+def _check_batch_size(ev) -> None:
+    devices = jax.device_count()
+    if ev.batch_size < 1 or ev.batch_size % devices:
+        raise ValueError(f"config.eval.batch_size={ev.batch_size}: feature extraction splits "
+                         f"each batch over the {devices} devices; expected a positive multiple "
+                         f"of {devices}.")
+
+
+def _check_labels(train: EvalSplit, test: EvalSplit) -> None:
+    """Test labels index the training split's classes (the probes' and k-NN's outputs)."""
+    if test.labels is None or not test.labels.size or not train.num_classes:
+        return
+    if int(test.labels.max()) >= train.num_classes or int(test.labels.min()) < 0:
+        raise ValueError(f"config.data: {test.where} has labels in [{test.labels.min()}, "
+                         f"{test.labels.max()}], but {train.where} defines "
+                         f"{train.num_classes} classes; every split must use the training "
+                         f"split's class index.")
+
+
+def _check_linear(ev, train: EvalSplit) -> None:
+    if ev.linear_protocol not in linear.PROTOCOLS:
+        raise ValueError(f"config.eval.linear_protocol={ev.linear_protocol!r}; expected one of "
+                         f"{sorted(linear.PROTOCOLS)}.")
+    if ev.linear_epochs < 0:
+        raise ValueError(f"config.eval.linear_epochs={ev.linear_epochs}; expected 0 (the "
+                         f"protocol's epochs) or a positive number.")
+    classes = train.num_classes
+    if train.labels is not None:
+        classes = len(np.unique(train.labels))
+    if classes and classes < 2:
+        raise ValueError(f"config.eval.linear=True: a linear probe needs at least 2 classes; "
+                         f"{train.where} has {classes}.")
+
+
+def _check_knn(ev, train: EvalSplit) -> None:
+    k = int(_field(ev, "knn_k", KNN_K_DEFAULT))
+    if not 1 <= k <= train.num_examples:
+        field = "config.eval.knn_k" if _field(ev, "knn_k") else "config.eval.knn"
+        raise ValueError(f"{field}: k-NN with k={k} needs k in [1, number of training (memory) "
+                         f"examples]; {train.where} has {train.num_examples}.")
+
+
+def _check_fewshot(ev, test: EvalSplit) -> None:
+    shots = tuple(int(s) for s in ev.fewshot_shots)
+    ways, queries, episodes = int(ev.fewshot_ways), int(ev.fewshot_queries), \
+        int(ev.fewshot_episodes)
+    for name, value in (("fewshot_ways", ways), ("fewshot_queries", queries),
+                        ("fewshot_episodes", episodes)):
+        if value < 1:
+            raise ValueError(f"config.eval.{name}={value}; expected >= 1.")
+    if not shots or min(shots) < 1:
+        raise ValueError(f"config.eval.fewshot_shots={shots}; expected shots >= 1.")
+    if test.labels is None:  # TFDS: only the class count is known without reading the split
+        if test.num_classes and ways > test.num_classes:
+            raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {test.num_classes} "
+                             f"classes of {test.where}.")
+        return
+    classes, counts = np.unique(test.labels, return_counts=True)
+    if ways > classes.size:
+        raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes "
+                         f"present in {test.where}.")
+    for shot in shots:
+        try:  # the episode sampler's own conditions, on labels only (no features needed)
+            fewshot.sample_episodes(test.labels, ways, shot, queries, 1)
+        except ValueError as e:
+            raise ValueError(
+                f"config.eval.fewshot_shots={shots} with config.eval.fewshot_queries={queries}: "
+                f"{shot}-shot episodes need {shot + queries} examples of each class; "
+                f"{test.where} has {counts.min()} of class {classes[counts.argmin()]} "
+                f"({e})") from None
+
+
+def check_evaluation_data(config) -> None:
+    """Raises before any training when the evaluation (`runner.evaluate_states`) could not run
+    on the data it will read; returns None when it can.
+
+    Checked: the training and test splits exist (FileNotFoundError / ValueError from
+    `datasets.describe_split`, naming config.data.*); config.eval.train_limit / test_limit fit
+    their splits; config.eval.batch_size divides over the devices; test labels index the training
+    split's classes; linear probe (when config.eval.linear): a known protocol, linear_epochs >= 0,
+    >= 2 classes; k-NN (config.eval.knn): k <= training examples; few-shot (config.eval.fewshot):
+    fewshot_ways <= test classes and, for every shot count, each class has fewshot_shots +
+    fewshot_queries test examples (the condition of `fewshot.sample_episodes`); TFDS: the splits
+    can be read into memory. Cost: listing files and reading label arrays, no image decoding,
+    no feature extraction.
+    """
+    ev = config.eval
+    _check_batch_size(ev)
+    _check_tfds_in_memory(config)
+    train, test = evaluation_splits(config)
+    _check_labels(train, test)
+    if ev.linear:
+        _check_linear(ev, train)
+    if ev.knn:
+        _check_knn(ev, train)
+    if ev.fewshot:
+        _check_fewshot(ev, test)

@@ -1,0 +1,59 @@
+"""The `evaluate` task: score the newest checkpoint of a workdir, or a learning curve over the kept
+checkpoints of `config.eval.checkpoint_steps`, with the frozen-feature protocols of `config.eval`."""
+import ml_collections
+
+from bow_jax.evaluate import runner
+from bow_jax.lib import checkpoint
+from bow_jax.tasks import common
+
+SECTION = "eval"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """config.eval: which protocols score a network, on which feature, with which settings."""
+    e = ml_collections.ConfigDict()
+    e.after_training = True  # the train task evaluates its final state
+    e.feature = "pooled"  # backbone output the probes read (maps are average-pooled)
+    e.random_init = False  # also score the same network at random init, side by side
+    e.batch_size = 256
+    e.linear = True
+    e.linear_protocol = "cifar_bownet"
+    e.linear_epochs = 0  # > 0 overrides the protocol's epochs (quick runs)
+    e.fewshot = True
+    e.fewshot_shots = (1, 5)
+    e.fewshot_ways = 5
+    e.fewshot_queries = 15
+    e.fewshot_episodes = 200
+    e.knn = True
+    e.test_limit = 0  # evaluate on the first N test images (0 = all)
+    e.train_limit = 0  # fit the probes on the first N training images (0 = all): quick looks
+    e.checkpoint_steps = ()  # the `evaluate` task scores these kept checkpoints (a learning
+    #                          curve; keep them with keep_every_steps); () = the newest
+    return e
+
+
+def score_states(run: common.Run, states) -> dict:
+    """Scores each state of `states` (an iterable, e.g. a generator that restores them one at a
+    time), plus the random init if `config.eval.random_init`; writes and prints the table."""
+    init = common.initial_state(run) if run.config.eval.random_init else None
+    return runner.evaluate_states(run.config, run.workdir, run.method, states, run.mesh,
+                                  random_init=init)
+
+
+def run(config, workdir: str) -> dict:
+    """Scores the newest checkpoint of `workdir`, or those of `config.eval.checkpoint_steps`.
+
+    FileNotFoundError when `workdir` holds no checkpoint; ValueError naming the missing steps."""
+    with common.restore_trained(config, workdir, "evaluate") as run_:
+        steps = [int(s) for s in config.eval.checkpoint_steps]
+        if not steps:
+            return score_states(run_, [run_.state])
+        kept = sorted(run_.checkpointer.all_steps())
+        missing = sorted(set(steps) - set(kept))
+        if missing:
+            raise ValueError(f"config.eval.checkpoint_steps: no checkpoint at steps {missing} in "
+                             f"{run_.checkpointer.directory}; kept: {kept}.")
+        abstract = checkpoint.abstract_like(run_.state)
+        run_.state = None  # one state in memory at a time
+        return score_states(run_, (run_.checkpointer.restore(abstract, config, step=s)
+                                   for s in steps))

@@ -1,0 +1,29 @@
+"""The `train` task: train (resuming from the workdir's newest checkpoint), then evaluate."""
+from typing import Callable, Iterable, Optional
+
+from absl import logging
+
+from bow_jax import train
+from bow_jax.tasks import common, evaluate
+
+SECTION = None  # no config section of its own: the shared fields of bow_jax/config.py
+
+
+def default_config():
+    return None
+
+
+def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Optional[dict]:
+    """Trains `config` in `workdir`, then scores the result if `config.eval.after_training`.
+
+    Returns the evaluation results; None when stopped early by a signal (a checkpoint was saved:
+    the same command resumes) or when evaluation is off. `hooks` are called with the step number
+    after each step (tests use them to send signals)."""
+    with common.restore(config, workdir) as run_:
+        if run_.restored_step is not None:
+            logging.info("Resumed from %s at step %d.", run_.checkpointer.directory,
+                         run_.restored_step)
+        state = train.train(run_, hooks)
+    if state is None or not config.eval.after_training:
+        return None
+    return evaluate.score_states(run_, [state])
