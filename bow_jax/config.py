@@ -34,6 +34,8 @@ def shared_fields(method: str) -> ml_collections.ConfigDict:
     c.data.limit = 0  # use only the first N training images (0 = all): quick runs
     c.data.num_examples = 0  # TFDS only, when split sizes are unknown (mock data)
     c.data.in_memory = True  # False: stream a TFDS training split through tf.data (ImageNet)
+    c.data.max_unreadable_fraction = 0.05  # image folders: undecodable files up to this share are
+    #                                        skipped with a warning naming them; more: an error
 
     c.batch_size = 128  # global, over all devices and hosts
     c.num_epochs = 1

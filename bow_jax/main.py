@@ -1,28 +1,86 @@
 """Entry point: python -m bow_jax.main --config=configs/<name>.py --workdir=DIR [--config.x=y].
 
-Kept short on purpose: the logic lives in importable, testable modules.
+  --list_config        print every field of the config (dotted name, value, type) and exit
+  --verbosity=0 / -v 0 show the libraries' INFO logging (Orbax, JAX), off by default
+  --distributed        call jax.distributed.initialize() first (multi-host runs)
+
+Kept short on purpose: the work is in `bow_jax.tasks` (one module per `config.task`), the
+command-line diagnosis in `bow_jax.lib.cli`, the logging set-up in `bow_jax.lib.logs`.
+A command-line mistake is one line on stderr, `error: ...`, and exit status 2.
 """
-from absl import app, flags, logging
+import os
+import sys
+from typing import List, NoReturn
+
+import jax
+import ml_collections
+from absl import app, flags
 from ml_collections import config_flags
+
+from bow_jax import tasks
+from bow_jax.lib import cli, logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs; "
                   "arguments come from the cluster environment).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("list_config", False, "Print every field of --config (dotted name, value, "
+                  "type), overrides applied, and exit; needs no --workdir.")
+
+USAGE_ERROR = 2  # exit status of a command-line mistake, as argparse and absl use
 
 
-def main(argv):
-    del argv
-    import jax  # pylint: disable=import-outside-toplevel
+def _exit_with(message: str, status: int = USAGE_ERROR) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl's flag parsing, each mistake reported as one line (no usage text, no traceback).
+
+    config_flags raises while parsing for a config override it cannot apply, and loads a missing
+    --config file lazily (an error object until first use): both are diagnosed here, by
+    `cli.diagnose`, in terms of the command line.
+    """
+    try:
+        rest = FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except  # all of them are the user's input
+        _exit_with(cli.diagnose(argv[1:]) or cli.first_line(e))
+    if FLAGS["config"].value is None:
+        _exit_with("--config is required: a config file, e.g. --config=configs/demo.py")
+    if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+        _exit_with(cli.diagnose(argv[1:]) or f"--config={cli.config_argument(argv[1:])}: "
+                   "get_config() did not return a ConfigDict")
+    if not FLAGS.workdir and not FLAGS.list_config:
+        _exit_with("--workdir is required (where checkpoints, metrics and results go); only "
+                   "--list_config runs without it")
+    if len(rest) > 1:
+        _exit_with(f"unexpected argument(s) {' '.join(rest[1:])}; flags take the form --name=value")
+    return rest
+
+
+def main(argv: List[str]) -> None:
+    del argv  # checked by parse_flags
+    if FLAGS.list_config:
+        print(cli.format_fields(FLAGS.config), flush=True)
+        return
+    logs.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
     if FLAGS.distributed:
         jax.distributed.initialize()
-    logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
-                 jax.device_count(), jax.devices())
-    from bow_jax import tasks  # pylint: disable=import-outside-toplevel
-    tasks.run(FLAGS.config, FLAGS.workdir)
+    config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
+    logs.say(f"bow_jax: task {config.get('task')}, method {config.get('method')}; "
+             f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
+             f"{jax.process_count()} process(es); workdir {workdir}")
+    try:
+        tasks.run(config, workdir)
+    except Exception as e:  # pylint: disable=broad-except
+        if not cli.is_input_error(e) or not logs.is_quiet():
+            raise
+        _exit_with(f"{cli.first_line(e)} (--verbosity=0 shows the traceback)", status=1)
+    outputs = ", ".join(sorted(os.listdir(workdir))) if os.path.isdir(workdir) else "nothing"
+    logs.say(f"bow_jax: done; outputs in {workdir}: {outputs}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -332,6 +332,7 @@ def time_steps(compiled, state, batch, *, steps: int, warmup: int):
 def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps: int,
                warmup: int, seed: int = 0, isolated: bool = False) -> dict:
     """Times `steps` train steps after `warmup` untimed ones; returns a result row."""
+    reference = variant_config(config, "fp32", batch_size)  # the analytic count's config
     config = variant_config(config, variant, batch_size)
     device = jax.devices()[0]
     before = read_memory_stats(device)
@@ -353,7 +354,7 @@ def bench_step(config, variant: str, *, batch_size: int, image_size: int, steps:
         "imagenet_epoch_h": IMAGENET_TRAIN_IMAGES / (batch_size / seconds) / 3600,
     }
     row.update(peak_fields(before, read_memory_stats(device), isolated))
-    row.update(flops_fields(config, compiled, batch_size))
+    row.update(flops_fields(reference, compiled, batch_size))
     return row
 
 
@@ -361,6 +362,7 @@ def cost_only_row(config, variant: str, *, batch_size: int, image_size: int) -> 
     """FLOPs per image of the lowered (not compiled) step of abstract inputs, beside the analytic
     count: no device memory, no compile, so it works for batches that would not fit here. The
     lowered program is the whole global step (before partitioning and XLA's optimisations)."""
+    analytic = analytic_flops(variant_config(config, "fp32", batch_size), batch_size)
     config = variant_config(config, variant, batch_size)
     method = make_method(config, image_size)
     key = jax.random.key(0)
@@ -370,7 +372,6 @@ def cost_only_row(config, variant: str, *, batch_size: int, image_size: int) -> 
                  label=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
     lowered = jax.jit(method.train_step, donate_argnums=0).lower(state, batch)
     xla = cost_flops(lowered.cost_analysis())
-    analytic = analytic_flops(config, batch_size)
     return {"method": config.method, "model": config.model.name, "variant": variant,
             "global_batch": batch_size, "image_size": image_size,
             "xla_lowered_flops_per_image": None if xla is None else xla / batch_size,
@@ -436,7 +437,7 @@ def write_result(path: str, rows, pipeline_rows, failed, cost_rows, complete: bo
               "cost_only": cost_rows, "complete": complete, "jax": jax.__version__,
               # jax.default_backend() would start the backend in this process (and take GPU
               # memory from the variants' processes): the rows say where they ran.
-              "backend": rows[0]["platform"] if rows else None}
+              "backend": rows[0].get("platform") if rows else None}
     if path:
         files.atomic_write_text(path, json.dumps(result, indent=1))
     return result

@@ -106,14 +106,13 @@ def main(process_id: int, port: int, outdir: str):
                                process_id=process_id)
     open(os.path.join(outdir, f"started_{process_id}"), "w").close()
     jax.config.update("jax_disable_most_optimizations", True)
-    from bow_jax import train  # pylint: disable=import-outside-toplevel
     from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel
     from bow_jax.lib import sharding  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import create_method  # pylint: disable=import-outside-toplevel
+    from bow_jax.methods import create_method, data_info_for  # pylint: disable=C0415
 
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     config = tiny_config()
-    method = create_method(config, train.data_info_for(config, load_split(config, "train")))
+    method = create_method(config, data_info_for(config, load_split(config, "train")))
     mesh = sharding.make_mesh()
     state = jax.jit(prepared_state(method, config), out_shardings=sharding.replicated(mesh))()
     views = dict(np.load(os.path.join(outdir, "views.npz")))

@@ -12,6 +12,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from sklearn.datasets import load_sample_images
 
 from bow_jax.data import augment as A
+from bow_jax.data import geometric, photometric
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,19 @@ def test_to_float_and_normalize(photo):
     np.testing.assert_allclose(np.array(A.CIFAR_STD) * 255, [63.0, 62.1, 66.7])
     with pytest.raises(ValueError, match="mean/std"):
         A.normalize(x, (0.5, 0.5), (0.5, 0.5))
+
+
+def test_to_uint8_rounds_half_to_even_and_clips():
+    x = np.array([-3.0, 0.4, 0.5, 1.5, 2.5, 127.49, 254.5, 255.6, 300.0], np.float32)
+    got = A.to_uint8(jnp.asarray(x))
+    assert got.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(got), np.clip(np.round(x), 0, 255).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(got), [0, 0, 0, 2, 2, 127, 254, 255, 255])
+
+
+def test_augment_namespace_is_the_geometric_and_photometric_ops():
+    assert A.resize is geometric.resize and A.cutmix is geometric.cutmix
+    assert A.photometric is photometric.photometric and A.gaussian_blur is photometric.gaussian_blur
 
 
 def test_rotate4_matches_rot90_image_major():

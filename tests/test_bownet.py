@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from bow_jax import tasks, train
+from bow_jax import tasks
+from bow_jax.bow import build
 from bow_jax.config import load_config_file
 from bow_jax.tasks import bownet_chain
 from bow_jax.data import augment
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding
 from bow_jax.config import base_config
-from bow_jax.methods import bownet, create_method
+from bow_jax.methods import bownet, create_method, data_info_for
 from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +163,7 @@ def test_cutmix_mixes_targets_by_pasted_area(pyramid):
 def test_student_views_are_uint8_crops_and_teacher_view_is_unperturbed(chain_run):
     config = chain_run["stage"]
     data = load_split(config, "train")
-    method = create_method(config, train.data_info_for(config, data))
+    method = create_method(config, data_info_for(config, data))
     views = jax.jit(method.make_views)(jnp.asarray(data.images[:4]), jax.random.key(0))
     assert views["student"].dtype == jnp.uint8 and views["teacher"].dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(views["teacher"]), data.images[:4])
@@ -275,9 +276,9 @@ def test_chain_runs_every_stage_and_resumes_an_interrupted_one(chain_run):
 
 def test_vocabulary_is_the_kmeans_of_the_teachers_dense_features(chain_run):
     workdir, config = chain_run["workdir"], chain_run["stage"]
-    centroids, meta = bownet.read_vocabulary(os.path.join(workdir, "vocab_1", "vocabulary.npz"))
+    centroids, meta = build.read_vocabulary(os.path.join(workdir, "vocab_1", "vocabulary.npz"))
     assert meta["teacher_step"] == 2 and meta["layer"] == "conv1" and meta["num_words"] == 8
-    _, meta_2 = bownet.read_vocabulary(os.path.join(workdir, "vocab_2", "vocabulary.npz"))
+    _, meta_2 = build.read_vocabulary(os.path.join(workdir, "vocab_2", "vocabulary.npz"))
     assert meta_2["teacher_workdir"] == os.path.join(workdir, "bownet_1")
     assert meta_2["teacher_step"] == 3
 
@@ -323,7 +324,7 @@ def test_one_and_eight_devices_give_the_same_step(chain_run):
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=jax.tree_util.keystr(path))
     # The frozen parts are exactly what the previous stages wrote.
-    centroids, _ = bownet.read_vocabulary(config.bownet.vocabulary)
+    centroids, _ = build.read_vocabulary(config.bownet.vocabulary)
     np.testing.assert_array_equal(one.vocabulary, centroids)
     teacher = bownet.load_teacher_variables(config.bownet.teacher_workdir, 2)
     for x, y in zip(jax.tree.leaves(eight.teacher), jax.tree.leaves(teacher)):
@@ -337,7 +338,7 @@ def test_one_and_eight_devices_give_the_same_step(chain_run):
 
 def test_bad_inputs_name_the_field(chain_run, tmp_path):
     stage = chain_run["stage"]
-    info = train.data_info_for(stage, load_split(stage, "train"))
+    info = data_info_for(stage, load_split(stage, "train"))
 
     def create(**changes):
         config = ml_collections.ConfigDict(stage.to_dict())

@@ -247,7 +247,8 @@ def test_wrong_architecture_is_refused_with_the_difference_named():
 
 def test_obow_fc_is_kappa_times_generated_weights_in_eval_mode(tmp_path):
     """fc = kappa * G(V) of the last level with the generator BN's running statistics,
-    checked against numpy written from obow_reference.md c/h."""
+    checked against numpy written from the OBoW paper (eq. 4, dynamic head) and the official
+    conversion (github.com/valeoai/obow)."""
     rng = np.random.default_rng(0)
     c_out, kappa = 12, 5.0
     vocabs = [rng.normal(size=(16, 6)).astype(np.float32),

@@ -65,7 +65,7 @@ def test_subset_file_of_indices_and_of_image_folder_names(tmp_path):
                 root / cls / name, format="PNG")
     (root / "a_cls" / "notes.txt").write_text("not an image")
     data = datasets.load_image_folder(root, 4)
-    names = ft.image_folder_filenames(root)
+    names = list(data.filenames)
     assert names == ["a_cls/n1_5.png", "b_cls/n2_0.JPEG", "b_cls/n2_1.JPEG"]
     assert len(names) == len(data) and list(data.labels) == [0, 1, 1]
     (tmp_path / "1percent.txt").write_text("n2_1.JPEG\na_cls/n1_5.png\n")

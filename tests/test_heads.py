@@ -55,6 +55,8 @@ def test_linear_classifier_init_and_batch_norm():
     xn = np.asarray(x, np.float64)
     np.testing.assert_allclose(logits, np_batch_norm(xn) @ kernel, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["bn"]["mean"], 0.1 * xn.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["bn"]["var"], 0.9 + 0.1 * xn.var(0, ddof=1),
+                               rtol=1e-4, atol=1e-6)  # unbiased, as torch's BatchNorm1d
     # Eval mode uses the (initial) running statistics: mean 0, var 1.
     np.testing.assert_allclose(head.apply(variables, x, train=False),
                                xn / np.sqrt(1 + 1e-5) @ kernel, rtol=1e-4, atol=1e-5)
@@ -130,7 +132,9 @@ def test_dynamic_bow_head_matches_numpy():
         np.testing.assert_allclose(logits[l], kappa * fn @ w.T, rtol=1e-4, atol=1e-4)
         stats = updates["batch_stats"][f"generator_{l}"]["bn"]
         np.testing.assert_allclose(stats["mean"], 0.1 * pre_bn.mean(0), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * pre_bn.var(0), rtol=1e-4, atol=1e-6)
+        # PyTorch's BatchNorm1d keeps the unbiased variance over the K words (ddof=1).
+        np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * pre_bn.var(0, ddof=1), rtol=1e-4,
+                                   atol=1e-6)
 
     # Eval mode: running statistics; generate_weights gives unit rows; export fc = kappa * W_last.
     trained = {"params": params, "batch_stats": updates["batch_stats"]}

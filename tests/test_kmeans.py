@@ -177,26 +177,6 @@ def test_kmeans_plus_plus_draws_proportional_to_squared_distance():
         np.testing.assert_allclose(observed, expected, atol=0.06)
 
 
-def test_sample_dense_features():
-    maps = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-    np.testing.assert_array_equal(km.sample_dense_features(maps, None, jax.random.key(0)),
-                                  maps.reshape(24, 5))
-    batches = [maps, maps + 1000]
-    a = km.sample_dense_features(iter(batches), 10, jax.random.key(0))
-    b = km.sample_dense_features(iter(batches), 10, jax.random.key(0))
-    c = km.sample_dense_features(iter(batches), 10, jax.random.key(1))
-    np.testing.assert_array_equal(a, b)
-    assert a.shape == (10, 5) and not np.array_equal(a, c)
-    rows = {tuple(r) for r in np.concatenate([m.reshape(-1, 5) for m in batches])}
-    assert all(tuple(r) in rows for r in a) and len({tuple(r) for r in a}) == 10
-    # Rows from both batches can be kept: the cap is over the whole stream.
-    counts = np.zeros(48)
-    for seed in range(60):
-        kept = km.sample_dense_features(iter(batches), 12, jax.random.key(seed))
-        counts[(kept[:, 0] % 1000 // 5 + 24 * (kept[:, 0] >= 1000)).astype(int)] += 1
-    assert counts.min() > 3 and counts.max() < 30  # ~15 each: uniform over all 48 vectors
-
-
 def test_bad_inputs_name_the_argument():
     x = jnp.zeros((10, 3))
     with pytest.raises(ValueError, match="k=11"):
@@ -211,5 +191,3 @@ def test_bad_inputs_name_the_argument():
         km.kmeans(jax.random.key(0), jnp.zeros((10,)), 2)
     with pytest.raises(ValueError, match="weights"):
         km.lloyd(x, jnp.zeros((2, 3)), weights=jnp.ones(9))
-    with pytest.raises(ValueError, match="feature maps"):
-        km.sample_dense_features(np.zeros((4, 5)), 3, jax.random.key(0))

@@ -109,3 +109,23 @@ def test_the_checker_sees_upward_imports(source, expected):
              for t in imported_modules(node, "bow_jax.lib")
              if LAYERS[part_of(t)] >= LAYERS["lib"] and part_of(t) != "lib"]
     assert found == expected
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions():
+    found = []
+    for name, _, tree in sources():
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = func.end_lineno - func.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{name}.{func.name}: {lines} lines")
+    return found
+
+
+def test_functions_stay_short():
+    """Short functions named from the papers: none in the package over ~60 lines (docstring
+    included)."""
+    assert long_functions() == []

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from bow_jax.lib import sharding
-from bow_jax.models import (NIN, ResNet, WideResNet, check_feature_names, create_backbone,
-                            feature_dims, torchvision_key)
+from bow_jax.models import (NIN, OBoWWideResNet, ResNet, WideResNet, check_feature_names,
+                            create_backbone, feature_dims, torchvision_key)
 from bow_jax.models import nin as nin_lib
 from bow_jax.models import resnet as resnet_lib
+from bow_jax.models import wide_resnet as wrn_lib
 
 
 def abstract_variables(module, input_shape):
@@ -257,6 +258,120 @@ def test_nin_init_is_torch_default_conv_init():
                 assert abs(value.std() / (bound / math.sqrt(3)) - 1) < 0.1, path
 
 
+# -- The official OBoW CIFAR Wide ResNet ('wrn_obow'). --------------------------------------------
+
+def obow_wrn_param_formula(depth, k):
+    """Parameters of the official OBoW WRN (no fc), written from the architecture."""
+    total, in_ch = 3 * 16 * 9 + 2 * 16, 16  # stem conv + BN
+    for width in (16 * k, 32 * k, 64 * k):
+        for j in range((depth - 4) // 6):
+            c_in = in_ch if j == 0 else width
+            total += 9 * c_in * width + 2 * width + 9 * width * width  # conv, BN, conv
+            # first block of a group: 1x1 projection (stride or width change, as here) or bn1
+            total += c_in * width if j == 0 else 2 * c_in
+        total += 2 * width  # the group's closing BN
+        in_ch = width
+    return total
+
+
+def test_obow_wrn_16_2_param_count_and_shapes():
+    assert obow_wrn_param_formula(16, 2) == 690_384
+    model = create_backbone("wrn_obow", depth=16, widen_factor=2, strides=(1, 2, 2))
+    assert num_params(abstract_variables(model, (1, 32, 32, 3))) == 690_384
+    assert num_params(abstract_variables(OBoWWideResNet(depth=22, widen_factor=3),
+                                         (1, 32, 32, 3))) == obow_wrn_param_formula(22, 3)
+    assert feature_dims(model, (2, 32, 32, 3)) == {
+        "stem": (2, 32, 32, 16), "block1": (2, 32, 32, 32), "block2": (2, 16, 16, 64),
+        "block3": (2, 8, 8, 128), "pooled": (2, 128)}
+    dims = feature_dims(OBoWWideResNet(strides=(2, 1, 2)), (2, 32, 32, 3))
+    assert dims["block1"] == (2, 16, 16, 32) and dims["block2"] == (2, 16, 16, 64)
+
+
+def test_obow_wrn_structure_and_init():
+    model = OBoWWideResNet(depth=16, widen_factor=2)
+    params = flat(init(model, jnp.zeros((1, 8, 8, 3)))["params"])
+    modules = {path[:-1] for path in params}
+    # Projection blocks (first of each group: width or stride changes) have a 1x1 shortcut and
+    # no pre-activation BN; identity blocks the reverse; every group closes with its own BN.
+    for g in (1, 2, 3):
+        assert {(f"block{g}_0", "shortcut_conv"), (f"block{g}_1", "bn1"), (f"block{g}_bn",)} <= modules
+        assert (f"block{g}_0", "bn1") not in modules
+        assert (f"block{g}_1", "shortcut_conv") not in modules
+    assert all(path[-1] in ("kernel", "scale", "bias") for path in params)  # no conv bias
+    for path, value in params.items():
+        value = np.asarray(value)
+        if path[-1] == "kernel" and value.size >= 2000:
+            kh, kw, _, c_out = value.shape
+            std = math.sqrt(2.0 / (kh * kw * c_out))
+            assert abs(value.std() / std - 1) < 0.1 and abs(value.mean()) < 0.1 * std, path
+        elif path[-1] in ("scale", "bias"):
+            np.testing.assert_array_equal(value, 1.0 if path[-1] == "scale" else 0.0)
+
+
+def test_obow_wrn_named_maps_are_post_relu_and_pooled_is_block3_average():
+    model = OBoWWideResNet(depth=10, widen_factor=1)
+    variables = init(model, X)
+    for train in (True, False):
+        out = apply(model, variables, X, train=train, mutable=["batch_stats"])[0]
+        for name in ("stem", "block1", "block2", "block3"):
+            assert float(jnp.min(out[name])) >= 0.0 and float(jnp.max(out[name])) > 0.0, name
+        np.testing.assert_allclose(out["pooled"], np.asarray(out["block3"]).mean(axis=(1, 2)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _np_bn_relu(x, p):
+    """Train-mode BN (biased batch variance, eps 1e-5) then ReLU, float64 numpy."""
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    return np.maximum((x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"], 0.0)
+
+
+def _np_conv(x, kernel, stride):
+    """Cross-correlation with torch padding (k-1)//2 in numpy: sum over the k*k kernel taps."""
+    k = kernel.shape[0]
+    pad = (k - 1) // 2
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h_out = (x.shape[1] + 2 * pad - k) // stride + 1
+    w_out = (x.shape[2] + 2 * pad - k) // stride + 1
+    out = np.zeros((x.shape[0], h_out, w_out, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            taps = padded[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride]
+            out += taps @ kernel[i, j]
+    return out
+
+
+@pytest.mark.parametrize("in_ch,out_ch,stride", [(6, 6, 1), (4, 6, 1), (6, 6, 2)],
+                         ids=["identity", "widen", "stride"])
+def test_obow_wrn_block_follows_the_residual_rule(in_ch, out_ch, stride):
+    """identity: x + conv(relu(bn(conv(relu(bn(x)))))); other: conv1x1(x, s) + conv(relu(bn(conv(x, s))))."""
+    block = wrn_lib.OBoWWideBlock(out_ch, stride)
+    x = np.asarray(jax.random.normal(jax.random.key(3), (4, 6, 6, in_ch)))
+    variables = init(block, jnp.asarray(x))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda v: np.asarray(v, np.float64) + (
+        0.3 * rng.normal(size=v.shape) if v.ndim == 1 else 0.0), variables["params"])
+    got, _ = apply(block, {**variables, "params": jax.tree.map(jnp.float32, params)}, x,
+                   train=True, mutable=["batch_stats"])
+    x64 = x.astype(np.float64)
+    if in_ch == out_ch and stride == 1:
+        h = _np_conv(_np_bn_relu(x64, params["bn1"]), params["conv1"]["kernel"], 1)
+        expected = x64 + _np_conv(_np_bn_relu(h, params["bn2"]), params["conv2"]["kernel"], 1)
+    else:
+        h = _np_conv(x64, params["conv1"]["kernel"], stride)
+        expected = (_np_conv(x64, params["shortcut_conv"]["kernel"], stride)
+                    + _np_conv(_np_bn_relu(h, params["bn2"]), params["conv2"]["kernel"], 1))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_obow_wrn_invalid_options_raise():
+    with pytest.raises(ValueError, match="depth=15"):
+        feature_dims(OBoWWideResNet(depth=15), (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="strides"):
+        feature_dims(OBoWWideResNet(strides=(1, 2)), (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="does not accept"):
+        create_backbone("wrn_obow", cifar_stem=True)
+
+
 # -- BatchNorm numerics. ------------------------------------------------------------------------------
 
 def test_batchnorm_train_and_eval_follow_pytorch(tiny_resnet):
@@ -269,7 +384,8 @@ def test_batchnorm_train_and_eval_follow_pytorch(tiny_resnet):
     np.testing.assert_allclose(bn1, (conv1 - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
     stats = updates["batch_stats"]["bn1"]
     np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)  # momentum 0.1
-    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)
+    n = conv1.shape[0] * conv1.shape[1] * conv1.shape[2]  # the running variance is unbiased
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-4, atol=1e-6)
 
     # Change every sample but the first: in eval mode (running statistics) sample 0's output is
     # unchanged, in train mode (batch statistics) it changes.
@@ -430,20 +546,16 @@ def test_forward_matches_torchvision(arch):
         np.testing.assert_allclose(out[name], feats[name], rtol=1e-4, atol=2e-4)
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=2e-4)
 
-    # Train mode: batch statistics and the running-stat update (torch keeps the unbiased variance).
+    # Train mode: batch statistics and the running-stat update (both keep the unbiased variance).
     torch_model.train()
     with torch.no_grad():
         logits = torch_model(torch.from_numpy(x)).numpy()
     out, updates = apply(model, variables, x_nhwc, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=5e-4)
-    m = torch_model.layer4[0].bn2
-    flax_bn = updates["batch_stats"]["layer4_0"]["bn2"]
-    np.testing.assert_allclose(flax_bn["mean"], m.running_mean.numpy(), rtol=1e-4, atol=1e-4)
-    count = 4 * feats["layer4"].shape[1] * feats["layer4"].shape[2]
-    old_var = np.asarray(variables["batch_stats"]["layer4_0"]["bn2"]["var"])
-    batch_var_unbiased = (m.running_var.numpy() - 0.9 * old_var) / 0.1
-    np.testing.assert_allclose(flax_bn["var"], 0.9 * old_var + 0.1 * batch_var_unbiased * (count - 1) / count,
-                               rtol=1e-4, atol=1e-4)
+    torch_state = torch_model.state_dict()
+    for path, value in flat(updates["batch_stats"]).items():  # every BN's running mean and var
+        np.testing.assert_allclose(value, torch_state[torchvision_key(path)].numpy(), rtol=1e-4,
+                                   atol=1e-4, err_msg=str(path))
 
 
 def test_state_dict_keys_cover_torchvision_resnet50():

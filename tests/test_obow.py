@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bow_jax import train
 from bow_jax.bow import vocabulary as voc
+from bow_jax.data import host_views
 from bow_jax.data.splits import load_split
 from bow_jax.lib import schedules, sharding
-from bow_jax.methods import DataInfo, common, create_method, obow
+from bow_jax.methods import DataInfo, common, create_method, data_info_for, obow
+from bow_jax.tasks import common as task_common
+from bow_jax.tasks import train as train_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -105,7 +107,7 @@ def assert_trees_close(a, b, atol):
 def one_step():
     config = worker.tiny_config()
     data = load_split(config, "train")
-    method = create_method(config, train.data_info_for(config, data))
+    method = create_method(config, data_info_for(config, data))
     mesh = sharding.make_mesh(jax.devices()[:1])
     state = jax.jit(worker.prepared_state(method, config))()
     views = worker.random_views(config)
@@ -295,9 +297,9 @@ def test_two_processes_match_one(one_step, tmp_path):
 
 
 def _run_dir(config, workdir):
-    *_, ckpt, state = train.setup(config, workdir)
-    ckpt.close()
-    return jax.device_get(state)
+    run = task_common.restore(config, workdir)
+    run.close()
+    return jax.device_get(run.state)
 
 
 def test_resume_is_exact_queue_and_statistics_included(tmp_path):
@@ -307,16 +309,16 @@ def test_resume_is_exact_queue_and_statistics_included(tmp_path):
     config.num_train_steps = 4
     config.checkpoint_every_steps = 2
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train.train_and_evaluate(config, str(full))
+    train_task.run(config, str(full))
     shutil.copytree(full / "checkpoints" / "2", resumed / "checkpoints" / "2")
     assert _run_dir(config, str(resumed)).step == 2
-    train.train_and_evaluate(config, str(resumed))
+    train_task.run(config, str(resumed))
     want, got = _run_dir(config, str(full)), _run_dir(config, str(resumed))
     assert int(want.step) == int(got.step) == 4
     assert_trees_close(got, want, atol=1e-6)
     # K = 2 B: after 4 steps the pointer is back at 0 and every initial word was replaced.
     assert all(int(p) == 0 for p in want.pointers)
-    init = jax.device_get(create_method(config, train.data_info_for(
+    init = jax.device_get(create_method(config, data_info_for(
         config, load_split(config, "train"))).init_state(jax.random.key(config.seed)))
     for q0, q in zip(init.vocabularies, want.vocabularies):
         assert not np.isclose(np.asarray(q0), np.asarray(q)).all(axis=1).any()
@@ -337,7 +339,7 @@ def test_monitor_learns_from_labels_and_cannot_touch_the_backbones(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "watched" / "metrics.jsonl")]
     assert all(0.0 <= r["monitor_accuracy"] <= 1.0 and r["monitor_loss"] > 0 for r in rows)
     # The monitor's weights moved: it was trained on the labels.
-    init = create_method(config, train.data_info_for(config, load_split(config, "train")))
+    init = create_method(config, data_info_for(config, load_split(config, "train")))
     init = jax.device_get(init.init_state(jax.random.key(config.seed)))
     assert not np.allclose(watched.params["monitor"]["fc"]["kernel"],
                            init.params["monitor"]["fc"]["kernel"])
@@ -348,14 +350,14 @@ def test_checkpoint_of_another_state_shape_names_the_differing_fields(tmp_path):
     no monitor): the error names the config field, not Orbax's tree paths."""
     config = worker.tiny_config(fast=True)
     config.num_train_steps = 1
-    train.train_and_evaluate(config, str(tmp_path))
+    train_task.run(config, str(tmp_path))
     config.obow.monitor, config.obow.num_classes = True, 10
     with pytest.raises(ValueError, match=r"another shape.*config\.obow\.monitor: False -> True"):
-        train.setup(config, str(tmp_path))
+        task_common.restore(config, str(tmp_path))
 
 
 def _run_dir_after_training(config, workdir):
-    train.train_and_evaluate(config, str(workdir))
+    train_task.run(config, str(workdir))
     return _run_dir(config, str(workdir))
 
 
@@ -364,7 +366,7 @@ def _setup_error(tmp_path, **overrides):
     config.update_from_flattened_dict(overrides)
     start = time.time()
     with pytest.raises(ValueError) as err:
-        train.setup(config, str(tmp_path))
+        task_common.restore(config, str(tmp_path))
     assert time.time() - start < 20
     assert not os.path.exists(tmp_path / "checkpoints" / "0")
     return str(err.value)
@@ -436,7 +438,7 @@ def test_imagenet_config_without_data_says_how_to_prepare(tmp_path):
     config.data.data_dir = str(tmp_path / "tfds")
     start = time.time()
     with pytest.raises(FileNotFoundError, match=r"imagenet2012.*tfds build imagenet2012"):
-        train.setup(config, str(tmp_path / "work"))
+        task_common.restore(config, str(tmp_path / "work"))
     assert time.time() - start < 30
     assert not os.path.exists(tmp_path / "work" / "checkpoints" / "0")
 
@@ -471,6 +473,35 @@ def test_views_shapes_and_shared_patch_draw():
     assert (crop_gray[:, 0] != crop_gray[:, 1]).any()  # crops of an image draw independently
     # The teacher view gets no photometric change.
     np.testing.assert_allclose(teacher, np.asarray(views["teacher"]) / 255.0, atol=1e-6)
+
+
+def test_host_views_are_the_device_views_in_tensorflow():
+    """methods/obow.py has no TensorFlow: its `tf_views` are data/host_views.py's (imported only
+    when called). Shapes and dtypes as on the device; each patch is the grid cell (i, j) of its
+    source, shifted by at most `patch_jitter` (read off a coordinate-coded image)."""
+    code = ("import sys\nfrom bow_jax.methods import obow\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    tf = pytest.importorskip("tensorflow")
+    config = worker.tiny_config()
+    method = obow.create(config, DataInfo((40, 48, 3), 256, 16, 32))
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    views = method.tf_views(tf.constant(image), tf.constant([3, 4], tf.int64))
+    device = jax.jit(method.make_views)(jnp.asarray(image[None]), jax.random.key(0))
+    assert sorted(views) == sorted(device)
+    for name, view in views.items():
+        assert view.dtype == tf.uint8 and tuple(view.shape) == device[name].shape[1:], name
+    s, p, jitter = 40, 12, 4
+    rows, cols = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    coded = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+    patches = host_views.jittered_patches(tf.constant(coded), tf.constant([1, 2], tf.int64),
+                                          patch_size=p, jitter=jitter, keep=5).numpy()
+    step = (s - p - jitter) // 2
+    tops, lefts = patches[:, 0, 0, 0].astype(int), patches[:, 0, 0, 1].astype(int)
+    cells = {(t // step, l // step) for t, l in zip(tops, lefts)}
+    assert patches.shape == (5, p, p, 3) and len(cells) == 5
+    assert all(0 <= t - (t // step) * step <= jitter for t in tops)
+    np.testing.assert_array_equal(patches[0], coded[tops[0]:tops[0] + p, lefts[0]:lefts[0] + p])
 
 
 def test_ablation_vocabularies_vs_numpy():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bow_jax.bow import quantize as q
+from bow_jax.lib import ops
 
 
 def _rng(seed=0):
@@ -30,7 +31,7 @@ def np_softmax(x, axis=-1):
 
 def test_normalize_matches_torch_semantics():
     x = np.array([[3.0, -4.0], [0.0, 0.0], [1e-14, 0.0]], np.float32)
-    l2 = np.asarray(q.l2_normalize(jnp.asarray(x)))
+    l2 = np.asarray(ops.l2_normalize(jnp.asarray(x)))
     l1 = np.asarray(q.l1_normalize(jnp.asarray(x)))
     np.testing.assert_allclose(l2[0], [0.6, -0.8], rtol=1e-6)
     np.testing.assert_allclose(l1[0], [3 / 7, -4 / 7], rtol=1e-6)
@@ -38,8 +39,13 @@ def test_normalize_matches_torch_semantics():
     # Below eps the norm is replaced by eps: x / 1e-12, not x / ||x||.
     np.testing.assert_allclose(l2[2], [1e-14 / 1e-12, 0.0], rtol=1e-5)
     np.testing.assert_allclose(l1[2], [1e-14 / 1e-12, 0.0], rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(q.l2_normalize(jnp.asarray(x), axis=0))[:, 0],
+    np.testing.assert_allclose(np.asarray(ops.l2_normalize(jnp.asarray(x), axis=0))[:, 0],
                                x[:, 0] / np.linalg.norm(x[:, 0]), rtol=1e-6)
+
+
+def test_l2_normalize_has_a_finite_gradient_at_zero():
+    grad = jax.grad(lambda v: jnp.sum(ops.l2_normalize(v)))(jnp.zeros((2, 3)))
+    assert np.isfinite(np.asarray(grad)).all()
 
 
 def test_skip_border():

@@ -1,10 +1,13 @@
-"""bow_jax.bow.vocabulary against numpy ring buffers, pooling, k-means and Sinkhorn."""
+"""bow_jax.bow.vocabulary against numpy ring buffers, pooling, k-means and Sinkhorn; bow_jax.bow.build
+(BoWNet's k-means vocabulary and its files) against numpy."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bow_jax.bow import quantize, vocabulary as voc
+from bow_jax.bow import build, quantize, vocabulary as voc
 from bow_jax.lib import sharding
 
 
@@ -214,3 +217,81 @@ def test_one_vs_eight_devices():
     # All 16 words of the global batch landed in rows [0, 16) on every device.
     np.testing.assert_allclose(np.asarray(multi[4])[:16], np.asarray(multi[3]), rtol=1e-6)
     assert int(multi[5]) == 16
+
+
+# ------------------------------------------------------------------------------------------------
+# bow.build: BoWNet's vocabulary
+
+
+def test_locations_per_image():
+    assert build.locations_per_image(0, 10, 16) == 16  # no cap: every location
+    assert build.locations_per_image(50, 10, 16) == 5  # floor(50 / 10)
+    assert build.locations_per_image(5, 10, 16) == 1  # at least one per image
+    assert build.locations_per_image(10_000, 10, 16) == 16  # at most all of them
+
+
+def test_dense_vectors_and_kept_locations_vs_numpy():
+    rng = np.random.default_rng(7)
+    fmap = rng.standard_normal((3, 5, 6, 4)).astype(np.float32)
+    vectors = np.asarray(build.dense_vectors(jnp.asarray(fmap), border=1))
+    np.testing.assert_array_equal(vectors, fmap[:, 1:-1, 1:-1].reshape(3, 12, 4))
+    kept = np.asarray(jax.jit(build.keep_locations, static_argnums=2)(
+        jax.random.key(0), jnp.asarray(vectors), 5))
+    assert kept.shape == (3, 5, 4)
+    for image, rows in zip(vectors, kept):  # distinct locations of the same image
+        index = [int(np.flatnonzero((image == row).all(1))[0]) for row in rows]
+        assert len(set(index)) == 5
+    again = build.keep_locations(jax.random.key(0), jnp.asarray(vectors), 5)
+    np.testing.assert_array_equal(kept, np.asarray(again))
+    np.testing.assert_array_equal(
+        np.asarray(build.keep_locations(jax.random.key(0), jnp.asarray(vectors), 12)), vectors)
+    # Uniform: over many keys every location of an image is kept about 5/12 of the time.
+    picks = np.zeros(12)
+    for seed in range(120):
+        rows = np.asarray(build.keep_locations(jax.random.key(seed), jnp.asarray(vectors), 5))[0]
+        picks[[int(np.flatnonzero((vectors[0] == r).all(1))[0]) for r in rows]] += 1
+    assert picks.min() > 25 and picks.max() < 75  # expected 50 each
+
+
+def test_build_vocabulary_is_the_kmeans_of_the_vectors():
+    """Three tight blobs and an N that the padding must round up: the words are the blob means,
+    the metadata counts only real rows, and the inertia is numpy's."""
+    rng = np.random.default_rng(8)
+    centres = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 0.0]], np.float32)
+    labels = np.arange(301) % 3
+    x = (centres[labels] + 0.1 * rng.standard_normal((301, 3))).astype(np.float32)
+    centroids, meta = build.build_vocabulary(jax.random.key(0), x, 3, n_iter=50, tol=0.0)
+    assert centroids.shape == (3, 3) and centroids.dtype == np.float32
+    order = np.argsort(centroids[:, 0] + 2 * centroids[:, 1])
+    want = np.stack([x[labels == k].mean(0) for k in range(3)])
+    np.testing.assert_allclose(centroids[order], want, atol=1e-4)
+    d = ((x[:, None].astype(np.float64) - centroids[None]) ** 2).sum(-1).min(1)
+    assert meta["num_vectors"] == 301 and meta["num_words"] == 3
+    assert meta["inertia"] == pytest.approx(d.sum(), rel=1e-4)
+    assert meta["mean_sq_distance"] == pytest.approx(d.mean(), rel=1e-4)
+    with pytest.raises(ValueError, match=r"config.bownet.num_words=400 is more than the 301"):
+        build.build_vocabulary(jax.random.key(0), x, 400)
+
+
+def test_vocabulary_file_round_trip_and_checks(tmp_path):
+    path = str(tmp_path / "v" / "vocabulary.npz")
+    centroids = np.arange(12, dtype=np.float64).reshape(4, 3)
+    meta = {"teacher_step": 7, "layer": "conv1", "border": 0, "num_words": 4}
+    build.write_vocabulary(path, centroids, meta)
+    got, got_meta = build.read_vocabulary(path)
+    assert got.dtype == np.float32 and got_meta == meta
+    np.testing.assert_array_equal(got, centroids)
+    expected = dict(teacher_step=7, layer="conv1", border=0, num_words=4, channels=3, path=path)
+    build.check_vocabulary(got_meta, got.shape, **expected)
+    for key, value in (("teacher_step", 8), ("layer", "conv2"), ("border", 1)):
+        with pytest.raises(ValueError, match=f"built with {key}="):
+            build.check_vocabulary(got_meta, got.shape, **{**expected, key: value})
+    with pytest.raises(ValueError, match=r"centroids have shape \(4, 3\)"):
+        build.check_vocabulary(got_meta, got.shape, **{**expected, "channels": 5})
+    with pytest.raises(ValueError, match="config.bownet.vocabulary is empty"):
+        build.read_vocabulary("")
+    with pytest.raises(FileNotFoundError, match="config.bownet.vocabulary="):
+        build.read_vocabulary(str(tmp_path / "missing.npz"))
+    np.savez(str(tmp_path / "other.npz"), weights=np.zeros(3), meta=np.array(json.dumps({})))
+    with pytest.raises(ValueError, match="not a vocabulary file"):
+        build.read_vocabulary(str(tmp_path / "other.npz"))

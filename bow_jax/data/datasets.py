@@ -119,7 +119,7 @@ def _num_classes(labels: np.ndarray, num_classes: int | None) -> int:
 
 
 def load_npz(path, num_classes: int | None = None, name: str | None = None) -> ArrayDataset:
-    """An npz with `images` uint8 [N,H,W,3] and `labels` [N] (layout of ../shared/data/cifar10)."""
+    """An npz with `images` uint8 [N,H,W,3] (or [N,H,W] greyscale) and `labels` [N]."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected {CIFAR_NPZ_LAYOUT}.")
@@ -237,7 +237,7 @@ def load_jpeg_npz(path, split: str = "train", limit: int | None = None,
 
     Image i is the bytes [offsets[i], offsets[i+1]). `limit` decodes only the first `limit` images.
     Entries that cannot be decoded follow `decode_all`'s policy (named, skipped or an error).
-    With Pillow 13 this reproduces ../shared/data/cifar10/{split}.npz exactly (see its README).
+    For the CIFAR-10 JPEG npz and Pillow 13 this reproduces the CIFAR-10 npz arrays exactly.
     """
     path = pathlib.Path(path)
     if not path.is_file():

@@ -12,16 +12,17 @@ days of training.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import jax
 import numpy as np
 
 from bow_jax.data import datasets
-from bow_jax.evaluate import fewshot, knn, linear
+from bow_jax.evaluate import fewshot, linear
 
-# The k the runner's k-NN uses: knn_accuracy's default unless config.eval.knn_k is set.
-KNN_K_DEFAULT = inspect.signature(knn.knn_accuracy).parameters["k"].default
+
+class MissingSplitError(FileNotFoundError, ValueError):
+    """A split (file or folder) the evaluation reads does not exist. Both a FileNotFoundError,
+    as the loaders raise it, and a ValueError, as every other failed check."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +134,9 @@ def _check_linear(ev, train: EvalSplit) -> None:
 
 
 def _check_knn(ev, train: EvalSplit) -> None:
-    k = int(_field(ev, "knn_k", KNN_K_DEFAULT))
+    k = int(ev.knn_k)
     if not 1 <= k <= train.num_examples:
-        field = "config.eval.knn_k" if _field(ev, "knn_k") else "config.eval.knn"
-        raise ValueError(f"{field}: k-NN with k={k} needs k in [1, number of training (memory) "
+        raise ValueError(f"config.eval.knn_k={k}: k-NN with k={k} needs k in [1, number of training (memory) "
                          f"examples]; {train.where} has {train.num_examples}.")
 
 
@@ -174,8 +174,8 @@ def check_evaluation_data(config) -> None:
     """Raises before any training when the evaluation (`runner.evaluate_states`) could not run
     on the data it will read; returns None when it can.
 
-    Checked: the training and test splits exist (FileNotFoundError / ValueError from
-    `datasets.describe_split`, naming config.data.*); config.eval.train_limit / test_limit fit
+    Checked: the training and test splits exist (MissingSplitError, a FileNotFoundError and a
+    ValueError, naming config.data.*); config.eval.train_limit / test_limit fit
     their splits; config.eval.batch_size divides over the devices; test labels index the training
     split's classes; linear probe (when config.eval.linear): a known protocol, linear_epochs >= 0,
     >= 2 classes; k-NN (config.eval.knn): k <= training examples; few-shot (config.eval.fewshot):
@@ -186,8 +186,12 @@ def check_evaluation_data(config) -> None:
     """
     ev = config.eval
     _check_batch_size(ev)
-    _check_tfds_in_memory(config)
-    train, test = evaluation_splits(config)
+    try:
+        _check_tfds_in_memory(config)
+        train, test = evaluation_splits(config)
+    except FileNotFoundError as e:
+        raise MissingSplitError(f"{e} The evaluation after training reads the 'train' and "
+                                f"'test' splits.") from None
     _check_labels(train, test)
     if ev.linear:
         _check_linear(ev, train)

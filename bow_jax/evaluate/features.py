@@ -52,7 +52,7 @@ def _to_host(tree, mesh: Mesh):
 
 
 def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
-                     mesh: Mesh | None = None, flip: bool = False, variables=None):
+                     mesh: Mesh | None = None, flip: bool = False, variables=None, key=None):
     """Features of `images` ([N,H,W,3] uint8, this process's share) -> float32 [N, D].
 
     With `variables` (e.g. a training state), `encode(variables, x)` is called and the variables
@@ -64,6 +64,9 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
     (OBoW's precached centre + flip views), computed in the same compiled call:
     `(centre [N, D], flipped [N, D])`. In a multi-process run every process must pass the same
     number of images (its own slice) and gets back the features of its slice.
+
+    With a PRNG `key`, `encode(variables, x, batch_key)` is called with `fold_in(key, i)` for the
+    i-th batch (e.g. to keep a random subset of each image's locations on the device).
     """
     images = _check_images(images)
     if images.shape[0] == 0:
@@ -75,20 +78,24 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
         multihost_utils.assert_equal(images.shape[0], "extract_features: every process must pass "
                                      "the same number of images.")
 
-    def views(variables, x):
+    def views(variables, x, batch_key):
         f = encode if variables is None else functools.partial(encode, variables)
+        f = f if batch_key is None else functools.partial(f, key=batch_key)
         return (f(x), f(hflip(x))) if flip else f(x)
 
-    layout = sharding.batch_sharded(mesh)
+    layout, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
     # One compile: every call sees a [local_batch·processes, H, W, 3] batch with this sharding.
-    step = functools.partial(jax.jit(views, in_shardings=(sharding.replicated(mesh), layout),
-                                     out_shardings=layout), variables)
+    compiled = jax.jit(views, in_shardings=(replicated, layout, replicated), out_shardings=layout)
+
+    def step(batch_index, batch):
+        batch_key = None if key is None else jax.random.fold_in(key, batch_index)
+        return compiled(variables, batch, batch_key)
 
     n = images.shape[0]
     chunks, pending = [], None
-    for start in range(0, n, local_batch):
+    for i, start in enumerate(range(0, n, local_batch)):
         batch = _pad_rows(images[start:start + local_batch], local_batch)
-        result = step(sharding.shard_batch(batch, mesh))
+        result = step(i, sharding.shard_batch(batch, mesh))
         # Pull the previous batch to the host only after dispatching this one, so the device
         # computes while the host copies.
         if pending is not None:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bow_jax.lib.ops import l2_normalize
+
 
 def sample_episodes(labels, n_way: int, n_shot: int, n_query: int, n_episodes: int,
                     seed: int = 0):
@@ -56,12 +58,6 @@ def sample_episodes(labels, n_way: int, n_shot: int, n_query: int, n_episodes: i
     query_labels = np.broadcast_to(np.repeat(np.arange(n_way), n_query),
                                    (n_episodes, n_way * n_query)).copy()
     return (support.reshape(n_episodes, -1), query.reshape(n_episodes, -1), query_labels)
-
-
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-    """x / max(||x||, eps), as torch.nn.functional.normalize."""
-    norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
-    return x / jnp.maximum(norm, eps)
 
 
 def prototypical_scores(support_feats, support_labels, query_feats, n_way: int,

@@ -78,17 +78,6 @@ def balanced_subset(labels: np.ndarray, percent: float, seed: int = 0) -> np.nda
     return np.sort(np.concatenate(chosen))
 
 
-def image_folder_filenames(root) -> list[str]:
-    """'class/file' names of an image folder, in `datasets.load_image_folder`'s example order."""
-    root = pathlib.Path(root)
-    names = []
-    for cls in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() in datasets.IMAGE_SUFFIXES:
-                names.append(f"{cls}/{f.name}")
-    return names
-
-
 def read_subset_file(path, num_examples: int,
                      filenames: Optional[Sequence[str]] = None) -> np.ndarray:
     """Indices listed in `path`: one integer index per line, or (with `filenames`, the dataset's
@@ -231,18 +220,9 @@ def accuracy(model, variables, images, labels, *, crop_size, mean, std, batch_si
     return float(np.mean(np.argmax(out, -1) == np.asarray(labels)))
 
 
-def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
-             test: datasets.ArrayDataset, cfg, mean, std, *, seed: int = 0,
-             subset: Optional[np.ndarray] = None, mesh=None,
-             log: Callable[[str], None] = logging.info) -> dict:
-    """Fine-tunes `backbone` (its `variables`) on the labelled subset of `train`; scores `test`.
-
-    cfg: config.finetune (see `default_config`); subset: indices into `train` (default: from
-    cfg.subset_file / cfg.percent + cfg.subset_seed). Returns {'top1', 'num_labelled', 'percent',
-    'epochs', 'milestones', 'history': [[epoch, top1], ...]}.
-    """
-    r = recipe(cfg)
-    mesh = sharding.make_mesh() if mesh is None else mesh
+def labelled_split(train: datasets.ArrayDataset, r: dict, subset) -> datasets.ArrayDataset:
+    """The labelled subset of `train` (indices `subset`, else drawn as `r` says), checked against
+    the recipe's batch size. ValueError names the config.finetune field."""
     if subset is None:
         subset = labelled_subset(train.labels, percent=r["percent"], seed=r["subset_seed"],
                                  subset_file=r["subset_file"])
@@ -252,27 +232,45 @@ def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
     if len(labelled) < r["batch_size"]:
         raise ValueError(f"config.finetune.batch_size={r['batch_size']} is larger than the "
                          f"{len(labelled)} labelled examples; lower it.")
+    return labelled
+
+
+def initial_finetune_state(backbone, variables, num_classes: int, r: dict, crop: int, tx, key):
+    """The pre-trained backbone's variables plus a new linear head (no BatchNorm; only the head
+    is initialised, its input width from shapes alone)."""
+    dims = feature_dims(backbone, (1, crop, crop, 3))
+    check_feature_names([r["feature"]], dims, "config.finetune.feature")
+    head = heads.LinearClassifier(num_classes, batch_norm=False)
+    head_params = head.init(jax.random.fold_in(key, 0),
+                            jnp.zeros((1, dims[r["feature"]][-1])))["params"]
+    params = {"backbone": variables["params"], "head": head_params}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats={"backbone": variables["batch_stats"]},
+                      opt_state=tx.init(params), rng=jax.random.fold_in(key, 1))
+
+
+def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
+             test: datasets.ArrayDataset, cfg, mean, std, *, seed: int = 0,
+             subset: Optional[np.ndarray] = None, mesh=None,
+             log: Callable[[str], None] = logging.info) -> dict:
+    """Fine-tunes `backbone` (its `variables`) on the labelled subset of `train`; scores `test`.
+
+    cfg: config.finetune (defaults in bow_jax/tasks/finetune.py); subset: indices into `train`
+    (default: from cfg.subset_file / cfg.percent + cfg.subset_seed). Returns {'top1',
+    'num_labelled', 'percent', 'epochs', 'milestones', 'history': [[epoch, top1], ...]}.
+    """
+    r = recipe(cfg)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    labelled = labelled_split(train, r, subset)
     steps_per_epoch = pipeline.steps_per_epoch(len(labelled), r["batch_size"])
     crop = r["crop_size"] or train.image_shape[0]
-
     model = FinetuneNet(backbone, train.num_classes, r["feature"])
     lr = {name: schedules.step_lr(r[f"lr_{name}"], r["milestones"], r["decay"], steps_per_epoch)
           for name in (TRUNK, HEAD)}
     tx = finetune_optimizer(lr[TRUNK], lr[HEAD], r["momentum"], r["weight_decay"])
-    key = jax.random.key(seed)
-    # Only the head is initialised (the backbone's variables are given): its input width comes
-    # from shapes alone.
-    dims = feature_dims(backbone, (1, crop, crop, 3))
-    check_feature_names([r["feature"]], dims, "config.finetune.feature")
-    dim = dims[r["feature"]][-1]
-    head = heads.LinearClassifier(train.num_classes, batch_norm=False)
-    head_params = head.init(jax.random.fold_in(key, 0), jnp.zeros((1, dim)))["params"]
-    params = {"backbone": variables["params"], "head": head_params}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       batch_stats={"backbone": variables["batch_stats"]},
-                       opt_state=tx.init(params), rng=jax.random.fold_in(key, 1))
     replicated = sharding.replicated(mesh)
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(initial_finetune_state(backbone, variables, train.num_classes, r, crop,
+                                                  tx, jax.random.key(seed)), replicated)
 
     def step_fn(state, images, labels, index):
         views = train_views(state.step_key(), images[index], crop, r["crop_scale"], r["flip"])

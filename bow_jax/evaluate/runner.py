@@ -54,7 +54,7 @@ def score(method, variables, train, test, config, mesh) -> dict:
         out["fewshot"] = {f"{ev.fewshot_ways}way_{k}shot": v for k, v in shots.items()}
     if ev.knn:
         out["knn"] = {"top1": knn.knn_accuracy(train_x, train.labels, test_x, test.labels,
-                                               train.num_classes)}
+                                               train.num_classes, k=ev.knn_k)}
     return out
 
 

@@ -304,7 +304,8 @@ def obow_fc(head_variables: Mapping[str, Any], vocabularies: Sequence[Any],
     head_variables: the DynamicBoWHead's {'params', 'batch_stats'} (OBoW state: params['bow_head'],
     batch_stats['bow_head']); vocabularies: every level's words [K_l, C_l] (state.vocabularies);
     kappa: the fixed scale (config.obow.kappa), unused when the head learned 'kappa'. This is the fc
-    of the official `--convert-to-torchvision` (obow_reference.md h), rows of norm kappa.
+    of the official `--convert-to-torchvision` conversion (github.com/valeoai/obow), rows of
+    norm kappa.
     """
     params = head_variables["params"]
     generators = sorted(k for k in params if k.startswith("generator_"))

@@ -1,32 +1,73 @@
-"""Metrics out: stdout, a JSON-lines file and TensorBoard event files; progress with ETA.
+"""Metrics out: stdout, a JSON-lines file and TensorBoard event files; progress with rate and ETA.
 
-This is the only module that imports CLU for logging. TensorBoard needs TensorFlow + tensorboard
-(the `tfds` extra); without them training still runs and writes stdout and JSON lines.
+TensorBoard event files come from tensorboardX (a core dependency, no TensorFlow needed); our
+lines go through `logs.say` (stdout, process 0). Long phases (feature extraction, probes, k-means)
+wrap their loop in `progress(...)`; the training loop reports `Progress` figures with its metrics.
 """
+import importlib
 import json
 import os
+import sys
 import time
-from typing import Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
-from absl import logging
+import tqdm
 
-from bow_jax.lib import files
+from bow_jax.lib import files, logs
+
+T = TypeVar("T")
+# Reported by Progress.report; printed after the metrics, in their own format.
+PROGRESS_KEYS = ("steps_per_s", "images_per_s", "eta_min")
 
 
-def _tensorboard_writer(logdir: str):
+def _import_tensorboardx():
+    """tensorboardX, without importing PyTorch for it.
+
+    tensorboardX's package __init__ imports torch whenever it is installed (the `torch` extra),
+    only to recognise torch tensors; that costs seconds and GBs of address space in a JAX run
+    that logs Python floats. A None entry in sys.modules makes `import torch` raise ImportError,
+    which tensorboardX handles; the entry is removed at once, so later `import torch` works.
+    """
+    if "torch" in sys.modules:
+        return importlib.import_module("tensorboardX")
+    sys.modules["torch"] = None
     try:
-        from clu import metric_writers  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        logging.warning("TensorBoard logging off: install the 'tfds' extra (tensorflow, "
-                        "tensorboard, clu) to enable it.")
-        return None
-    return metric_writers.SummaryWriter(logdir)
+        return importlib.import_module("tensorboardX")
+    finally:
+        del sys.modules["torch"]
+
+
+tensorboardX = _import_tensorboardx()
+
+
+def format_scalars(step: int, scalars: Mapping[str, float]) -> str:
+    """One stdout line: 'step 20: loss=1.2345, lr=0.1 | 3.1 steps/s, 198 images/s, ETA 4 min'
+    (metrics sorted by name; the `Progress` figures last)."""
+    metrics = ", ".join(f"{k}={v:.5g}" for k, v in sorted(scalars.items())
+                        if k not in PROGRESS_KEYS)
+    line = f"step {int(step)}: {metrics}"
+    if "steps_per_s" in scalars:
+        line += (f" | {scalars['steps_per_s']:.3g} steps/s, {scalars['images_per_s']:.4g} "
+                 f"images/s, ETA {format_duration(60 * scalars['eta_min'])}")
+    return line
+
+
+def format_duration(seconds: float) -> str:
+    """'4.2 s', '42 s', '17 min', '3.2 h': the precision an ETA deserves."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class MetricWriter:
-    """Writes scalars on process 0 only; other processes get a silent writer."""
+    """Writes scalars on process 0 only (stdout line, `<workdir>/<filename>` JSON lines, TensorBoard
+    event files in `workdir` when `tensorboard`); other processes get a silent writer."""
 
     def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl",
                  start_step: Optional[int] = None):
@@ -41,17 +82,21 @@ class MetricWriter:
             if start_step is not None:
                 drop_rows_after(path, start_step)
             self._jsonl = open(path, "a", encoding="utf-8")
-            self._tb = _tensorboard_writer(workdir) if tensorboard else None
+            if tensorboard:
+                # TensorBoard hides the events a crashed run logged past its checkpoint, as above.
+                purge = start_step + 1 if start_step else None
+                self._tb = tensorboardX.SummaryWriter(workdir, purge_step=purge)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
         scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        logging.info("[%d] %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(scalars.items())))
+        logs.say(format_scalars(step, scalars))
         self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            self._tb.write_scalars(step, scalars)
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, int(step))
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -107,3 +152,39 @@ class Progress:
         eta_s = (self.total_steps - step) / max(steps_per_s, 1e-9)
         return {"steps_per_s": steps_per_s, "images_per_s": steps_per_s * self.images_per_step,
                 "eta_min": eta_s / 60}
+
+
+def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
+             unit: str = "it") -> Iterator[T]:
+    """Yields the items of `iterable`, showing the rate and the ETA of a long phase on process 0.
+
+    On a terminal (stderr is a TTY): a tqdm bar on stderr, refreshed at most once a second.
+    Otherwise (CI logs, `> log.txt`): one `logs.say` line at the start and one at the end with the
+    count, the time and the rate, so logs stay short. Other processes: silent. `total`: the
+    expected number of items (for the ETA; default len(iterable) where it has one).
+    """
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if jax.process_index() != 0:
+        yield from iterable
+    elif sys.stderr.isatty():
+        yield from tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
+                             mininterval=1.0, dynamic_ncols=True)
+    else:
+        yield from _progress_lines(iterable, total, desc, unit)
+
+
+def _progress_lines(iterable: Iterable[T], total: Optional[int], desc: str,
+                    unit: str) -> Iterator[T]:
+    """`progress` for logs: a start line, and an end line also when the consumer stops early."""
+    of_total = f" of {total}" if total is not None else ""
+    logs.say(f"{desc}: {total if total is not None else 'unknown number of'} {unit} ...")
+    count, start = 0, time.perf_counter()
+    try:
+        for count, item in enumerate(iterable, 1):
+            yield item
+    finally:
+        seconds = time.perf_counter() - start
+        finished = "done" if total is None or count == total else f"stopped at {count}{of_total}"
+        logs.say(f"{desc}: {finished}, {count} {unit} in {format_duration(seconds)} "
+                 f"({count / max(seconds, 1e-9):.3g} {unit}/s)")

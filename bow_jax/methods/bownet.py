@@ -25,13 +25,15 @@ Choices the paper leaves open, made here:
 State: a `TrainState` subclass that also holds the frozen teacher's backbone variables and the
 vocabulary, so a checkpoint is self-contained; neither is ever updated. Both are read from the
 previous stages' outputs (`config.bownet.teacher_workdir`, `config.bownet.vocabulary`, written by
-`bow_jax.bownet_chain`) by `create`, so those paths must exist when a run starts or resumes.
+the task `bownet_chain`) by `create`, so those paths must exist when a run starts or resumes.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import os
-from typing import Any
+import types
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -39,10 +41,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from bow_jax.bow import quantize
-from bow_jax.data import augment
-from bow_jax.lib import checkpoint, files
+from bow_jax.bow import build, quantize
+from bow_jax.data import augment, geometric, photometric
+from bow_jax.lib import checkpoint
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import common
 from bow_jax.models import check_feature_names, create_backbone, feature_dims, heads
@@ -75,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     b.gray_p = 0.2
     b.cutmix = True
     b.cutmix_beta = 1.0  # lam ~ Beta(1, 1) = U(0, 1): "size sampled from a uniform distribution"
-    # Vocabulary stage (bow_jax.bownet_chain).
+    # Vocabulary stage (task 'bownet_chain', bow_jax.bow.build).
     b.vocab_images = 0  # use a random subset of this many training images (0 = all)
     b.vocab_max_vectors = 0  # cap: each image gives floor(cap / images) random locations (0 = all)
     b.kmeans_method = "lloyd"  # 'lloyd' | 'minibatch'
@@ -99,24 +102,6 @@ class BoWNetState(TrainState):
     vocabulary: jax.Array  # [K, C] k-means centroids; never updated
 
 
-def student_variables(state):
-    """The student backbone's variables (what evaluation and export use)."""
-    return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
-
-
-def backbone_of(tree) -> dict:
-    """{'params', 'batch_stats'} of the 'backbone' sub-tree of a RotNet or BoWNet state.
-
-    Both methods name their backbone 'backbone', so either kind of run can be a teacher.
-    """
-    try:
-        return {"params": tree["params"]["backbone"],
-                "batch_stats": tree["batch_stats"]["backbone"]}
-    except (KeyError, TypeError) as e:
-        raise ValueError("The teacher checkpoint has no 'backbone' variables; expected a "
-                         "RotNet or BoWNet run.") from e
-
-
 def teacher_checkpoint(workdir: str, field: str = "config.bownet.teacher_workdir"):
     """(step, config dict) of the latest checkpoint of the teacher run in `workdir`."""
     if not workdir:
@@ -136,57 +121,27 @@ def teacher_checkpoint(workdir: str, field: str = "config.bownet.teacher_workdir
 
 
 def load_teacher_variables(workdir: str, step: int) -> dict:
-    """The teacher backbone's variables at `step`, as numpy (restored without a target tree,
-    so any method's state works)."""
+    """The teacher backbone's variables {'params', 'batch_stats'} at `step`, as numpy (restored
+    without a target tree, so any method's state works: RotNet and BoWNet both keep their
+    backbone under 'backbone'). ValueError when the checkpoint has no backbone."""
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         state = ckpt.restore(None, step=step)
     finally:
         ckpt.close()
-    return jax.tree.map(np.asarray, backbone_of(state))
+    try:
+        variables = common.backbone_variables(types.SimpleNamespace(
+            params=state["params"], batch_stats=state["batch_stats"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"The teacher checkpoint {workdir}/checkpoints/{step} has no 'backbone' "
+                         "variables; expected a RotNet or BoWNet run.") from e
+    return jax.tree.map(np.asarray, variables)
 
 
 def teacher_backbone(teacher_config: dict) -> nn.Module:
     """The teacher's backbone, rebuilt from the `model` block of its own checkpointed config."""
     model = teacher_config["model"]
     return create_backbone(model["name"], **dict(model.get("kwargs") or {}))
-
-
-def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
-    """(centroids float32 [K, C], metadata dict) of a vocabulary file."""
-    if not path:
-        raise ValueError(f"{field} is empty: BoWNet needs the vocabulary file written by the "
-                         "vocabulary stage (bow_jax.bownet_chain).")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{field}={path!r} does not exist.")
-    with np.load(path) as f:
-        if "centroids" not in f or "meta" not in f:
-            raise ValueError(f"{field}={path!r} is not a vocabulary file (expected arrays "
-                             "'centroids' and 'meta').")
-        return f["centroids"].astype(np.float32), json.loads(str(f["meta"]))
-
-
-def write_vocabulary(path: str, centroids, meta: dict) -> None:
-    """Writes centroids + JSON metadata atomically (temp file in the same folder, then rename)."""
-    with files.atomic_open(path, "wb") as f:  # a file object: np.savez would append '.npz'
-        np.savez(f, centroids=np.asarray(centroids, np.float32), meta=np.array(json.dumps(meta)))
-
-
-def check_vocabulary(meta: dict, centroids_shape, cfg, teacher_step: int, channels: int,
-                     path: str) -> None:
-    """The vocabulary must come from this teacher, layer, border and K."""
-    want = {"teacher_step": teacher_step, "layer": cfg.teacher_layer, "border": cfg.border,
-            "num_words": cfg.num_words}
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise ValueError(
-                f"config.bownet.vocabulary={path!r} was built with {key}={meta.get(key)!r}, but "
-                f"this run has {key}={value!r} (config.bownet.teacher_workdir / teacher_layer / "
-                "border / num_words). Rebuild the vocabulary or fix the config.")
-    if tuple(centroids_shape) != (cfg.num_words, channels):
-        raise ValueError(f"config.bownet.vocabulary={path!r}: centroids have shape "
-                         f"{tuple(centroids_shape)}, expected (num_words, channels of "
-                         f"{cfg.teacher_layer!r}) = ({cfg.num_words}, {channels}).")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +158,7 @@ def cutmix_bows(key, images, targets, beta: float):
     """CutMix of the student's images with BoW targets [B,K] or [B,P,K] (pyramid): every BoW is
     mixed as lam·y(xA) + (1-lam)·y(xB), lam = 1 - pasted area / image area."""
     flat = targets.reshape(targets.shape[0], -1)
-    mixed, flat = augment.cutmix(key, images, flat, beta)
+    mixed, flat = geometric.cutmix(key, images, flat, beta)
     return mixed, flat.reshape(targets.shape)
 
 
@@ -236,11 +191,6 @@ def bow_loss(logits, targets) -> jax.Array:
     return common.soft_cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
 
 
-def to_uint8(images) -> jax.Array:
-    """Float images on the 0..255 scale -> uint8 (rounded, clipped)."""
-    return jnp.clip(jnp.round(images), 0, 255).astype(jnp.uint8)
-
-
 def _check_config(cfg, image_shape):
     if cfg.target not in TARGET_MODES:
         raise ValueError(f"config.bownet.target={cfg.target!r}; expected one of {TARGET_MODES}.")
@@ -256,124 +206,182 @@ def _check_config(cfg, image_shape):
                          "views are made on the device.")
 
 
-def create(config, data_info: common.DataInfo) -> common.Method:
-    cfg = config.bownet
-    _check_config(cfg, data_info.image_shape)
-    height, width, _ = data_info.image_shape
-    mean, std = common.normalization(config)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What BoWNet's functions need besides the state and the batch, fixed by `create`; the
+    frozen teacher's variables and the vocabulary are read on the host (numpy) by `create`."""
+    cfg: Any  # config.bownet
+    backbone: nn.Module  # the student's
+    model: BoWNetModel
+    teacher: nn.Module
+    teacher_variables: Any  # {'params', 'batch_stats'} numpy
+    vocabulary: np.ndarray  # [K, C] float32
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    mean: tuple
+    std: tuple
+    image_shape: tuple  # (H, W, 3) of the stored images
+    eval_feature: str  # config.eval.feature
 
-    # The frozen teacher and its vocabulary, checked against each other.
-    teacher_step, teacher_config = teacher_checkpoint(cfg.teacher_workdir)
-    teacher = teacher_backbone(teacher_config)
-    dims = feature_dims(teacher, (1, height, width, 3))
+
+def teacher_map_shape(cfg, teacher: nn.Module, teacher_config: dict, image_shape) -> tuple:
+    """[1, h, w, C] of the teacher's `teacher_layer` on one image; ValueError naming
+    config.bownet.teacher_layer (or pyramid) when it is not a map BoWNet can quantise."""
+    dims = feature_dims(teacher, (1,) + tuple(image_shape))
     check_feature_names([cfg.teacher_layer], dims, "config.bownet.teacher_layer",
                         teacher_config["model"]["name"])
-    fmap_shape = dims[cfg.teacher_layer]
-    if len(fmap_shape) != 4:
+    shape = dims[cfg.teacher_layer]
+    if len(shape) != 4:
         raise ValueError(f"config.bownet.teacher_layer={cfg.teacher_layer!r} is not a feature "
-                         f"map (shape {fmap_shape}); choose a convolutional layer.")
-    channels = fmap_shape[-1]
-    if cfg.pyramid and min(fmap_shape[1:3]) - 2 * cfg.border < 2:
+                         f"map (shape {shape}); choose a convolutional layer.")
+    if cfg.pyramid and min(shape[1:3]) - 2 * cfg.border < 2:
         raise ValueError("config.bownet.pyramid needs a teacher map of at least 2x2 locations "
                          "after the border.")
-    centroids, vocab_meta = read_vocabulary(cfg.vocabulary)
-    check_vocabulary(vocab_meta, centroids.shape, cfg, teacher_step, channels, cfg.vocabulary)
+    return shape
 
+
+def load_frozen_inputs(cfg, image_shape):
+    """(teacher backbone, its variables as numpy, vocabulary [K, C] float32) from the previous
+    stages (`teacher_workdir`, `vocabulary`), checked against each other and the config."""
+    teacher_step, teacher_config = teacher_checkpoint(cfg.teacher_workdir)
+    teacher = teacher_backbone(teacher_config)
+    channels = teacher_map_shape(cfg, teacher, teacher_config, image_shape)[-1]
+    centroids, meta = build.read_vocabulary(cfg.vocabulary)
+    build.check_vocabulary(meta, centroids.shape, teacher_step=teacher_step,
+                           layer=cfg.teacher_layer, border=cfg.border, num_words=cfg.num_words,
+                           channels=channels, path=cfg.vocabulary)
+    return teacher, load_teacher_variables(cfg.teacher_workdir, teacher_step), centroids
+
+
+def setup(config, data_info: common.DataInfo) -> Setup:
+    """The student, the frozen teacher and vocabulary, the optimizer; every check made before
+    anything is compiled (ValueError / FileNotFoundError naming the config field)."""
+    cfg = config.bownet
+    _check_config(cfg, data_info.image_shape)
+    teacher, teacher_variables, centroids = load_frozen_inputs(cfg, data_info.image_shape)
     backbone = common.backbone_from_config(config)
     check_feature_names([cfg.student_feature, config.eval.feature],
-                        feature_dims(backbone, (1, height, width, 3)),
+                        feature_dims(backbone, (1,) + tuple(data_info.image_shape)),
                         "config.bownet.student_feature / config.eval.feature", config.model.name)
     num_bows = sum(n * n for n in PYRAMID_GRIDS) if cfg.pyramid else 1
     model = BoWNetModel(backbone=backbone, num_words=cfg.num_words, num_bows=num_bows,
                         feature=cfg.student_feature, gamma_init=cfg.gamma_init)
     tx, lr_schedule = common.optimizer_from_config(config, data_info)
+    mean, std = common.normalization(config)
+    return Setup(cfg=cfg, backbone=backbone, model=model, teacher=teacher,
+                 teacher_variables=teacher_variables, vocabulary=centroids, tx=tx,
+                 lr_schedule=lr_schedule, mean=mean, std=std,
+                 image_shape=tuple(data_info.image_shape), eval_feature=config.eval.feature)
 
-    # Read on the host now (numpy), outside any jitted code.
-    frozen = (load_teacher_variables(cfg.teacher_workdir, teacher_step), centroids)
 
-    def init_state(key):
-        init_key, state_key = jax.random.split(key)
-        variables = model.init({"params": init_key}, jnp.zeros((1, height, width, 3)),
-                               train=False)
-        # Teacher and vocabulary enter through a host callback rather than as closed-over
-        # constants, so no 100+ MB constant lands in the compiled program (WRN-28-10).
-        abstract_teacher = jax.eval_shape(
-            lambda: teacher.init(jax.random.key(0), jnp.zeros((1, height, width, 3)),
-                                 train=False))
-        shapes = ({"params": abstract_teacher["params"],
-                   "batch_stats": abstract_teacher["batch_stats"]},
-                  jax.ShapeDtypeStruct(centroids.shape, jnp.float32))
-        teacher_vars, vocabulary = jax.pure_callback(lambda: frozen, shapes)
-        return BoWNetState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]), rng=state_key,
-                           teacher=teacher_vars, vocabulary=vocabulary)
+def init_state(s: Setup, key) -> BoWNetState:
+    """The student at random initialisation, with the frozen teacher and vocabulary.
 
-    def make_views(images, key):
-        """Unperturbed image for the teacher; random resized crop + flip for the student."""
-        keys = jax.random.split(key, images.shape[0])
+    The teacher's variables and the vocabulary are host arrays closed over, so under `jax.jit`
+    they are constants of this one program (compiled once per run start, when no checkpoint
+    exists); a checkpoint then carries them.
+    """
+    init_key, state_key = jax.random.split(key)
+    variables = s.model.init({"params": init_key}, jnp.zeros((1,) + s.image_shape[:2] + (3,)),
+                             train=False)
+    return BoWNetState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables["batch_stats"],
+                       opt_state=s.tx.init(variables["params"]), rng=state_key,
+                       teacher=jax.tree.map(jnp.asarray, s.teacher_variables),
+                       vocabulary=jnp.asarray(s.vocabulary, jnp.float32))
 
-        def student_view(k, image):
-            crop_key, flip_key = jax.random.split(k)
-            view = augment.random_resized_crop(crop_key, image, (height, width),
-                                               tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
-            if cfg.flip:
-                view = augment.random_flip(flip_key, view)
-            return to_uint8(view)
 
-        return {"teacher": images.astype(jnp.uint8),
-                "student": jax.vmap(student_view)(keys, images)}
+def student_view(cfg, image_shape, key, image):
+    """Random resized crop (scale and aspect-ratio distortion) + flip of one uint8 image."""
+    crop_key, flip_key = jax.random.split(key)
+    view = geometric.random_resized_crop(crop_key, image, tuple(image_shape[:2]),
+                                         tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+    if cfg.flip:
+        view = geometric.random_flip(flip_key, view)
+    return augment.to_uint8(view)
 
-    def teacher_bows(state, images):
-        fmap = teacher.apply(state.teacher, common.to_network_input(images, mean, std),
-                             train=False)[cfg.teacher_layer]
-        return bow_targets(fmap.astype(jnp.float32), state.vocabulary, cfg)
 
-    def student_inputs(key, images):
-        x = augment.photometric(key, augment.to_float(images), jitter=tuple(cfg.jitter),
+def make_views(s: Setup, images, key) -> dict:
+    """Unperturbed image for the teacher; random resized crop + flip for the student (uint8)."""
+    keys = jax.random.split(key, images.shape[0])
+    view = functools.partial(student_view, s.cfg, s.image_shape)
+    return {"teacher": images.astype(jnp.uint8), "student": jax.vmap(view)(keys, images)}
+
+
+def teacher_bows(s: Setup, state: BoWNetState, images):
+    """Eq. 1-4: the frozen teacher's (eval-mode BN) BoW targets of uint8 images, [B, K] or
+    [B, 5, K] with the pyramid."""
+    fmap = s.teacher.apply(state.teacher, common.to_network_input(images, s.mean, s.std),
+                           train=False)[s.cfg.teacher_layer]
+    return bow_targets(fmap.astype(jnp.float32), state.vocabulary, s.cfg)
+
+
+def student_inputs(s: Setup, key, images):
+    """Photometric perturbation (colour jitter, grayscale) and normalisation of uint8 views."""
+    cfg = s.cfg
+    x = photometric.photometric(key, augment.to_float(images), jitter=tuple(cfg.jitter),
                                 jitter_p=cfg.jitter_p, gray_p=cfg.gray_p, blur_p=0.0, flip=False)
-        return augment.normalize(x, mean, std)
+    return augment.normalize(x, s.mean, s.std)
 
-    def train_step(state, batch):
-        photo_key, mix_key = jax.random.split(state.step_key())
-        targets = teacher_bows(state, batch["teacher"])
-        inputs = student_inputs(photo_key, batch["student"])
-        if cfg.cutmix:
-            inputs, targets = cutmix_bows(mix_key, inputs, targets, cfg.cutmix_beta)
 
-        def loss_fn(params):
-            (logits, _), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                mutable=["batch_stats"])
-            return bow_loss(logits, targets), (updates["batch_stats"], logits)
+def student_loss(s: Setup, params, batch_stats, inputs, targets):
+    """Eq. 6 on the student's train-mode logits. Returns (loss, (new batch_stats, logits))."""
+    (logits, _), updates = s.model.apply({"params": params, "batch_stats": batch_stats}, inputs,
+                                         train=True, mutable=["batch_stats"])
+    return bow_loss(logits, targets), (updates["batch_stats"], logits)
 
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        whole = targets[:, 0] if cfg.pyramid else targets  # the 1x1 BoW
-        perp_image, perp_batch = quantize.perplexity(whole)
-        head = state.params["bow_head_0" if cfg.pyramid else "bow_head"]
-        top_logits = logits[:, 0] if cfg.pyramid else logits
-        metrics = {"loss": loss, "lr": lr_schedule(state.step), "gamma": head["gamma"],
-                   "target_perplexity_image": perp_image, "target_perplexity_batch": perp_batch,
-                   # Is the predicted most likely word among the image's target words?
-                   "top_word_hit": jnp.mean(jnp.take_along_axis(
-                       whole, jnp.argmax(top_logits, -1)[:, None], axis=-1) > 0)}
-        return state.apply_gradients(grads, tx, batch_stats=batch_stats), metrics
 
-    def encode(state, images):
-        return common.encode_with(backbone, student_variables(state), images,
-                                  config.eval.feature, mean, std)
+def step_metrics(s: Setup, state: BoWNetState, loss, targets, logits) -> dict:
+    """Loss, lr, gamma, the targets' perplexities, and whether the predicted most likely word is
+    among the image's target words (all on the whole-image BoW)."""
+    whole = targets[:, 0] if s.cfg.pyramid else targets  # the 1x1 BoW
+    perp_image, perp_batch = quantize.perplexity(whole)
+    head = state.params["bow_head_0" if s.cfg.pyramid else "bow_head"]
+    top_logits = logits[:, 0] if s.cfg.pyramid else logits
+    return {"loss": loss, "lr": s.lr_schedule(state.step), "gamma": head["gamma"],
+            "target_perplexity_image": perp_image, "target_perplexity_batch": perp_batch,
+            "top_word_hit": jnp.mean(jnp.take_along_axis(
+                whole, jnp.argmax(top_logits, -1)[:, None], axis=-1) > 0)}
 
-    def pretext_scores(state, images):
-        """Per held-out image, eval-mode BN, no perturbation: is the student's most likely word
-        one of the words the teacher finds in the image (the whole-image BoW)?"""
-        targets = teacher_bows(state, images)
-        logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                common.to_network_input(images, mean, std), train=False)
-        if cfg.pyramid:
-            targets, logits = targets[:, 0], logits[:, 0]
-        hit = jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0] > 0
-        return {"bow_top_word_hit": hit.astype(jnp.float32)}
 
-    return common.Method(init_state=init_state, train_step=train_step, make_views=make_views,
-                         encode=encode, pretext_scores=pretext_scores)
+def train_step(s: Setup, state: BoWNetState, batch):
+    """One BoWNet step (module docstring): teacher targets, perturbed student, CutMix, eq. 6."""
+    photo_key, mix_key = jax.random.split(state.step_key())
+    targets = teacher_bows(s, state, batch["teacher"])
+    inputs = student_inputs(s, photo_key, batch["student"])
+    if s.cfg.cutmix:
+        inputs, targets = cutmix_bows(mix_key, inputs, targets, s.cfg.cutmix_beta)
+    loss_fn = functools.partial(student_loss, s, batch_stats=state.batch_stats, inputs=inputs,
+                                targets=targets)
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    metrics = step_metrics(s, state, loss, targets, logits)
+    return state.apply_gradients(grads, s.tx, batch_stats=batch_stats), metrics
+
+
+def encode(s: Setup, state: BoWNetState, images):
+    """Frozen student features [B, D] of uint8 images: `config.eval.feature`, eval-mode BN."""
+    return common.encode_with(s.backbone, common.backbone_variables(state), images,
+                              s.eval_feature, s.mean, s.std)
+
+
+def pretext_scores(s: Setup, state: BoWNetState, images):
+    """Per held-out image, eval-mode BN, no perturbation: is the student's most likely word one
+    of the words the teacher finds in the image (the whole-image BoW)?"""
+    targets = teacher_bows(s, state, images)
+    logits, _ = s.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              common.to_network_input(images, s.mean, s.std), train=False)
+    if s.cfg.pyramid:
+        targets, logits = targets[:, 0], logits[:, 0]
+    hit = jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0] > 0
+    return {"bow_top_word_hit": hit.astype(jnp.float32)}
+
+
+def create(config, data_info: common.DataInfo) -> common.Method:
+    """BoWNet's `Method` for `config`; reads the frozen teacher and vocabulary now."""
+    s = setup(config, data_info)
+    return common.Method(init_state=functools.partial(init_state, s),
+                         train_step=functools.partial(train_step, s),
+                         make_views=functools.partial(make_views, s),
+                         encode=functools.partial(encode, s),
+                         pretext_scores=functools.partial(pretext_scores, s))

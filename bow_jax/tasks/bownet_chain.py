@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 
 from bow_jax.bow import kmeans, quantize
 from bow_jax.data.splits import load_split
-from bow_jax.evaluate import runner
+from bow_jax.evaluate import features, runner
 from bow_jax.lib import checkpoint, files, sharding
 from bow_jax.methods import bownet, common, data_info_for
 from bow_jax.models import feature_dims
@@ -165,7 +165,6 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
     locations = (shape[1] - 2 * cfg.border) * (shape[2] - 2 * cfg.border)
     keep = locations_per_image(cfg.vocab_max_vectors, len(images), locations)
 
-    @jax.jit
     def sample(variables, x, key):
         out = teacher.apply(variables, common.to_network_input(x, mean, std), train=False)
         fmap = quantize.skip_border(out[cfg.teacher_layer].astype(np.float32), cfg.border)
@@ -176,17 +175,7 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
         chosen = jax.lax.top_k(priority, keep)[1]  # a uniform subset of `keep` locations
         return jnp.take_along_axis(vectors, chosen[..., None], axis=1)
 
-    variables = sharding.replicate(variables, mesh)
-    kept = []
-    for i, start in enumerate(range(0, len(images), batch)):
-        chunk = images[start:start + batch]
-        real = chunk.shape[0]
-        if real < batch:  # one compiled shape: pad, then drop the padding's vectors
-            chunk = np.concatenate([chunk, np.zeros((batch - real,) + chunk.shape[1:],
-                                                    chunk.dtype)])
-        vectors = sample(variables, sharding.shard_batch(chunk, mesh), jax.random.fold_in(key, i))
-        kept.append(np.asarray(vectors)[:real])
-    kept = np.concatenate(kept)
+    kept = features.extract_features(sample, images, batch, mesh, variables=variables, key=key)
     return kept.reshape(-1, kept.shape[-1])
 
 
@@ -356,16 +345,64 @@ def summarize(results: Dict[str, dict], workdir: str) -> str:
 # The chain
 
 
-def _write_record(workdir: str, record: list) -> None:
-    if jax.process_index() != 0:
-        return
-    files.atomic_write_text(os.path.join(workdir, "chain.json"),
-                            json.dumps({"stages": record}, indent=2))
+class StageRecord:
+    """DIR/chain.json: per stage of the last invocation, 'ran' / 'reused' / 'interrupted' and
+    its wall time, rewritten (atomically) after every stage."""
+
+    def __init__(self, workdir: str):
+        self.workdir, self.stages = workdir, []
+
+    def timed(self, name: str, fn, *args) -> str:
+        start = time.time()
+        status = fn(*args)
+        seconds = time.time() - start
+        self.stages.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
+        if jax.process_index() == 0:
+            files.atomic_write_text(os.path.join(self.workdir, "chain.json"),
+                                    json.dumps({"stages": self.stages}, indent=2))
+        logging.info("Stage %s: %s in %.1f s.", name, status, seconds)
+        return status
+
+
+def train_stages(config, workdir: str, record: StageRecord, stage_hooks) -> Optional[list]:
+    """RotNet, then per round its vocabulary and BoWNet: [(stage name, stage config), ...] of
+    the trained stages, or None when one was interrupted."""
+    stages = [("rotnet", rotnet_config(config))]
+    if record.timed("rotnet", train_stage, stages[0][1], stage_dir(workdir, "rotnet"),
+                    stage_hooks.get("rotnet", ())) == "interrupted":
+        return None
+    for r in range(1, config.bownet.rounds + 1):
+        stage = bownet_config(config, r, workdir)
+        record.timed(f"vocab_{r}", vocabulary_stage, stage, stage.bownet.teacher_workdir,
+                     stage.bownet.vocabulary)
+        name = f"bownet_{r}"
+        if record.timed(name, train_stage, stage, stage_dir(workdir, name),
+                        stage_hooks.get(name, ())) == "interrupted":
+            return None
+        stages.append((name, stage))
+    return stages
+
+
+def evaluate_stages(config, workdir: str, stages: list, results: dict) -> str:
+    """Scores every stage (and the random init) on each feature into `results`; returns
+    'reused' when every score was read back from disk, else 'ran'."""
+    features = eval_features(config)
+    statuses = []
+    for name, stage in stages:
+        scored, status = evaluate_stage(stage, stage_dir(workdir, name), features)
+        statuses.append(status)
+        label = "rotnet (teacher)" if name == "rotnet" else name
+        for feature in features:
+            results[f"{label} · {feature}"] = scored[feature]
+    if config.eval.random_init:
+        for feature, scored in evaluate_random_init(config, workdir, features).items():
+            results[f"random init · {feature}"] = scored
+    return "reused" if set(statuses) == {"reused"} else "ran"
 
 
 def run(config, workdir: str,
-              stage_hooks: Optional[Dict[str, Sequence[Callable[[int], None]]]] = None
-              ) -> Optional[dict]:
+        stage_hooks: Optional[Dict[str, Sequence[Callable[[int], None]]]] = None
+        ) -> Optional[dict]:
     """Runs (or resumes) every stage; returns the evaluation results, or None when a training
     stage was interrupted (SIGTERM) — run the same command again to continue.
 
@@ -374,52 +411,15 @@ def run(config, workdir: str,
     """
     if config.bownet.rounds < 1:
         raise ValueError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
-    stage_hooks = stage_hooks or {}
     os.makedirs(workdir, exist_ok=True)
-    record = []
-
-    def timed(name, fn, *args):
-        start = time.time()
-        status = fn(*args)
-        seconds = time.time() - start
-        record.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
-        _write_record(workdir, record)
-        logging.info("Stage %s: %s in %.1f s.", name, status, seconds)
-        return status
-
-    stages = [("rotnet", rotnet_config(config))]
-    if timed("rotnet", train_stage, stages[0][1], stage_dir(workdir, "rotnet"),
-             stage_hooks.get("rotnet", ())) == "interrupted":
+    record = StageRecord(workdir)
+    stages = train_stages(config, workdir, record, stage_hooks or {})
+    if stages is None:
         return None
-    for r in range(1, config.bownet.rounds + 1):
-        stage = bownet_config(config, r, workdir)
-        timed(f"vocab_{r}", vocabulary_stage, stage, stage.bownet.teacher_workdir,
-              stage.bownet.vocabulary)
-        name = f"bownet_{r}"
-        if timed(name, train_stage, stage, stage_dir(workdir, name),
-                 stage_hooks.get(name, ())) == "interrupted":
-            return None
-        stages.append((name, stage))
     if not config.eval.after_training:
         return {}
-
-    features = eval_features(config)
     results = {}
-
-    def evaluate_all():
-        statuses = []
-        for name, stage in stages:
-            scored, status = evaluate_stage(stage, stage_dir(workdir, name), features)
-            statuses.append(status)
-            label = "rotnet (teacher)" if name == "rotnet" else name
-            for feature in features:
-                results[f"{label} · {feature}"] = scored[feature]
-        if config.eval.random_init:
-            for feature, scored in evaluate_random_init(config, workdir, features).items():
-                results[f"random init · {feature}"] = scored
-        return "reused" if set(statuses) == {"reused"} else "ran"
-
-    timed("eval", evaluate_all)
+    record.timed("eval", evaluate_stages, config, workdir, stages, results)
     print(f"BoWNet chain results ({config.data.source}):\n{summarize(results, workdir)}",
           flush=True)
     if jax.process_count() > 1:

@@ -2,7 +2,7 @@
 checkpoints of `config.eval.checkpoint_steps`, with the frozen-feature protocols of `config.eval`."""
 import ml_collections
 
-from bow_jax.evaluate import runner
+from bow_jax.evaluate import checks, runner
 from bow_jax.lib import checkpoint
 from bow_jax.tasks import common
 
@@ -25,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     e.fewshot_queries = 15
     e.fewshot_episodes = 200
     e.knn = True
+    e.knn_k = 20  # neighbours of the weighted k-NN (cosine, exp(s / 0.07) weights)
     e.test_limit = 0  # evaluate on the first N test images (0 = all)
     e.train_limit = 0  # fit the probes on the first N training images (0 = all): quick looks
     e.checkpoint_steps = ()  # the `evaluate` task scores these kept checkpoints (a learning
@@ -43,7 +44,9 @@ def score_states(run: common.Run, states) -> dict:
 def run(config, workdir: str) -> dict:
     """Scores the newest checkpoint of `workdir`, or those of `config.eval.checkpoint_steps`.
 
-    FileNotFoundError when `workdir` holds no checkpoint; ValueError naming the missing steps."""
+    FileNotFoundError when `workdir` holds no checkpoint; ValueError naming the missing steps
+    or an evaluation setting the data cannot satisfy."""
+    checks.check_evaluation_data(config)
     with common.restore_trained(config, workdir, "evaluate") as run_:
         steps = [int(s) for s in config.eval.checkpoint_steps]
         if not steps:

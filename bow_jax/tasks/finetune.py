@@ -3,7 +3,6 @@ backbone of a workdir's newest checkpoint, or of a torchvision `.pth` file; resu
 <workdir>/eval/finetune.{json,md}."""
 import json
 import os
-import pathlib
 
 import jax
 import ml_collections
@@ -89,11 +88,8 @@ def labelled_subset(config, train):
     cfg = config.finetune
     if not cfg.subset_file:
         return None
-    names = None
-    if config.data.source == "image_folder":
-        root = pathlib.Path(config.data.path)
-        root = root / "train" if (root / "train").is_dir() else root  # as load_dataset
-        names = finetune.image_folder_filenames(root)
+    # Image folders: the names of the examples actually loaded, in order.
+    names = list(train.filenames) if config.data.source == "image_folder" else None
     return finetune.read_subset_file(cfg.subset_file, len(train), names)
 
 

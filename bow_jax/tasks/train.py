@@ -4,6 +4,7 @@ from typing import Callable, Iterable, Optional
 from absl import logging
 
 from bow_jax import train
+from bow_jax.evaluate import checks
 from bow_jax.tasks import common, evaluate
 
 SECTION = None  # no config section of its own: the shared fields of bow_jax/config.py
@@ -19,6 +20,8 @@ def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Op
     Returns the evaluation results; None when stopped early by a signal (a checkpoint was saved:
     the same command resumes) or when evaluation is off. `hooks` are called with the step number
     after each step (tests use them to send signals)."""
+    if config.eval.after_training:
+        checks.check_evaluation_data(config)  # a bad setting fails now, not after training
     with common.restore(config, workdir) as run_:
         if run_.restored_step is not None:
             logging.info("Resumed from %s at step %d.", run_.checkpointer.directory,

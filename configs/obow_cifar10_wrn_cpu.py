@@ -1,0 +1,82 @@
+"""OBoW on CIFAR-10 with the official code's CIFAR recipe (github.com/valeoai/obow), equal config.
+
+What it reproduces: the official OBoW CIFAR-10 setting, short (780 steps = 2 epochs of 390 steps),
+sized to run on the 2-core CPU machine in the background:
+
+  network   WRN-16-2 of the official code (`wrn_obow`: 690,384 parameters, pooled 128-d), strides
+            (1, 2, 2): at 32x32 block1 32x32x32, block2 16x16x64, block3 8x8x128
+  BoW       levels block2 + block3, K = 2048 words per level (queue renewed every 16 steps at
+            batch 128), inv_delta 10 (delta_base 1/10), kappa 5, mean-min-distance statistic
+            momentum 0.99, teacher EMA momentum 0.99 -> 1 (per-step cosine over the 780 steps)
+  views     teacher: the whole 32x32 image (+ flip; block3 is 8x8 >= the 5x5 OBoW needs);
+            student: 2 RandomResizedCrops of 24 (scale 0.2-0.6) and 5 of the 3x3 jittered 16x16
+            patches (jitter 4) of one 36x36 RandomResizedCrop (scale 0.6-1); colour jitter
+            0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2, no blur
+  optim     batch 128, SGD lr 0.05, momentum 0.9, weight decay 5e-4 on every parameter, cosine to 0
+            per step (steps_per_epoch = 1 makes the schedules' "epoch" one step; the data still
+            passes over all 50k images per 390 steps), no warm-up, 780 steps
+  eval      frozen student, 'pooled' = global average of block3 (128-d), on all 50k train / 10k
+            test images: linear probe with a BatchNorm-without-affine head (standardised
+            features -> softmax regression; the 'places205' protocol's SGD recipe, the only
+            standardised one evaluate/linear.py offers), 20-NN (cosine, exp(s/0.07) votes),
+            5-way 1- and 5-shot prototypes (15 queries, 1000 episodes), beside the same network
+            at random initialisation.
+
+A logged `monitor_accuracy` (linear classifier on the detached teacher block3; cannot reach the
+backbones) tracks progress. How long: on the shared 2-core CPU machine an OBoW step of this recipe
+(~0.23 TFLOP: 128 teacher images, 256 crops and 640 patches through the WRN) takes several
+seconds, so the 780 steps take hours (steps/s and ETA on every logged line) plus a few minutes of
+evaluation; on one GPU it is minutes.
+
+Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
+"""
+from bow_jax.config import base_config, cifar10_cpu_setting
+
+
+def get_config():
+    c = base_config("obow")
+    cifar10_cpu_setting(c)  # CIFAR-10 npz source and normalisation; the model is replaced below
+    c.model.name = "wrn_obow"
+    c.model.kwargs = {"depth": 16, "widen_factor": 2, "strides": (1, 2, 2)}
+    c.batch_size = 128
+    c.num_train_steps = 780
+    c.steps_per_epoch = 1  # the per-"epoch" cosine changes every step
+    c.optim.lr = 0.05
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule = "cosine"
+    c.optim.warmup_epochs = 0
+    c.optim.end_lr = 0.0
+    o = c.obow
+    o.bow_levels = ("block2", "block3")
+    o.num_words = 2048
+    o.inv_delta = 10.0
+    o.kappa = 5.0
+    o.stat_momentum = 0.99
+    o.teacher_momentum = 0.99
+    o.teacher_size = 32
+    o.teacher_resize = 0  # the whole image (already 32x32: no resize)
+    o.num_crops = 2
+    o.crop_size = 24
+    o.crop_scale = (0.2, 0.6)
+    o.num_patches = 5
+    o.patch_size = 16
+    o.patch_source_size = 36
+    o.patch_source_scale = (0.6, 1.0)
+    o.patch_jitter = 4
+    o.color_jitter = (0.4, 0.4, 0.4, 0.1)
+    o.color_jitter_p = 0.8
+    o.grayscale_p = 0.2
+    o.blur_p = 0.0
+    o.monitor, o.num_classes, o.monitor_feature = True, 10, "block3"
+    c.log_every = 10
+    c.checkpoint_every_steps = 130
+    c.eval.feature = "pooled"  # = global average of block3
+    c.eval.random_init = True
+    c.eval.linear_protocol = "places205"  # BN(affine=False) + linear: standardised features
+    c.eval.fewshot_shots = (1, 5)
+    c.eval.fewshot_ways = 5
+    c.eval.fewshot_queries = 15
+    c.eval.fewshot_episodes = 1000
+    c.eval.knn = True
+    return c
