@@ -13,16 +13,18 @@ CORE = [
     "absl-py",
     "pillow",
     "scikit-learn",  # ships the digits images the demo trains on; reference for k-means
+    "tensorboardX>=2.6.5",  # TensorBoard event files without TensorFlow
+    "tqdm>=4.70.1",  # rate and ETA of long phases on a terminal
 ]
 EXTRAS = {
-    # TFDS input pipelines, TensorBoard event files (in-memory training needs none of this).
+    # TFDS input pipelines (in-memory training needs none of this).
     "tfds": [
         "tensorflow-cpu>=2.21.0",
         "tensorflow-datasets>=4.9.10",
         "importlib_resources",  # tensorflow-datasets 4.9.10 needs it without declaring it
-        "tensorboard>=2.21.0",
-        "clu>=0.0.12",
     ],
+    # The TensorBoard viewer itself (`tensorboard --logdir=WORKDIR`); writing needs only the core.
+    "tensorboard": ["tensorboard>=2.21.0"],
     "test": ["pytest>=8", "pytest-xdist"],
     "torch": ["torch==2.14.1", "torchvision==0.29.1"],
     "cuda": ["jax[cuda13]"],

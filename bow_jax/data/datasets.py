@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from bow_jax.lib import extras
+
 SOURCES = ("npz", "jpeg_npz", "digits", "image_folder", "tfds")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pbm",
                   ".tif", ".tiff")
@@ -460,8 +462,9 @@ def image_folder_split_root(path, split: str) -> pathlib.Path:
 
 def import_tfds():
     """Import tensorflow_datasets lazily, keeping TensorFlow off any GPU (JAX owns it)."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    tf = extras.require("tensorflow", "tfds", purpose="TFDS data (config.data.source='tfds')")
+    tfds = extras.require("tensorflow_datasets", "tfds",
+                          purpose="TFDS data (config.data.source='tfds')")
     tf.config.set_visible_devices([], "GPU")
     return tfds
 

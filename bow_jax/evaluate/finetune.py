@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
+from bow_jax.lib import logs
 from bow_jax.data import augment, datasets, pipeline
 from bow_jax.evaluate import features
 from bow_jax.lib import schedules, sharding
@@ -252,7 +252,7 @@ def initial_finetune_state(backbone, variables, num_classes: int, r: dict, crop:
 def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
              test: datasets.ArrayDataset, cfg, mean, std, *, seed: int = 0,
              subset: Optional[np.ndarray] = None, mesh=None,
-             log: Callable[[str], None] = logging.info) -> dict:
+             log: Callable[[str], None] = logs.say) -> dict:
     """Fine-tunes `backbone` (its `variables`) on the labelled subset of `train`; scores `test`.
 
     cfg: config.finetune (defaults in bow_jax/tasks/finetune.py); subset: indices into `train`

@@ -14,7 +14,7 @@ import numpy as np
 
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, fewshot, knn, linear
-from bow_jax.lib import files
+from bow_jax.lib import files, logs
 
 
 def pretext(method, variables, test, config, mesh) -> dict:
@@ -87,14 +87,21 @@ def markdown_table(results: dict) -> str:
     return rows_table({name: flat(r) for name, r in results.items()})
 
 
-def write_results(workdir: str, results: dict) -> None:
-    """JSON and markdown under <workdir>/eval, written atomically (temp file + rename)."""
-    if jax.process_index() != 0:
-        return
+def write_results(workdir: str, results: dict) -> str:
+    """JSON and markdown under <workdir>/eval, written atomically (temp file + rename) on
+    process 0; returns the markdown file's path."""
     out_dir = os.path.join(workdir, "eval")
-    for name, text in (("results.json", json.dumps(results, indent=2)),
-                       ("results.md", markdown_table(results) + "\n")):
-        files.atomic_write_text(os.path.join(out_dir, name), text)
+    if jax.process_index() == 0:
+        for name, text in (("results.json", json.dumps(results, indent=2)),
+                           ("results.md", markdown_table(results) + "\n")):
+            files.atomic_write_text(os.path.join(out_dir, name), text)
+    return os.path.join(out_dir, "results.md")
+
+
+def report(results: dict, what: str, workdir: str) -> None:
+    """Writes `results` under <workdir>/eval and prints their table and where they went."""
+    path = write_results(workdir, results)
+    logs.say(f"Evaluation of {what}:\n{markdown_table(results)}\nresults: {path} (and .json)")
 
 
 def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
@@ -109,7 +116,5 @@ def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
                score(method, state, train, test, config, mesh) for state in states}
     if random_init is not None:
         results["random init"] = score(method, random_init, train, test, config, mesh)
-    write_results(workdir, results)
-    print(f"Evaluation ({config.data.source}, feature {config.eval.feature!r}):\n"
-          + markdown_table(results), flush=True)
+    report(results, f"{config.data.source} data, feature {config.eval.feature!r}", workdir)
     return results

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from bow_jax.lib import files
+from bow_jax.lib import extras, files
 from bow_jax.models import create_backbone, feature_dims
 from bow_jax.models.heads import DynamicBoWHead
 from bow_jax.models.resnet import to_torch_layout, torchvision_key
@@ -55,12 +55,7 @@ StateDict = dict  # str -> np.ndarray
 
 def import_torch():
     """torch, imported with a clear message when absent (install the `torch` extra)."""
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError("torchvision export/import needs PyTorch: pip install -e '.[torch]' "
-                          "(torch==2.14.1 torchvision==0.29.1).") from e
-    return torch
+    return extras.require("torch", "torch", purpose="the torchvision export / import")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def is_input_error(error: BaseException) -> bool:
     text = str(error)
     if isinstance(error, ImportError):
         return "pip install" in text
-    return isinstance(error, (ValueError, OSError)) and re.match(r"^(config\.|--)", text) is not None
+    names_input = re.match(r"^(config\.|--)", text) is not None
+    return isinstance(error, (ValueError, OSError)) and names_input
 
 
 def unknown_field(config: ml_collections.ConfigDict, path: str) -> Optional[str]:

@@ -85,7 +85,7 @@ class MetricWriter:
             if tensorboard:
                 # TensorBoard hides the events a crashed run logged past its checkpoint, as above.
                 purge = start_step + 1 if start_step else None
-                self._tb = tensorboardX.SummaryWriter(workdir, purge_step=purge)
+                self._tb = tensorboardX.SummaryWriter(workdir, purge_step=purge, flush_secs=30)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
+from bow_jax.lib import logs
 from bow_jax.bow import kmeans, quantize
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, runner
@@ -224,8 +224,8 @@ def build_vocabulary(config, teacher_workdir: str, path: str) -> dict:
             "kmeans_method": cfg.kmeans_method, "kmeans_iters": int(result.n_iter),
             "features_seconds": features_s, "kmeans_seconds": time.time() - start - features_s}
     bownet.write_vocabulary(path, centroids, meta)
-    logging.info("Vocabulary %s: K=%d from %d vectors, mean squared distance %.4g (%d iters).",
-                 path, cfg.num_words, num_vectors, meta["mean_sq_distance"], result.n_iter)
+    logs.say(f"vocabulary: K={cfg.num_words} from {num_vectors} vectors, mean squared distance "
+             f"{meta['mean_sq_distance']:.4g} ({result.n_iter} iterations) -> {path}")
     return meta
 
 
@@ -360,7 +360,7 @@ class StageRecord:
         if jax.process_index() == 0:
             files.atomic_write_text(os.path.join(self.workdir, "chain.json"),
                                     json.dumps({"stages": self.stages}, indent=2))
-        logging.info("Stage %s: %s in %.1f s.", name, status, seconds)
+        logs.say(f"chain stage {name}: {status} in {seconds:.1f} s")
         return status
 
 
@@ -420,8 +420,7 @@ def run(config, workdir: str,
         return {}
     results = {}
     record.timed("eval", evaluate_stages, config, workdir, stages, results)
-    print(f"BoWNet chain results ({config.data.source}):\n{summarize(results, workdir)}",
-          flush=True)
+    logs.say(f"BoWNet chain results ({config.data.source}):\n{summarize(results, workdir)}")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bownet_chain done")
     return results

@@ -42,6 +42,5 @@ def run(config, workdir: str, path: str = "") -> dict:
         init = jax.jit(lambda k: backbone.init(k, jnp.zeros(torchvision.TEMPLATE_INPUT),
                                                train=False))(jax.random.key(config.seed))
         results["random init"] = runner.score(scorer, init, train, test, config, mesh)
-    runner.write_results(workdir, results)
-    print(runner.markdown_table(results), flush=True)
+    runner.report(results, f"torchvision file {path}", workdir)
     return results

@@ -6,8 +6,8 @@ from typing import Tuple
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
+from bow_jax.lib import logs
 from bow_jax.export import torchvision
 from bow_jax.tasks import common
 
@@ -43,9 +43,9 @@ def export_state(config, method, state, path: str, layout: str = "torchvision", 
     torchvision.check_arch(arch)
     kwargs = config.model.kwargs.to_dict()
     if kwargs.get("width", 64) != 64 or kwargs.get("cifar_stem", False):
-        logging.warning("config.model.kwargs=%s is not torchvision's %s (width 64, ImageNet "
-                        "stem): the file keeps torchvision's names but a stock torchvision model "
-                        "will not load it.", kwargs, arch)
+        logs.warn(f"config.model.kwargs={kwargs} is not torchvision's {arch} (width 64, ImageNet "
+                  "stem): the file keeps torchvision's names but a stock torchvision model will "
+                  "not load it.")
     variables = jax.device_get(method.backbone_variables(state))
     if layout == "obow":
         fc = obow_state_fc(config, state)
@@ -71,5 +71,5 @@ def run(config, workdir: str, path: str = "") -> str:
         path = path or cfg.path or os.path.join(
             workdir, f"torchvision_{config.model.name}{suffix}_step{run_.restored_step}.pth")
         export_state(config, run_.method, run_.state, path, cfg.layout, cfg.fc, cfg.num_classes)
-    print(f"Wrote {path} (layout {cfg.layout}, step {run_.restored_step}).", flush=True)
+    logs.say(f"export: wrote {path} (layout {cfg.layout}, step {run_.restored_step})")
     return path

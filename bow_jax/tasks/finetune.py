@@ -7,6 +7,7 @@ import os
 import jax
 import ml_collections
 
+from bow_jax.lib import logs
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import finetune
 from bow_jax.export import torchvision
@@ -101,10 +102,10 @@ def run(config, workdir: str) -> dict:
     train, test = load_split(config, "train"), load_split(config, "test")
     mean, std = method_common.normalization(config)
     result = finetune.finetune(backbone, variables, train, test, cfg, mean, std, seed=config.seed,
-                               subset=labelled_subset(config, train), log=print)
+                               subset=labelled_subset(config, train), log=logs.say)
     name = (f"{finetune.recipe(cfg)['percent']:g}%" if not cfg.subset_file
             else os.path.basename(cfg.subset_file))
     write_finetune_results(workdir, network, name, result)
-    print(f"Fine-tuning ({name} of the labels): test top-1 {100 * result['top1']:.2f}%; results in "
-          f"{os.path.join(workdir, 'eval', 'finetune.md')}", flush=True)
+    logs.say(f"Fine-tuning ({name} of the labels): test top-1 {100 * result['top1']:.2f}%; results in "
+          f"{os.path.join(workdir, 'eval', 'finetune.md')}")
     return result

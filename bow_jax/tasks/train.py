@@ -1,8 +1,8 @@
 """The `train` task: train (resuming from the workdir's newest checkpoint), then evaluate."""
 from typing import Callable, Iterable, Optional
 
-from absl import logging
 
+from bow_jax.lib import logs
 from bow_jax import train
 from bow_jax.evaluate import checks
 from bow_jax.tasks import common, evaluate
@@ -24,8 +24,7 @@ def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Op
         checks.check_evaluation_data(config)  # a bad setting fails now, not after training
     with common.restore(config, workdir) as run_:
         if run_.restored_step is not None:
-            logging.info("Resumed from %s at step %d.", run_.checkpointer.directory,
-                         run_.restored_step)
+            logs.say(f"resumed from {run_.checkpointer.directory} at step {run_.restored_step}")
         state = train.train(run_, hooks)
     if state is None or not config.eval.after_training:
         return None

@@ -1,0 +1,158 @@
+"""The command line: `python3 -m bow_jax.main` mistakes are one line and exit status 2, and
+`--list_config` lists the fields. Nothing here trains: configs are only parsed.
+
+The subprocess tests run the real entry point (a few seconds each, mostly importing JAX); the
+diagnosis itself (lib/cli.py) is also tested in-process.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import pytest
+
+from bow_jax.lib import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = "configs/demo.py"
+
+
+def _main(*args, timeout=300):
+    """Runs the entry point from the repository root; returns (status, stdout, stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "bow_jax.main", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.optim = ml_collections.ConfigDict({"lr": 0.1, "momentum": 0.9})
+    c.eval = ml_collections.ConfigDict({"fewshot_shots": (1, 5), "knn": {"k": 20}})
+    c.model = ml_collections.ConfigDict({"kwargs": ml_collections.ConfigDict()})
+    c.lock()
+    return c
+
+
+# ---- through the entry point ----------------------------------------------------------------
+
+def test_unknown_override_is_one_line_with_the_dotted_key_and_a_suggestion(tmp_path):
+    status, out, err = _main(f"--config={DEMO}", "--config.optim.lrr=0.1",
+                             f"--workdir={tmp_path}")
+    assert status == 2
+    assert err == ("error: --config.optim.lrr: config.optim has no field 'lrr'; "
+                   "did you mean config.optim.lr?\n")
+    assert out == "" and not os.listdir(tmp_path)
+
+
+def test_list_config_prints_every_field_with_overrides_and_needs_no_workdir():
+    status, out, err = _main(f"--config={DEMO}", "--list_config", "--config.optim.lr=0.3")
+    assert status == 0, err
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    assert rows["config.optim.lr"] == ["0.3", "float"]
+    assert rows["config.method"] == ["'rotnet'", "str"]
+    assert rows["config.batch_size"] == ["64", "int"]  # the demo's value, not the base one
+    assert all(name.startswith("config.") for name in rows)
+    assert "Traceback" not in err
+
+
+def test_config_file_mistakes_are_one_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(:\n    pass\n")
+    status, _, err = _main(f"--config={bad}", f"--workdir={tmp_path}")
+    assert (status, err) == (2, f"error: --config={bad}: line 1: SyntaxError: invalid syntax\n")
+    status, _, err = _main("--config=configs/no_such_config.py", f"--workdir={tmp_path}")
+    assert status == 2 and err.startswith("error: --config=configs/no_such_config.py: no such file")
+    assert err.count("\n") == 1
+
+
+def test_workdir_is_required_without_list_config():
+    status, out, err = _main(f"--config={DEMO}")
+    assert status == 2 and out == ""
+    assert err.startswith("error: --workdir is required") and err.count("\n") == 1
+
+
+def test_importing_main_leaves_jax_uninitialised_for_distributed():
+    """--distributed calls jax.distributed.initialize(), which must come before any backend."""
+    code = textwrap.dedent("""
+        import sys
+        import bow_jax.main
+        from jax._src import xla_bridge
+        assert not xla_bridge.backends_are_initialized()
+        assert "tensorflow" not in sys.modules and "torch" not in sys.modules, "heavy imports"
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- lib/cli.py in-process ----------------------------------------------------------------
+
+@pytest.mark.parametrize("path, message", [
+    ("optim.lr", None),
+    ("eval.fewshot_shots[0]", None),
+    ("optim.lrr", "config.optim has no field 'lrr'; did you mean config.optim.lr?"),
+    ("optimm.lr", "config has no field 'optimm'; did you mean config.optim?"),
+    ("lr", "config has no field 'lr'; did you mean config.optim.lr?"),
+    ("k", "config has no field 'k'; did you mean config.eval.knn.k?"),
+    ("eval.knn.kk", "config.eval.knn has no field 'kk'; did you mean config.eval.knn.k?"),
+    ("optim.zzz", "config.optim has no field 'zzz'; config.optim's fields are listed by "
+                  "--list_config"),
+    ("optim.lr.x", "config.optim.lr is a float, not a section with field 'x'"),
+])
+def test_unknown_field(path, message):
+    assert cli.unknown_field(_config(), path) == message
+
+
+def test_override_paths_and_config_argument():
+    argv = ["--config", "c.py:arg", "--config.a.b=1", "--noconfig.flag", "-config.x", "2",
+            "--workdir=w", "--configs.y=1"]
+    assert cli.config_argument(argv) == "c.py:arg"
+    assert cli.config_argument(["--config=d.py"]) == "d.py"
+    assert cli.override_paths(argv) == ["a.b", "flag", "x"]
+
+
+def test_load_config_file_reports_the_line_of_an_exception(tmp_path):
+    path = tmp_path / "raises.py"
+    path.write_text("def get_config(size='1'):\n    x = 1\n    return {}[size]\n")
+    with pytest.raises(cli.CommandLineError) as info:
+        cli.load_config_file(f"{path}:small")
+    assert str(info.value) == f"--config={path}:small: line 3: KeyError: 'small'"
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    assert cli.diagnose([f"--config={tmp_path / 'empty.py'}"]) == \
+        f"--config={tmp_path / 'empty.py'}: the file defines no get_config() function"
+
+
+def test_diagnose_finds_the_first_unknown_override(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import ml_collections\n\ndef get_config():\n"
+                    "    return ml_collections.ConfigDict({'optim': {'lr': 0.1}})\n")
+    argv = [f"--config={path}", "--config.optim.lr=1", "--config.optim.momentun=0.9"]
+    assert cli.diagnose(argv) == ("--config.optim.momentun: config.optim has no field "
+                                  "'momentun'; config.optim's fields are listed by --list_config")
+    assert cli.diagnose(argv[:2]) is None
+
+
+def test_fields_lists_leaves_with_types():
+    rows = cli.fields(_config())
+    assert ("config.optim.lr", 0.1, "float") in rows
+    assert ("config.eval.fewshot_shots", (1, 5), "tuple") in rows
+    assert ("config.eval.knn.k", 20, "int") in rows
+    assert ("config.model.kwargs", {}, "ConfigDict") in rows  # an empty section still shows
+    lines = cli.format_fields(_config()).splitlines()
+    assert len(lines) == len(rows)
+    assert lines[0].split() == ["config.eval.fewshot_shots", "(1,", "5)", "tuple"]
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ValueError("config.data.path must be set for source 'npz'."), True),
+    (FileNotFoundError("--workdir=/x: no checkpoint in /x/checkpoints"), True),
+    (ImportError("torch is not installed; install it with: pip install 'bow_jax[torch]'"), True),
+    (ValueError("operands could not be broadcast together"), False),
+    (ImportError("cannot import name 'x' from 'y'"), False),
+    (KeyError("config.x"), False),
+])
+def test_is_input_error(error, expected):
+    assert cli.is_input_error(error) is expected
