@@ -73,7 +73,7 @@ def get_config():
     c.checkpoint_every_steps = 130
     c.eval.feature = "pooled"  # = global average of block3
     c.eval.random_init = True
-    c.eval.linear_protocol = "places205"  # BN(affine=False) + linear: standardised features
+    c.eval.linear_protocol = "logistic_standardized"
     c.eval.fewshot_shots = (1, 5)
     c.eval.fewshot_ways = 5
     c.eval.fewshot_queries = 15

@@ -424,8 +424,10 @@ def run_isolated(path: str, variant: str, args) -> dict:
         for item in args.set:
             command += ["--set", item]
         status = subprocess.run(command, check=False).returncode
-        rows = (json.load(open(out, encoding="utf-8"))["train_step"]
-                if os.path.exists(out) else [])
+        rows = []
+        if os.path.exists(out):
+            with open(out, encoding="utf-8") as f:
+                rows = json.load(f)["train_step"]
     if status != 0 or not rows:
         raise RuntimeError(f"variant {variant} in its own process: exit status {status}")
     return rows[0]

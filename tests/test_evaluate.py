@@ -9,6 +9,7 @@ import pytest
 
 from bow_jax.evaluate import features, fewshot, knn, linear
 from bow_jax.lib import sharding
+from bow_jax.models.norm import BatchNorm
 
 
 def _np_normalize(x):
@@ -182,20 +183,23 @@ def test_full_batch_sgd_matches_pytorch_rule():
     np.testing.assert_allclose(trained["params"]["fc"]["bias"], bias, atol=1e-5)
 
 
-def test_feature_batch_norm_matches_pytorch_formula():
+def test_probe_batch_norm_matches_pytorch_formula():
+    """The probe's BatchNorm1d(affine=False) (models.norm.BatchNorm without scale and bias) on a
+    masked, padded batch: biased batch variance to normalise, unbiased into the running one."""
     rng = np.random.default_rng(9)
     x = (rng.normal(size=(10, 4)) * 3 + 1).astype(np.float32)
     mask = np.arange(10) < 7          # a padded last batch: 7 real rows
-    bn = linear.FeatureBatchNorm()
-    variables = bn.init(jax.random.key(0), x, train=False)
-    y, updates = bn.apply(variables, x, train=True, mask=mask, mutable=["batch_stats"])
+    bn = BatchNorm(use_scale=False, use_bias=False)
+    variables = bn.init(jax.random.key(0), x, use_running_average=True)
+    y, updates = bn.apply(variables, x, use_running_average=False, mask=mask,
+                          mutable=["batch_stats"])
     real = x[:7].astype(np.float64)
     mean, var = real.mean(0), real.var(0)
     np.testing.assert_allclose(np.asarray(y)[:7], (real - mean) / np.sqrt(var + 1e-5), atol=1e-5)
     stats = updates["batch_stats"]
     np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)
     np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * real.var(0, ddof=1), rtol=1e-5)
-    y_eval = bn.apply({"batch_stats": stats}, x, train=False)
+    y_eval = bn.apply({"batch_stats": stats}, x, use_running_average=True)
     np.testing.assert_allclose(
         y_eval, (x - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-5,
         atol=1e-5)
@@ -232,7 +236,11 @@ def test_flip_views_are_used():
 
 def test_protocols_are_valid_training_configs():
     signature = inspect.signature(linear.train_linear_probe)
+    logistic = inspect.signature(linear.logistic_probe)
     for name, cfg in linear.PROTOCOLS.items():
+        if cfg.get("solver") == "lbfgs":
+            logistic.bind(None, None, None, None, 10, **cfg)
+            continue
         signature.bind(None, None, 10, **cfg)   # raises TypeError on an unknown key
         assert cfg["schedule"] in ("step", "cosine"), name
     assert linear.PROTOCOLS["imagenet_r18_obow"]["precache_flip"]
@@ -316,3 +324,26 @@ def test_extract_features_rejects_bad_input():
         features.extract_features(encode, images.astype(np.float32), batch_size=8)
     with pytest.raises(ValueError, match="N, H, W, 3"):
         features.extract_features(encode, images[..., 0], batch_size=8)
+
+
+def test_standardized_logistic_probe_matches_scikit_learn():
+    """The 'logistic_standardized' protocol is scikit-learn's StandardScaler +
+    LogisticRegression(C): same class probabilities on real digits, same accuracy."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    x, y = load_digits(return_X_y=True)
+    x_tr, y_tr, x_te, y_te = x[:600], y[:600], x[600:900], y[600:900]
+    protocol = linear.PROTOCOLS["logistic_standardized"]
+    scaler = StandardScaler().fit(x_tr)
+    reference = LogisticRegression(C=protocol["C"], max_iter=5000, tol=1e-10).fit(
+        scaler.transform(x_tr), y_tr)
+    s_tr, s_te = linear.standardize(x_tr, x_te)
+    np.testing.assert_allclose(s_te, scaler.transform(x_te), atol=1e-5)
+    p = linear.fit_logistic_regression(s_tr, jnp.asarray(y_tr), num_classes=10,
+                                       C=protocol["C"], max_iter=protocol["max_iter"],
+                                       tol=protocol["tol"])
+    probs = jax.nn.softmax(s_te @ p["w"] + p["b"])
+    np.testing.assert_allclose(probs, reference.predict_proba(scaler.transform(x_te)), atol=2e-3)
+    result = linear.linear_probe(x_tr, y_tr, x_te, y_te, 10, **protocol)
+    assert result["top1"] == pytest.approx(reference.score(scaler.transform(x_te), y_te))

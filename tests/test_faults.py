@@ -129,7 +129,7 @@ def test_nan_loss_stops_with_a_named_error_and_keeps_the_good_checkpoints(good_r
     assert 4 in steps and max(steps) < 12
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     for step in steps:  # every kept checkpoint verifies and is finite
-        state = ckpt.restore(checkpoint.abstract_like(good_run[1]), step=step)
+        state = ckpt.restore(None, step=step)  # raw: still verified against its fingerprint
         checkpoint.check_finite(state, f"step {step}")
     ckpt.close()
 

@@ -1,7 +1,7 @@
 """Linear probe on precached frozen features (OBoW `main_linear_classification.py`, BoWNet §4.1.2).
 
-Head: optional BatchNorm without affine (PyTorch `BatchNorm1d(affine=False)` numerics) and a Dense
-layer with weights N(0, 0.01) and zero bias. Training is SGD with momentum and PyTorch-style weight
+Head: optional BatchNorm without affine (PyTorch `BatchNorm1d(affine=False)` numerics,
+`models.norm.BatchNorm`) and a Dense layer with weights N(0, 0.01) and zero bias. Training is SGD with momentum and PyTorch-style weight
 decay on every parameter, with a per-epoch learning-rate schedule ('step' or 'cosine'). The
 features live on one device and an epoch is one compiled `lax.scan`, so a probe on precached
 features takes seconds to minutes even for ImageNet: the head is far too small to be worth
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from bow_jax.lib import schedules
+from bow_jax.models.norm import BatchNorm
 
 # The papers' probe recipes. 'precache_flip' marks protocols whose training set is precached as
 # centre + horizontal-flip views (pass `flip_feats`).
@@ -42,31 +43,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "places205": dict(epochs=28, batch_size=256, lr=0.01, momentum=0.9, weight_decay=1e-5,
                       schedule="step", milestones=(10, 20), decay_factor=0.1, batch_norm=True,
                       precache_flip=False),
+    # Standardised multinomial logistic regression (features scaled to zero mean, unit variance
+    # with the training split's statistics; L2 penalty 1/(2C)·|W|² + Σ cross-entropy, as
+    # scikit-learn's LogisticRegression(C)), solved to convergence by L-BFGS: a probe with no
+    # schedule to tune, for small CPU-sized runs.
+    "logistic_standardized": dict(solver="lbfgs", C=1.0, max_iter=500, tol=1e-6),
 }
-
-
-class FeatureBatchNorm(nn.Module):
-    """BatchNorm1d without affine, PyTorch numerics: batch statistics (biased variance) in
-    training, running statistics in eval; the running variance takes the unbiased estimate;
-    PyTorch momentum 0.1, eps 1e-5. `mask` marks the real rows of a padded batch."""
-    momentum: float = 0.1
-    epsilon: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x, train: bool, mask=None):
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, x.shape[-1:], x.dtype)
-        running_var = self.variable("batch_stats", "var", jnp.ones, x.shape[-1:], x.dtype)
-        if not train:
-            return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon)
-        weight = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
-        count = weight.sum()
-        mean = weight @ x / count
-        var = weight @ jnp.square(x - mean) / count
-        if not self.is_initializing():
-            unbiased = var * count / jnp.maximum(count - 1, 1)
-            running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-            running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon)
 
 
 class LinearHead(nn.Module):
@@ -77,7 +59,9 @@ class LinearHead(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         if self.batch_norm:
-            x = FeatureBatchNorm(name="bn")(x, train, mask)
+            # BatchNorm1d(affine=False) with PyTorch numerics (unbiased running variance).
+            x = BatchNorm(use_scale=False, use_bias=False, name="bn")(
+                x, use_running_average=not train, mask=mask)
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                         bias_init=nn.initializers.zeros, name="fc")(x)
 
@@ -224,8 +208,9 @@ def _predict(variables, feats, *, batch_norm: bool, chunk: int):
     num_classes = variables["params"]["fc"]["bias"].shape[0]
     model = LinearHead(num_classes, batch_norm)
     # Chunks bound the [N, classes] logits memory; only the argmax leaves the chunk.
-    return jax.lax.map(lambda x: jnp.argmax(model.apply(variables, x, train=False), -1), feats,
-                       batch_size=chunk)
+    # lax.map vmaps over the rows of a chunk: each row goes through the head as a batch of one.
+    return jax.lax.map(lambda x: jnp.argmax(model.apply(variables, x[None], train=False)[0], -1),
+                       feats, batch_size=chunk)
 
 
 def evaluate_linear_probe(variables, feats, labels, chunk: int = 4096) -> float:
@@ -236,11 +221,72 @@ def evaluate_linear_probe(variables, feats, labels, chunk: int = 4096) -> float:
     return float(jnp.mean(preds == labels))
 
 
+def standardize(train_feats, *others, eps: float = 1e-12):
+    """Features scaled by the training split's per-dimension mean and (biased) std, as
+    scikit-learn's StandardScaler; a constant dimension is only centred. Returns the list
+    [train, *others] of float32 arrays."""
+    train_feats = jnp.asarray(train_feats, jnp.float32)
+    mean, std = train_feats.mean(0), train_feats.std(0)
+    std = jnp.where(std > eps, std, 1.0)
+    return [(jnp.asarray(x, jnp.float32) - mean) / std for x in (train_feats, *others)]
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
+def fit_logistic_regression(feats, labels, *, num_classes: int, C: float, max_iter: int, tol: float):
+    """argmin over (W, b) of 1/(2C N)·|W|² + mean cross-entropy (scikit-learn's objective / N),
+    by L-BFGS with a zoom line search, until the gradient norm is below `tol` or `max_iter`."""
+    n, dim = feats.shape
+    params = {"w": jnp.zeros((dim, num_classes)), "b": jnp.zeros((num_classes,))}
+
+    def objective(p):
+        logits = feats @ p["w"] + p["b"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return ce + 0.5 / (C * n) * jnp.sum(jnp.square(p["w"]))
+
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    def step(carry):
+        p, state, _ = carry
+        value, grad = value_and_grad(p, state=state)
+        updates, state = solver.update(grad, state, p, value=value, grad=grad,
+                                       value_fn=objective)
+        return optax.apply_updates(p, updates), state, optax.tree.norm(grad)
+
+    def more(carry):
+        return (optax.tree.get(carry[1], "count") < max_iter) & (carry[2] > tol)
+
+    params, _, _ = jax.lax.while_loop(more, step, (params, solver.init(params), jnp.inf))
+    return params
+
+
+def logistic_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int, *,
+                   C: float = 1.0, max_iter: int = 500, tol: float = 1e-6,
+                   solver: str = "lbfgs") -> dict[str, float]:
+    """The 'logistic_standardized' protocol: standardise with the training statistics, fit the
+    L2-regularised multinomial logistic regression, report dict(top1, train_top1) (fractions)."""
+    if solver != "lbfgs":
+        raise ValueError(f"solver={solver!r}; the logistic probe is solved by 'lbfgs'.")
+    train_x, train_y = _check_features(train_feats, train_labels, "train_feats")
+    test_x, test_y = _check_features(test_feats, test_labels, "test_feats")
+    train_x, test_x = standardize(train_x, test_x)
+    p = fit_logistic_regression(train_x, train_y, num_classes=num_classes, C=float(C),
+                      max_iter=int(max_iter), tol=float(tol))
+
+    def top1(x, y):
+        return float(jnp.mean(jnp.argmax(x @ p["w"] + p["b"], -1) == y))
+    return dict(top1=top1(test_x, test_y), train_top1=top1(train_x, train_y))
+
+
 def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int,
                  **cfg) -> dict[str, float]:
     """Train on (train_feats, train_labels), report dict(top1=test top-1, train_top1=top-1 of the
     final head on the (centre) training features, eval mode). `cfg`: `train_linear_probe`'s
-    keyword arguments, e.g. `**PROTOCOLS['places205']` (plus `flip_feats=` where needed)."""
+    keyword arguments, e.g. `**PROTOCOLS['places205']` (plus `flip_feats=` where needed), or
+    a protocol with `solver='lbfgs'` (`logistic_probe`)."""
+    if cfg.get("solver") == "lbfgs":
+        return logistic_probe(train_feats, train_labels, test_feats, test_labels, num_classes,
+                              **cfg)
     variables, _ = train_linear_probe(train_feats, train_labels, num_classes, **cfg)
     return dict(top1=evaluate_linear_probe(variables, test_feats, test_labels),
                 train_top1=evaluate_linear_probe(variables, train_feats, train_labels))

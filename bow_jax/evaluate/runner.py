@@ -41,7 +41,7 @@ def score(method, variables, train, test, config, mesh) -> dict:
     if ev.linear:
         protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
         protocol.pop("precache_flip", None)
-        if ev.linear_epochs:
+        if ev.linear_epochs and "epochs" in protocol:
             scale = ev.linear_epochs / protocol["epochs"]
             protocol["milestones"] = tuple(max(1, round(m * scale)) for m in protocol["milestones"])
             protocol["epochs"] = ev.linear_epochs
