@@ -1,6 +1,6 @@
 """BoWNet, the paper's CIFAR-100 recipe (Gidaris et al., CVPR 2020, sections 2 and 4.1).
 
-One command runs the whole chain (task 'bownet_chain', see bow_jax/bownet_chain.py):
+One command runs the whole chain (task 'bownet_chain', see bow_jax/tasks/bownet_chain.py):
 RotNet WRN-28-10 (configs/rotnet_cifar100_wrn.py) → K=2048 k-means vocabulary of its last (3rd)
 residual block ('block3', 8x8x640) → BoWNet WRN-28-10 predicting the histogram BoW (eq. 3) from
 its 640-d pooled feature with the cosine head (eq. 5) → evaluation (100-way linear probe, 5-way
@@ -18,8 +18,7 @@ downloaded; without it the run stops at once with the TFDS message).
 """
 import os
 
-from bow_jax.bownet_chain import load_config_file
-from bow_jax.config import base_config
+from bow_jax.config import base_config, load_config_file
 
 
 def get_config():

@@ -54,10 +54,10 @@ def teacher_maps(config, state, images: np.ndarray, levels, batch: int = 500) ->
     @jax.jit
     def forward(x):
         if x.shape[1:3] != size:
-            x = jnp.clip(jnp.round(jax.vmap(lambda im: augment.resize(im, size))(x)), 0, 255)
+            x = augment.to_uint8(jax.vmap(lambda im: augment.resize(im, size))(x))
         feats, _ = backbone.apply(
             {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
-            common.to_network_input(x.astype(jnp.uint8), mean, std), train=True,
+            common.to_network_input(x, mean, std), train=True,
             mutable=["batch_stats"])  # as in training: batch statistics
         return {level: feats[level] for level in levels}
 

@@ -229,7 +229,7 @@ def test_per_group_batch_norm_statistics_vs_numpy(one_step):
     for x in groups:
         y = np_conv3x3(x, kernel).reshape(-1, kernel.shape[-1])
         mean = 0.9 * mean + 0.1 * y.mean(0)
-        var = 0.9 * var + 0.1 * y.var(0)
+        var = 0.9 * var + 0.1 * y.var(0, ddof=1)  # PyTorch: the unbiased batch variance
     got = s["new_state"].batch_stats["backbone"]["bn1"]
     np.testing.assert_allclose(got["mean"], mean, atol=1e-5)
     np.testing.assert_allclose(got["var"], var, rtol=1e-4)

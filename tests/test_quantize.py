@@ -201,7 +201,7 @@ def test_obow_level_targets_hard_avg_and_constant():
 
 
 def test_obow_first_targets_nearly_one_hot():
-    # obow_reference.md 6.3: with m starting at 0.5 the first targets are close to one-hot.
+    # Official OBoW code: with m starting at 0.5 the first targets are close to one-hot.
     rng = _rng(9)
     fmap = jnp.asarray(_relu_normal(rng, (4, 7, 7, 32)))
     vocab = jnp.asarray(_relu_normal(rng, (64, 32)))

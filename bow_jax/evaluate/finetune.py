@@ -184,7 +184,7 @@ def train_views(key, images, crop_size: int, scale: Sequence[float], flip: bool)
     def one(k, image):
         crop_key, flip_key = jax.random.split(k)
         view = augment.random_resized_crop(crop_key, image, crop_size, scale=tuple(scale))
-        view = jnp.clip(jnp.round(view), 0, 255).astype(jnp.uint8)  # as PIL hands torch a uint8
+        view = augment.to_uint8(view)  # as PIL hands torch a uint8
         return augment.random_flip(flip_key, view) if flip else view
 
     return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
@@ -197,8 +197,7 @@ def eval_views(images, crop_size: int):
         return images
 
     def one(image):
-        resized = jnp.clip(jnp.round(augment.resize(image, crop_size)), 0, 255)
-        return augment.center_crop(resized.astype(jnp.uint8), crop_size)
+        return augment.center_crop(augment.to_uint8(augment.resize(image, crop_size)), crop_size)
 
     return jax.vmap(one)(images)
 

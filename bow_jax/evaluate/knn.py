@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bow_jax.evaluate.fewshot import l2_normalize
+from bow_jax.lib.ops import l2_normalize
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "temperature", "chunk"))

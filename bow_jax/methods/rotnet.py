@@ -19,6 +19,7 @@ from bow_jax.data import geometric
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import common
 from bow_jax.models import heads
+from bow_jax.models.norm import BatchNorm
 
 
 class ResidualHeadBlock(nn.Module):
@@ -28,8 +29,7 @@ class ResidualHeadBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         channels = x.shape[-1]
-        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                         epsilon=1e-5, name=name)
+        norm = lambda name: BatchNorm(use_running_average=not train, name=name)  # torch numerics
         conv = lambda name: nn.Conv(channels, (3, 3), padding=1, use_bias=False, name=name,
                                     kernel_init=nn.initializers.variance_scaling(
                                         2.0, "fan_out", "normal"))

@@ -16,17 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from bow_jax.models.norm import BatchNorm
+from bow_jax.lib.ops import l2_normalize
 from bow_jax.models.resnet import TorchLinear, global_average_pool, torch_default_kernel_init
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """torch.nn.functional.normalize: x / max(||x||_2, eps) along `axis`.
-
-    Written as sqrt(max(sum x^2, eps^2)): the same value, and a finite (zero) gradient for an
-    all-zero vector where the norm's own gradient would be NaN.
-    """
-    sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
 
 
 def _as_pooled(x: jax.Array) -> jax.Array:

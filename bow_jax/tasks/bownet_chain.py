@@ -35,13 +35,12 @@ import time
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from bow_jax.lib import logs
-from bow_jax.bow import kmeans, quantize
+from bow_jax.bow import build
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, runner
 from bow_jax.lib import checkpoint, files, sharding
@@ -141,14 +140,6 @@ def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = (
 # Vocabulary stage
 
 
-def locations_per_image(max_vectors: int, num_images: int, num_locations: int) -> int:
-    """How many locations of each image's map the vocabulary sees: all of them, or
-    floor(max_vectors / num_images) (at least 1) under the `vocab_max_vectors` cap."""
-    if not max_vectors:
-        return num_locations
-    return int(min(num_locations, max(1, max_vectors // num_images)))
-
-
 def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.ndarray:
     """Per-location vectors of the teacher's `teacher_layer` (eval-mode BN, border skipped) over
     un-augmented uint8 `images`, in equal batches sharded over the mesh: [n, C] numpy.
@@ -163,17 +154,12 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
     sharding.check_divisible(batch, mesh.size, "config.eval.batch_size", "the number of devices")
     shape = feature_dims(teacher, (1,) + images.shape[1:])[cfg.teacher_layer]
     locations = (shape[1] - 2 * cfg.border) * (shape[2] - 2 * cfg.border)
-    keep = locations_per_image(cfg.vocab_max_vectors, len(images), locations)
+    keep = build.locations_per_image(cfg.vocab_max_vectors, len(images), locations)
 
     def sample(variables, x, key):
         out = teacher.apply(variables, common.to_network_input(x, mean, std), train=False)
-        fmap = quantize.skip_border(out[cfg.teacher_layer].astype(np.float32), cfg.border)
-        vectors = fmap.reshape(fmap.shape[0], locations, fmap.shape[-1])
-        if keep == locations:
-            return vectors
-        priority = jax.random.uniform(key, vectors.shape[:2])
-        chosen = jax.lax.top_k(priority, keep)[1]  # a uniform subset of `keep` locations
-        return jnp.take_along_axis(vectors, chosen[..., None], axis=1)
+        return build.keep_locations(key, build.dense_vectors(out[cfg.teacher_layer], cfg.border),
+                                    keep)
 
     kept = features.extract_features(sample, images, batch, mesh, variables=variables, key=key)
     return kept.reshape(-1, kept.shape[-1])
@@ -201,42 +187,32 @@ def build_vocabulary(config, teacher_workdir: str, path: str) -> dict:
     mesh = sharding.make_mesh()
     start = time.time()
     x = dense_teacher_features(config, teacher, variables, images, sample_key, mesh)
-    if x.shape[0] < cfg.num_words:
-        raise ValueError(f"config.bownet.num_words={cfg.num_words} is more than the "
-                         f"{x.shape[0]} feature vectors sampled (vocab_images / "
-                         "vocab_max_vectors).")
     features_s = time.time() - start
-    chunk = kmeans.default_chunk_size(cfg.num_words, mesh.size)
-    x, weights = kmeans.pad_rows(x, chunk)
-    rows = sharding.batch_sharded(mesh)
-    result = kmeans.kmeans(kmeans_key, jax.device_put(x, rows), cfg.num_words,
-                           weights=jax.device_put(weights, rows), n_iter=cfg.kmeans_iters,
-                           tol=cfg.kmeans_tol, n_init=cfg.kmeans_n_init,
-                           method=cfg.kmeans_method, chunk_size=chunk)
-    centroids = np.asarray(result.centroids)
-    num_vectors = int(weights.sum())
+    centroids, kmeans_meta = build.build_vocabulary(
+        kmeans_key, x, cfg.num_words, method=cfg.kmeans_method, n_iter=cfg.kmeans_iters,
+        tol=cfg.kmeans_tol, n_init=cfg.kmeans_n_init, mesh=mesh)
     meta = {"teacher_workdir": os.path.abspath(teacher_workdir), "teacher_step": int(step),
             "teacher_model": teacher_config["model"], "layer": cfg.teacher_layer,
-            "border": int(cfg.border), "num_words": int(cfg.num_words),
-            "num_images": int(len(images)), "num_vectors": num_vectors,
-            "inertia": float(result.inertia),
-            "mean_sq_distance": float(result.inertia) / num_vectors,
-            "kmeans_method": cfg.kmeans_method, "kmeans_iters": int(result.n_iter),
-            "features_seconds": features_s, "kmeans_seconds": time.time() - start - features_s}
-    bownet.write_vocabulary(path, centroids, meta)
-    logs.say(f"vocabulary: K={cfg.num_words} from {num_vectors} vectors, mean squared distance "
-             f"{meta['mean_sq_distance']:.4g} ({result.n_iter} iterations) -> {path}")
+            "border": int(cfg.border), "num_images": int(len(images)), **kmeans_meta,
+            "features_seconds": features_s}
+    build.write_vocabulary(path, centroids, meta)
+    logs.say(f"vocabulary: K={cfg.num_words} from {meta['num_vectors']} vectors, mean squared "
+             f"distance {meta['mean_sq_distance']:.4g} ({meta['kmeans_iters']} iterations) -> "
+             f"{path}")
     return meta
 
 
 def vocabulary_stage(config, teacher_workdir: str, path: str) -> str:
     """Builds the vocabulary unless a matching one exists; returns 'reused' or 'ran'."""
     if os.path.isfile(path):
+        cfg = config.bownet
         step, teacher_config = bownet.teacher_checkpoint(teacher_workdir, "teacher workdir")
         channels = feature_dims(bownet.teacher_backbone(teacher_config), (
-            1,) + load_split(config, "train").image_shape)[config.bownet.teacher_layer][-1]
-        centroids, meta = bownet.read_vocabulary(path, "vocabulary file")
-        bownet.check_vocabulary(meta, centroids.shape, config.bownet, step, channels, path)
+            1,) + load_split(config, "train").image_shape)[cfg.teacher_layer][-1]
+        centroids, meta = build.read_vocabulary(path, "vocabulary file")
+        build.check_vocabulary(meta, centroids.shape, teacher_step=step,
+                               layer=cfg.teacher_layer, border=cfg.border,
+                               num_words=cfg.num_words, channels=channels, path=path)
         return "reused"
     build_vocabulary(config, teacher_workdir, path)
     return "ran"
