@@ -1,14 +1,16 @@
-"""Frozen-feature extraction: run a jitted `encode` over a uint8 image array in equal batches.
+"""Frozen-feature extraction: run a jitted `encode` over uint8 images in equal batches.
 
 Every batch has the same shape (the last one is padded and the padding dropped), so `encode` is
 compiled exactly once. Batches are sharded over the mesh's 'data' axis, so all devices (and all
 hosts) share the work. `encode` must treat samples independently (a backbone in eval mode): the
-zero images used as padding must not change the features of the real ones.
+zero images used as padding must not change the features of the real ones. `iter_features` is
+the one extractor, over the batches of an array (`extract_features`) or of a streamed split
+(`evaluate.cache.split_features`).
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -51,6 +53,57 @@ def _to_host(tree, mesh: Mesh):
     return jax.tree.map(np.asarray, tree)
 
 
+def compile_views(encode: Encode, mesh: Mesh, flip: bool = False, variables=None, key=None):
+    """`step(batch_index, local_batch)`: `encode` (and, with `flip`, `encode` of the horizontally
+    flipped batch, in the same compiled call) on this process's uint8 [local_batch, H, W, 3]
+    slice of a global batch; returns batch-sharded global arrays (a pair with `flip`).
+
+    One `jax.jit` for every batch of a pass: each call sees the same shapes and sharding, so the
+    extractor compiles once. See `extract_features` for `variables` and `key`.
+    """
+    def views(variables, x, batch_key):
+        f = encode if variables is None else functools.partial(encode, variables)
+        f = f if batch_key is None else functools.partial(f, key=batch_key)
+        return (f(x), f(hflip(x))) if flip else f(x)
+
+    layout, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
+    compiled = jax.jit(views, in_shardings=(replicated, layout, replicated), out_shardings=layout)
+
+    def step(batch_index: int, batch: np.ndarray):
+        batch_key = None if key is None else jax.random.fold_in(key, batch_index)
+        return compiled(variables, sharding.shard_batch(_check_images(batch), mesh), batch_key)
+
+    return step
+
+
+def iter_features(encode: Encode, batches: Iterable[np.ndarray], batch_size: int,
+                  mesh: Mesh | None = None, flip: bool = False, variables=None, key=None):
+    """Yields the float32 features of each of `batches` (this process's uint8
+    [batch_size // processes, H, W, 3] slices, all of one shape): [local_batch, D] per batch, or
+    a pair (centre, flipped) with `flip`. The device computes batch i+1 while the host copies
+    batch i's features. Every process must pass the same number of batches."""
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    sharding.check_divisible(batch_size, mesh.size, "batch_size", "the number of devices")
+    local_batch = batch_size // jax.process_count()
+    step, pending = compile_views(encode, mesh, flip, variables, key), None
+    for i, batch in enumerate(batches):
+        if batch.shape[0] != local_batch:
+            raise ValueError(f"batch {i} has {batch.shape[0]} images; every batch must hold "
+                             f"batch_size // processes = {local_batch}.")
+        result = step(i, batch)
+        # Pull the previous batch to the host only after dispatching this one, so the device
+        # computes while the host copies.
+        if pending is not None:
+            yield _as_float32(_to_host(pending, mesh))
+        pending = result
+    if pending is not None:
+        yield _as_float32(_to_host(pending, mesh))
+
+
+def _as_float32(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
 def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
                      mesh: Mesh | None = None, flip: bool = False, variables=None, key=None):
     """Features of `images` ([N,H,W,3] uint8, this process's share) -> float32 [N, D].
@@ -67,6 +120,8 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
 
     With a PRNG `key`, `encode(variables, x, batch_key)` is called with `fold_in(key, i)` for the
     i-th batch (e.g. to keep a random subset of each image's locations on the device).
+    Splits that do not fit in host memory: `evaluate.cache.split_features` streams them through
+    the same `iter_features`.
     """
     images = _check_images(images)
     if images.shape[0] == 0:
@@ -77,30 +132,9 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
     if jax.process_count() > 1:
         multihost_utils.assert_equal(images.shape[0], "extract_features: every process must pass "
                                      "the same number of images.")
-
-    def views(variables, x, batch_key):
-        f = encode if variables is None else functools.partial(encode, variables)
-        f = f if batch_key is None else functools.partial(f, key=batch_key)
-        return (f(x), f(hflip(x))) if flip else f(x)
-
-    layout, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
-    # One compile: every call sees a [local_batch·processes, H, W, 3] batch with this sharding.
-    compiled = jax.jit(views, in_shardings=(replicated, layout, replicated), out_shardings=layout)
-
-    def step(batch_index, batch):
-        batch_key = None if key is None else jax.random.fold_in(key, batch_index)
-        return compiled(variables, batch, batch_key)
-
     n = images.shape[0]
-    chunks, pending = [], None
-    for i, start in enumerate(range(0, n, local_batch)):
-        batch = _pad_rows(images[start:start + local_batch], local_batch)
-        result = step(i, sharding.shard_batch(batch, mesh))
-        # Pull the previous batch to the host only after dispatching this one, so the device
-        # computes while the host copies.
-        if pending is not None:
-            chunks.append(_to_host(pending, mesh))
-        pending = result
-    chunks.append(_to_host(pending, mesh))
+    batches = (_pad_rows(images[start:start + local_batch], local_batch)
+               for start in range(0, n, local_batch))
+    chunks = list(iter_features(encode, batches, batch_size, mesh, flip, variables, key))
     # Drop the padding rows of the last batch.
-    return jax.tree.map(lambda *c: np.concatenate(c)[:n].astype(np.float32), *chunks)
+    return jax.tree.map(lambda *c: np.concatenate(c)[:n], *chunks)

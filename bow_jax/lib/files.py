@@ -67,15 +67,15 @@ def current_umask() -> int:
     return mask
 
 
-def write_config_json(workdir: str, config) -> str:
-    """Writes the resolved `config` (an ml_collections ConfigDict) to `<workdir>/config.json`,
+def write_config_json(workdir: str, config, name: str = "config.json") -> str:
+    """Writes the resolved `config` (an ml_collections ConfigDict) to `<workdir>/<name>`,
     indented, keys sorted, atomically, on process 0 only; returns the path (on every process).
 
     Values JSON cannot hold (tuples become lists; other objects their repr) are written
     best-effort, as ConfigDict.to_json_best_effort does: the file is for reading, the Python
     config file and overrides stay the source of a run.
     """
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, name)
     if jax.process_index() == 0:
         atomic_write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return path

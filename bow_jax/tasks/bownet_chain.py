@@ -49,6 +49,7 @@ from bow_jax.models import feature_dims
 from bow_jax.tasks import common as task_common
 from bow_jax.tasks import train as train_task
 
+READS_RUN = False
 SECTION = None  # its fields live in config.bownet (rounds, rotnet, vocab_*, eval_features)
 
 

@@ -6,6 +6,7 @@ from bow_jax.evaluate import checks, runner
 from bow_jax.lib import checkpoint
 from bow_jax.tasks import common
 
+READS_RUN = True  # reads a trained run: its workdir must exist
 SECTION = "eval"
 
 

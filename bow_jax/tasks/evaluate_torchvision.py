@@ -11,6 +11,7 @@ from bow_jax.export import torchvision
 from bow_jax.lib import sharding
 from bow_jax.methods import common
 
+READS_RUN = False
 SECTION = None  # reads config.export.path, config.model and config.eval
 
 

@@ -11,6 +11,7 @@ from bow_jax.lib import logs
 from bow_jax.export import torchvision
 from bow_jax.tasks import common
 
+READS_RUN = True  # reads a trained run: its workdir must exist
 SECTION = "export"
 
 

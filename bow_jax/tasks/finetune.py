@@ -15,6 +15,7 @@ from bow_jax.lib import files
 from bow_jax.methods import common as method_common
 from bow_jax.tasks import common
 
+READS_RUN = False
 SECTION = "finetune"
 
 

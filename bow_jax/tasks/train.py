@@ -7,6 +7,7 @@ from bow_jax import train
 from bow_jax.evaluate import checks
 from bow_jax.tasks import common, evaluate
 
+READS_RUN = False
 SECTION = None  # no config section of its own: the shared fields of bow_jax/config.py
 
 
