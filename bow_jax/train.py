@@ -14,7 +14,7 @@ within a few steps' time of the signal.
 """
 import collections
 import itertools
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +74,8 @@ class RunAhead:
     for all of them (31 s, past a cloud preemption's ~30 s grace). Blocks on that step's small
     metrics, never on the (donated) state."""
 
-    def __init__(self, depth: int = RUN_AHEAD_STEPS):
-        self.depth = depth
+    def __init__(self, depth: Optional[int] = None):
+        self.depth = RUN_AHEAD_STEPS if depth is None else depth
         self._pending = collections.deque()
 
     def after_dispatch(self, metrics) -> None:
@@ -90,17 +90,21 @@ class RunAhead:
         return sum(not all(x.is_ready() for x in jax.tree.leaves(m)) for m in self._pending)
 
 
+def likely_causes(config) -> str:
+    """The settings that usually make a run diverge, with this run's values."""
+    dtype = config.model.get("kwargs", {}).get("dtype", "float32")
+    return (f"Likely causes: config.optim.lr={config.optim.lr} too high (lower it, or lengthen "
+            "config.optim.warmup_epochs)" + (
+                f"; config.model.kwargs.dtype={dtype} (low precision overflows: try float32)"
+                if "16" in str(dtype) else "") + ". Resume from the last good checkpoint with "
+            "the fix: the same command with the new setting.")
+
+
 def nonfinite_message(config, step: int, names, last_good) -> str:
     """What a user reads when the loss goes NaN: the step, the terms, the likely causes."""
-    dtype = config.model.get("kwargs", {}).get("dtype", "float32")
     return (f"Non-finite metrics at step {step}: {', '.join(names)} (mean over the last "
             f"{config.log_every} steps) hold NaN or infinity. Training stopped; nothing was saved "
-            f"past the last good checkpoint (step {last_good}). Likely causes: "
-            f"config.optim.lr={config.optim.lr} too high (lower it, or lengthen "
-            f"config.optim.warmup_epochs)" + (
-                f"; config.model.kwargs.dtype={dtype} (low precision overflows: try float32)"
-                if "16" in str(dtype) else "") + ". Resume from the last good checkpoint "
-            "with the fix: the same command with the new setting.")
+            f"past the last good checkpoint (step {last_good}). " + likely_causes(config))
 
 
 def check_metrics(config, step: int, means: dict, last_good) -> None:
@@ -122,6 +126,8 @@ def train(run, hooks: Iterable[Callable[[int], None]] = ()):
     """
     config, ckpt, state = run.config, run.checkpointer, run.state
     start_step, total_steps = int(state.step), run.data_info.total_steps
+    # Also compiles the state check now, not in the grace period of the first stop's save.
+    checkpoint.check_finite(state, f"The starting state (step {start_step}) in {run.workdir}")
     writer = writers.MetricWriter(run.workdir, start_step=start_step)
     try:
         with stop.AgreedStop() as stopper:
@@ -160,7 +166,10 @@ def _loop(run, state, start_step, total_steps, writer, stopper, hooks):
             hook(done)
         stopping = stopper.should_stop(done) and done < total_steps
         if stopping or done % config.checkpoint_every_steps == 0 or done == total_steps:
-            ckpt.save(done, state, config)  # NonFiniteError for a non-finite state
+            try:
+                ckpt.save(done, state, config)
+            except checkpoint.NonFiniteError as e:  # finite logged means, non-finite state
+                raise checkpoint.NonFiniteError(f"{e} {likely_causes(config)}") from None
             last_good = done
         if stopping:
             logging.warning("Stopped at step %d: checkpoint saved; the same command resumes.",

@@ -18,47 +18,11 @@ downloaded; without it the run stops at once with the TFDS message).
 """
 import os
 
-from bow_jax.config import base_config, load_config_file
+from bow_jax.config import base_config, bownet_chain, cifar100_wrn_setting
 
 
 def get_config():
-    c = base_config("bownet")
-    c.task = "bownet_chain"
-    c.model.name = "wrn28"
-    c.model.kwargs.widen_factor = 10
-    c.data.source = "tfds"
-    c.data.name = "cifar100"
-    c.data.normalization = "cifar"
-    c.batch_size = 128
-    c.steps_per_epoch = 2000
-    c.num_epochs = 30
-    c.optim.lr = 0.1
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "step"
-    c.optim.milestones = (12, 24)
-    c.optim.decay = 0.1
-    c.log_every = 100
-    c.checkpoint_every_steps = 2000
-    c.keep_every_steps = 10 * 2000
-
-    b = c.bownet
-    b.rotnet = load_config_file(os.path.join(os.path.dirname(__file__), "rotnet_cifar100_wrn.py"))
-    b.teacher_layer = "block3"
-    b.num_words = 2048
-    b.target = "histogram"
-    b.border = 0
-    b.pyramid = False
-    b.student_feature = "pooled"
-    b.vocab_max_vectors = 1_000_000
-    b.kmeans_iters = 50
-    b.rounds = 1
-
-    c.eval.feature = "pooled"
-    c.eval.linear_protocol = "cifar_bownet"
-    c.eval.fewshot_shots = (1, 5, 10, 50)
-    c.eval.fewshot_ways = 5
-    c.eval.fewshot_queries = 15
-    c.eval.fewshot_episodes = 2000
-    return c
+    c = cifar100_wrn_setting(base_config("bownet"))
+    return bownet_chain(c, os.path.join(os.path.dirname(__file__), "rotnet_cifar100_wrn.py"),
+                        teacher_layer="block3", num_words=2048, pyramid=False,
+                        vocab_max_vectors=1_000_000, kmeans_iters=50, rounds=1)

@@ -16,43 +16,21 @@ Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
 import os
 
-from bow_jax.config import base_config, cifar10_cpu_setting, load_config_file
+from bow_jax.config import (base_config, bownet_chain, cifar10_cpu_setting, probes,
+                            schedule_of_checkpoints, sgd)
 
 
 def get_config():
-    c = base_config("bownet")
-    c.task = "bownet_chain"
-    cifar10_cpu_setting(c)
+    c = cifar10_cpu_setting(base_config("bownet"))
     # 1400 x 64 student images (+ as many teacher forward passes): about the compute of the
     # RotNet teacher (400 x 64 images x 4 rotations). At 600 steps BoWNet only tied its teacher.
     c.num_train_steps = 1400
     c.steps_per_epoch = 100  # schedule "epochs" of 100 steps: lr 0.1, x0.1 from step 1000
-    c.optim.lr = 0.1
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "step"
-    c.optim.milestones = (10,)
-    c.optim.decay = 0.1
-    c.log_every = 25
-    c.checkpoint_every_steps = 100
-
-    b = c.bownet
-    b.rotnet = load_config_file(os.path.join(os.path.dirname(__file__), "rotnet_cifar10_cpu.py"))
-    b.teacher_layer = "layer3"
-    b.num_words = 2048
-    b.target = "histogram"
-    b.border = 0
-    b.student_feature = "pooled"
-    b.vocab_images = 10_000
-    b.vocab_max_vectors = 200_000
-    b.kmeans_iters = 20
-    b.rounds = 1
-    b.eval_features = ("layer3", "pooled")
-
-    # The probes of configs/rotnet_cifar10_cpu.py, so the numbers compare with the lead's RotNet.
-    c.eval.feature = "pooled"
-    c.eval.linear_epochs = 20
-    c.eval.fewshot_shots = (1, 5, 10, 50)
-    c.eval.fewshot_episodes = 1000
-    return c
+    sgd(c, 0.1, nesterov=True, weight_decay=5e-4, schedule="step", milestones=(10,))
+    schedule_of_checkpoints(c, 100, log_every=25)
+    bownet_chain(c, os.path.join(os.path.dirname(__file__), "rotnet_cifar10_cpu.py"),
+                 teacher_layer="layer3", num_words=2048, vocab_images=10_000,
+                 vocab_max_vectors=200_000, kmeans_iters=20, rounds=1,
+                 eval_features=("layer3", "pooled"))
+    # The probes of configs/rotnet_cifar10_cpu.py, so the numbers compare with its RotNet.
+    return probes(c, "pooled", shots=(1, 5, 10, 50), episodes=1000, linear_epochs=20)

@@ -27,7 +27,8 @@ configs/obow_cifar10_resnet18.py on a GPU.
 
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-from bow_jax.config import base_config, cifar10_cpu_setting
+from bow_jax.config import (base_config, cifar10_cpu_setting, obow_targets, obow_views, probes,
+                            schedule_of_checkpoints, sgd)
 
 
 def get_config():
@@ -37,30 +38,14 @@ def get_config():
     # (median 1.6 OBoW vs 1.28 RotNet steps/s, 2026-11-22): the comparison is at equal time.
     c.num_train_steps = 500
     c.steps_per_epoch = 20  # schedule "epochs": the per-epoch cosine changes every 20 steps
-    c.optim.lr = 0.05
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = 2  # 40 steps, linear from 0
+    sgd(c, 0.05, weight_decay=5e-4, schedule="cosine", warmup_epochs=2)  # 40 steps from 0
     o = c.obow
-    o.bow_levels = ("layer3", "layer4")
-    o.num_words = 1024
+    obow_targets(o, ("layer3", "layer4"), num_words=1024, inv_delta=10.0, kappa=5.0)
     o.stat_momentum = 0.9  # see above (official: 0.99)
-    o.inv_delta = 10.0
-    o.kappa = 5.0
-    o.teacher_size = 40
-    o.teacher_resize = 0  # the whole 32x32 image, resized to 40x40
-    o.num_crops = 2
-    o.crop_size = 24
-    o.num_patches = 5
-    o.patch_size = 16
-    o.patch_source_size = 40
-    o.patch_jitter = 4
+    # The whole 32x32 image, resized to 40x40, as the teacher view.
+    obow_views(o, teacher_size=40, teacher_resize=0, crop_size=24, crop_scale=o.crop_scale,
+               patch_size=16, patch_source_size=40, patch_jitter=4)
     o.monitor, o.num_classes = True, 10  # logged monitor_accuracy (not part of the method)
-    c.log_every = 20
-    c.checkpoint_every_steps = 100
-    c.eval.feature = "layer3"
-    c.eval.random_init = True
-    c.eval.linear_epochs = 20
-    c.eval.fewshot_shots = (1, 5, 10, 50)
-    c.eval.fewshot_episodes = 1000
-    return c
+    schedule_of_checkpoints(c, 100, log_every=20)
+    return probes(c, "layer3", shots=(1, 5, 10, 50), episodes=1000, random_init=True,
+                  linear_epochs=20)

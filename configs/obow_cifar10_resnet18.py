@@ -9,41 +9,24 @@ lr 0.05, wd 5e-4, per-epoch cosine; K = 4096 words (batch 256: renewed every 16 
 Evaluated on the pooled layer4 vector (what the student was trained to make predictive).
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz), held on the device.
 """
-import os
-
-from bow_jax.config import base_config
-
+from bow_jax.config import (base_config, cifar10_npz, obow_targets, obow_views,
+                            schedule_of_checkpoints, sgd)
 
 def get_config():
     c = base_config("obow")
     c.model.name = "resnet18"
     c.model.kwargs.cifar_stem = True
-    c.data.source = "npz"
-    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
-    c.data.normalization = "cifar"
+    cifar10_npz(c)
     c.batch_size = 256
     c.num_epochs = 200
-    c.optim.lr = 0.05
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = 0
+    sgd(c, 0.05, weight_decay=5e-4, schedule="cosine")
     o = c.obow
-    o.bow_levels = ("layer3", "layer4")
-    o.num_words = 4096
-    o.inv_delta = 10.0
-    o.kappa = 5.0
-    o.teacher_size = 48
-    o.teacher_resize = 0  # the whole 32x32 image, resized to 48x48
-    o.num_crops = 2
-    o.crop_size = 32
-    o.num_patches = 5
-    o.patch_size = 20
-    o.patch_source_size = 56
-    o.patch_jitter = 5
+    obow_targets(o, ("layer3", "layer4"), num_words=4096, inv_delta=10.0, kappa=5.0)
+    # The whole 32x32 image, resized to 48x48, as the teacher view.
+    obow_views(o, teacher_size=48, teacher_resize=0, crop_size=32, crop_scale=o.crop_scale,
+               patch_size=20, patch_source_size=56, patch_jitter=5)
     o.monitor, o.num_classes = True, 10  # logged monitor_accuracy (not part of the method)
-    c.log_every = 100
-    c.checkpoint_every_steps = 195 * 10
-    c.keep_every_steps = 195 * 50
+    schedule_of_checkpoints(c, 195 * 10, keep_every=195 * 50, log_every=100)
     c.eval.feature = "pooled"
     c.eval.random_init = True
     return c

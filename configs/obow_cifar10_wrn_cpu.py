@@ -30,53 +30,30 @@ evaluation; on one GPU it is minutes.
 
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-from bow_jax.config import base_config, cifar10_cpu_setting
+from bow_jax.config import (base_config, cifar10_npz, obow_targets, obow_views, probes,
+                            schedule_of_checkpoints, sgd)
 
 
 def get_config():
     c = base_config("obow")
-    cifar10_cpu_setting(c)  # CIFAR-10 npz source and normalisation; the model is replaced below
+    cifar10_npz(c)
     c.model.name = "wrn_obow"
     c.model.kwargs = {"depth": 16, "widen_factor": 2, "strides": (1, 2, 2)}
     c.batch_size = 128
     c.num_train_steps = 780
     c.steps_per_epoch = 1  # the per-"epoch" cosine changes every step
-    c.optim.lr = 0.05
-    c.optim.momentum = 0.9
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = 0
-    c.optim.end_lr = 0.0
+    sgd(c, 0.05, weight_decay=5e-4, schedule="cosine")
     o = c.obow
-    o.bow_levels = ("block2", "block3")
-    o.num_words = 2048
-    o.inv_delta = 10.0
-    o.kappa = 5.0
+    obow_targets(o, ("block2", "block3"), num_words=2048, inv_delta=10.0, kappa=5.0)
     o.stat_momentum = 0.99
     o.teacher_momentum = 0.99
-    o.teacher_size = 32
-    o.teacher_resize = 0  # the whole image (already 32x32: no resize)
-    o.num_crops = 2
-    o.crop_size = 24
-    o.crop_scale = (0.2, 0.6)
-    o.num_patches = 5
-    o.patch_size = 16
-    o.patch_source_size = 36
-    o.patch_source_scale = (0.6, 1.0)
-    o.patch_jitter = 4
-    o.color_jitter = (0.4, 0.4, 0.4, 0.1)
-    o.color_jitter_p = 0.8
-    o.grayscale_p = 0.2
+    # The whole image (already 32x32: no resize) as the teacher view.
+    obow_views(o, teacher_size=32, teacher_resize=0, crop_size=24, crop_scale=(0.2, 0.6),
+               patch_size=16, patch_source_size=36, patch_jitter=4)
+    o.color_jitter, o.color_jitter_p, o.grayscale_p = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2
     o.blur_p = 0.0
     o.monitor, o.num_classes, o.monitor_feature = True, 10, "block3"
-    c.log_every = 10
-    c.checkpoint_every_steps = 130
-    c.eval.feature = "pooled"  # = global average of block3
-    c.eval.random_init = True
-    c.eval.linear_protocol = "logistic_standardized"
-    c.eval.fewshot_shots = (1, 5)
-    c.eval.fewshot_ways = 5
-    c.eval.fewshot_queries = 15
-    c.eval.fewshot_episodes = 1000
-    c.eval.knn = True
-    return c
+    schedule_of_checkpoints(c, 130, log_every=10)
+    # pooled = global average of block3.
+    return probes(c, "pooled", episodes=1000, random_init=True,
+                  linear_protocol="logistic_standardized")

@@ -8,35 +8,13 @@ built once as described in configs/obow_resnet18_in20_vanilla.py.
 """
 import os
 
-from bow_jax.config import base_config
-
+from bow_jax.config import load_config_file
 
 def get_config():
-    c = base_config("obow")
-    c.model.name = "resnet18"
-    c.model.kwargs.width = 64  # torchvision widths (overridable, e.g. for quick checks)
-    c.data.source = "tfds"
-    c.data.name = "imagenet20"
-    c.data.data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
-    c.data.in_memory = False
-    c.data.normalization = "imagenet"
+    c = load_config_file(os.path.join(os.path.dirname(__file__), "obow_resnet18_in20_vanilla.py"))
     c.batch_size = 128
-    c.num_epochs = 80
-    c.optim.lr = 0.05
-    c.optim.nesterov = False
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = 0
-    c.optim.end_lr = 0.0
-    o = c.obow
-    o.bow_levels = ("layer3", "layer4")
-    o.num_words = 8192
-    o.inv_delta = 10.0
-    o.kappa = 5.0
-    o.num_crops = 2
-    o.num_patches = 5
-    o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
-    c.log_every = 100
+    c.obow.bow_levels = ("layer3", "layer4")
+    c.obow.num_crops = 2
+    c.obow.num_patches = 5
     c.checkpoint_every_steps = 2031  # one epoch of 260,000 images at batch 128
-    c.eval.after_training = False
     return c

@@ -31,38 +31,23 @@ folders (VAL_DIR); this script (checked with tensorflow-datasets 4.9.10) writes 
 then train with --config.data.data_dir=DATA_DIR (TFDS finds a prepared dataset by name there).
 Without it the run stops at once naming config.data.name. To train on all of ImageNet instead,
 prepare `imagenet2012` and pass --config.data.name=imagenet2012 (not the paper's setting).
+
+Evaluation after training: the paper's ResNet-18 linear probe on precached features of the centre
+crop and its flip (batch 256, lr 10, wd 2e-6, 50 epochs, x0.1 at 15/30/45), 50-way 1/5-shot
+episodes on the validation images, and k-NN (see configs/obow_resnet50.py).
 """
-import os
-
-from bow_jax.config import base_config
-
+from bow_jax.config import (base_config, imagenet_probes, imagenet_setting, obow_targets,
+                            schedule_of_checkpoints, sgd)
 
 def get_config():
-    c = base_config("obow")
-    c.model.name = "resnet18"
-    c.model.kwargs.width = 64  # torchvision widths (overridable, e.g. for quick checks)
-    c.data.source = "tfds"
-    c.data.name = "imagenet20"
-    c.data.data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
-    c.data.in_memory = False
-    c.data.normalization = "imagenet"
+    c = imagenet_setting(base_config("obow"), "resnet18", "imagenet20")
     c.batch_size = 256
     c.num_epochs = 80
-    c.optim.lr = 0.05
-    c.optim.nesterov = False
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = 0
-    c.optim.end_lr = 0.0
+    sgd(c, 0.05, weight_decay=5e-4, schedule="cosine")
     o = c.obow
-    o.bow_levels = ("layer4",)
-    o.num_words = 8192
-    o.inv_delta = 10.0
-    o.kappa = 5.0
+    obow_targets(o, ("layer4",), num_words=8192, inv_delta=10.0, kappa=5.0)
     o.num_crops = 1
     o.num_patches = 0
     o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
-    c.log_every = 100
-    c.checkpoint_every_steps = 1015  # one epoch of 260,000 images at batch 256
-    c.eval.after_training = False
-    return c
+    schedule_of_checkpoints(c, 1015, log_every=100)  # one epoch of 260,000 images at batch 256
+    return imagenet_probes(c, "imagenet_r18_obow")

@@ -5,25 +5,14 @@ the CIFAR stem (32x32 input; layer3 is 8x8, layer4 4x4), batch 64 images (x4 rot
 SGD Nesterov lr 0.1, wd 5e-4. Evaluated on layer3 (RotNet's mid-level features are its best).
 Data: $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz, test.npz).
 """
-from bow_jax.config import base_config, cifar10_cpu_setting
-
+from bow_jax.config import base_config, cifar10_cpu_setting, probes, schedule_of_checkpoints, sgd
 
 def get_config():
     c = base_config("rotnet")
     cifar10_cpu_setting(c)
     c.num_train_steps = 400
     c.steps_per_epoch = 100  # schedule "epochs" of 100 steps: lr 0.1, then 0.02 from step 300
-    c.optim.lr = 0.1
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "step"
-    c.optim.milestones = (3,)
-    c.optim.decay = 0.2
-    c.log_every = 25
-    c.checkpoint_every_steps = 100
-    c.eval.feature = "layer3"
-    c.eval.random_init = True
-    c.eval.linear_epochs = 20
-    c.eval.fewshot_shots = (1, 5, 10, 50)
-    c.eval.fewshot_episodes = 1000
-    return c
+    sgd(c, 0.1, nesterov=True, weight_decay=5e-4, schedule="step", milestones=(3,), decay=0.2)
+    schedule_of_checkpoints(c, 100, log_every=25)
+    return probes(c, "layer3", shots=(1, 5, 10, 50), episodes=1000, random_init=True,
+                  linear_epochs=20)

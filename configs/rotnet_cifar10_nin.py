@@ -5,27 +5,16 @@ Nesterov, wd 5e-4, lr 0.1 → 0.02 (ep 60) → 0.004 (ep 120) → 0.0008 (ep 160
 RandomCrop(32, pad 4) + flip. Evaluated on conv2, the paper's best block on CIFAR-10.
 Data: the CIFAR-10 npz files (`train.npz`, `test.npz`) in $BOW_JAX_CIFAR10 or config.data.path.
 """
-import os
-
-from bow_jax.config import base_config
-
+from bow_jax.config import base_config, cifar10_npz, schedule_of_checkpoints, sgd
 
 def get_config():
     c = base_config("rotnet")
     c.model.name = "nin"
     c.model.kwargs.num_blocks = 4
-    c.data.source = "npz"
-    c.data.path = os.environ.get("BOW_JAX_CIFAR10", "../shared/data/cifar10")
-    c.data.normalization = "cifar"
+    cifar10_npz(c)
     c.batch_size = 128
     c.num_epochs = 200
-    c.optim.lr = 0.1
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "step"
-    c.optim.milestones = (60, 120, 160)
-    c.optim.decay = 0.2
+    sgd(c, 0.1, nesterov=True, weight_decay=5e-4, schedule="step", milestones=(60, 120, 160),
+        decay=0.2)
     c.eval.feature = "conv2"
-    c.checkpoint_every_steps = 390 * 10
-    c.keep_every_steps = 390 * 50
-    return c
+    return schedule_of_checkpoints(c, 390 * 10, keep_every=390 * 50)

@@ -173,20 +173,32 @@ def test_format_duration():
 
 # ---- progress of long phases ----------------------------------------------------------------
 
-def test_progress_without_a_terminal_prints_one_line_at_start_and_end(capsys):
+def test_progress_without_a_terminal_is_silent_for_short_phases(capsys):
     assert list(writers.progress(range(5), desc="features", unit="batch")) == list(range(5))
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_without_a_terminal_reports_long_phases_with_rate_and_eta(capsys, monkeypatch):
+    clock = iter(float(t) for t in range(0, 1000, 40))  # 40 s per item
+    monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
+    assert list(writers.progress(range(5), desc="features", unit="batch", every_s=60)) == \
+        list(range(5))
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
-    assert lines[0] == "features: 5 batch ..."
-    assert lines[1].startswith("features: done, 5 batch in ") and "batch/s" in lines[1]
+    # A line after 80 s (2 items), one after 160 s (4 items), and the end line.
+    assert lines[0] == "features: 2 of 5 batch in 1 min (0.025 batch/s, ETA 2 min)"
+    assert lines[1].startswith("features: 4 of 5 batch in ")
+    assert lines[-1] == "features: 5 of 5 batch in 4 min (0.0208 batch/s)"  # no ETA at the end
+    assert len(lines) == 3
 
 
-def test_progress_says_where_a_phase_stopped_early(capsys):
-    for i in writers.progress(iter(range(10)), total=10, desc="probe"):
+def test_progress_says_where_a_phase_stopped_early(capsys, monkeypatch):
+    clock = iter(float(t) for t in range(0, 1000, 20))
+    monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
+    for i in writers.progress(iter(range(10)), total=10, desc="probe", every_s=1000):
         if i == 2:
             break
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1].startswith("probe: stopped at 3 of 10, 3 it in ")
+    assert lines[-1].startswith("probe: 3 of 10 it in ") and lines[-1].endswith("(stopped early)")
 
 
 class _Terminal(io.StringIO):
@@ -199,7 +211,7 @@ def test_progress_on_a_terminal_shows_a_tqdm_bar_with_rate(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert list(writers.progress([1, 2, 3], desc="kmeans")) == [1, 2, 3]
     bar = terminal.getvalue()
-    assert "kmeans" in bar and "3/3" in bar and "it/s" in bar
+    assert "kmeans" in bar and "/3" in bar and "it/s" in bar  # cleared when done (leave=False)
     assert capsys.readouterr().out == ""
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from bow_jax.data import datasets
+from bow_jax.data import datasets, eval_input
 from bow_jax.evaluate import fewshot, linear
 
 
@@ -77,26 +77,6 @@ def evaluation_splits(config) -> tuple[EvalSplit, EvalSplit]:
     test = datasets.describe_split(config.data, "test")
     return (_limited(train, [("config.eval.train_limit", int(ev.train_limit))], "training"),
             _limited(test, [("config.eval.test_limit", int(ev.test_limit))], "test"))
-
-
-def _check_tfds_in_memory(config) -> None:
-    """TFDS splits the evaluation reads whole into memory (`splits.load_split`: the test split,
-    and the training split, which `runner.evaluate_states` needs as arrays) must be in memory and
-    hold images of one size."""
-    if _field(config.data, "source") != "tfds":
-        return
-    if not _field(config.data, "in_memory", True):
-        raise ValueError("config.data.in_memory=False: the evaluation after training reads the "
-                         "training split's images into memory, which a streamed TFDS split "
-                         "does not allow; set config.eval.after_training=False (and evaluate "
-                         "with in_memory=True on a dataset that fits in memory).")
-    for split in ("train", "test"):
-        source = datasets.load_dataset(config.data, split)
-        shape = tuple(source.builder.info.features["image"].shape)
-        if None in shape:
-            raise ValueError(f"config.data.name={source.name!r}: split {source.split!r} has "
-                             f"images of several sizes ({shape}); the evaluation reads it into "
-                             f"memory as one array, which needs images of one size.")
 
 
 def _check_batch_size(ev) -> None:
@@ -180,14 +160,15 @@ def check_evaluation_data(config) -> None:
     split's classes; linear probe (when config.eval.linear): a known protocol, linear_epochs >= 0,
     >= 2 classes; k-NN (config.eval.knn): k <= training examples; few-shot (config.eval.fewshot):
     fewshot_ways <= test classes and, for every shot count, each class has fewshot_shots +
-    fewshot_queries test examples (the condition of `fewshot.sample_episodes`); TFDS: the splits
-    can be read into memory. Cost: listing files and reading label arrays, no image decoding,
+    fewshot_queries test examples (the condition of `fewshot.sample_episodes`); TFDS: splits are
+    streamed (`data.eval_input`); images of several sizes get the evaluation transform. Cost: listing files and reading label arrays, no image decoding,
     no feature extraction.
     """
     ev = config.eval
     _check_batch_size(ev)
     try:
-        _check_tfds_in_memory(config)
+        eval_input.evaluation_input(config, "train")  # the transform fields, the TFDS splits
+        eval_input.evaluation_input(config, "test")
         train, test = evaluation_splits(config)
     except FileNotFoundError as e:
         raise MissingSplitError(f"{e} The evaluation after training reads the 'train' and "

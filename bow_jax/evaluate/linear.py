@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bow_jax.lib import schedules
+from bow_jax.lib import schedules, writers
 from bow_jax.models.norm import BatchNorm
 
 # The papers' probe recipes. 'precache_flip' marks protocols whose training set is precached as
@@ -187,7 +187,7 @@ def train_linear_probe(train_feats, train_labels, num_classes: int, *, epochs: i
     settings = dict(num_classes=num_classes, batch_norm=batch_norm, batch_size=batch_size,
                     momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     history = {"loss": [], "top1": [], "lr": []}
-    for epoch in range(epochs):
+    for epoch in writers.progress(range(epochs), desc="linear probe", unit="epoch"):
         epoch_lr = epoch_learning_rate(epoch, lr=lr, epochs=epochs, schedule=schedule,
                                        milestones=milestones, decay_factor=decay_factor)
         state, (loss, top1) = _train_epoch(state, jax.random.fold_in(data_key, epoch),

@@ -1,61 +1,105 @@
 """Score a trained state with the frozen-feature protocols and write the results.
 
 Linear probe (train split → test split), prototypical few-shot episodes and weighted k-NN, all on
-`method.encode` features. Results go to `<workdir>/eval/results.json` and `results.md`; with
+`method.encode` features of streamed splits (`cache.split_features`: any source, never a whole
+split of images in host memory), cached in the workdir. Results go to `<workdir>/eval/results.json` and `results.md`; with
 `config.eval.random_init` the same network at random initialisation is scored beside it.
 """
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bow_jax.data.splits import load_split
-from bow_jax.evaluate import features, fewshot, knn, linear
-from bow_jax.lib import files, logs
+from bow_jax.data import eval_input
+from bow_jax.evaluate import cache, fewshot, knn, linear
+from bow_jax.lib import files, logs, writers
+
+
+def as_input(data, split: str) -> eval_input.EvalInput:
+    """`data` as an evaluation input: an `EvalInput` as is, an `ArrayDataset` sliced in memory."""
+    if isinstance(data, eval_input.EvalInput):
+        return data
+    return eval_input.ArraysInput(data.name, split, len(data), data.num_classes,
+                                  eval_input.Transform(), data=data)
 
 
 def pretext(method, variables, test, config, mesh) -> dict:
-    """The method's own task scored on the test split (e.g. RotNet's rotation accuracy)."""
+    """The method's own task scored on the test split (e.g. RotNet's rotation accuracy), streamed
+    like the features (any source) and never cached: per-example scores averaged."""
     if method.pretext_scores is None:
         return {}
-    names = sorted(jax.eval_shape(method.pretext_scores, variables, test.images[:1]))
-    columns = features.extract_features(
-        lambda v, x: jnp.stack([method.pretext_scores(v, x)[n] for n in names], axis=1),
-        test.images, config.eval.batch_size, mesh, variables=variables)
-    return {name: float(columns[:, i].mean()) for i, name in enumerate(names)}
+    test = as_input(test, "test")
+    probe = np.zeros((1,) + tuple(test.image_shape), np.uint8)
+    names = sorted(jax.eval_shape(method.pretext_scores, variables, probe))
+
+    def columns(v, x):
+        return jnp.stack([method.pretext_scores(v, x)[n] for n in names], axis=1)
+
+    scores = cache.split_features(columns, test, config.eval.batch_size, mesh,
+                                  variables=variables).feats
+    return {name: float(scores[:, i].mean()) for i, name in enumerate(names)}
 
 
-def score(method, variables, train, test, config, mesh) -> dict:
-    """All enabled protocols on the features of one network (`method.encode(variables, ...)`)."""
+def linear_protocol(ev) -> dict:
+    """config.eval.linear_protocol's settings, its epochs (and milestones, scaled) replaced by
+    config.eval.linear_epochs when that is set."""
+    protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
+    if ev.linear_epochs and "epochs" in protocol:
+        scale = ev.linear_epochs / protocol["epochs"]
+        protocol["milestones"] = tuple(max(1, round(m * scale)) for m in protocol["milestones"])
+        protocol["epochs"] = ev.linear_epochs
+    return protocol
+
+
+def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config) -> dict:
+    """All enabled protocols of config.eval on precomputed features: linear probe (train ->
+    test; `train.flip_feats` for protocols with precache_flip), few-shot episodes on the test
+    features, weighted k-NN (train as memory)."""
     ev = config.eval
-    encode = method.encode
-    train_x = features.extract_features(encode, train.images, ev.batch_size, mesh,
-                                        variables=variables)
-    test_x = features.extract_features(encode, test.images, ev.batch_size, mesh,
-                                       variables=variables)
-    out = {"feature_dim": int(train_x.shape[1]), "pretext": pretext(method, variables, test,
-                                                                      config, mesh)}
+    out = {"feature_dim": int(train.feats.shape[1])}
     if ev.linear:
-        protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
-        protocol.pop("precache_flip", None)
-        if ev.linear_epochs and "epochs" in protocol:
-            scale = ev.linear_epochs / protocol["epochs"]
-            protocol["milestones"] = tuple(max(1, round(m * scale)) for m in protocol["milestones"])
-            protocol["epochs"] = ev.linear_epochs
-        out["linear"] = linear.linear_probe(train_x, train.labels, test_x, test.labels,
+        protocol = linear_protocol(ev)
+        if protocol.get("precache_flip"):
+            protocol["flip_feats"] = train.flip_feats
+        logs.say(f"linear probe ({ev.linear_protocol}) on {len(train)} training features ...")
+        out["linear"] = linear.linear_probe(train.feats, train.labels, test.feats, test.labels,
                                             train.num_classes, seed=config.seed, **protocol)
     if ev.fewshot:
-        shots = fewshot.evaluate_fewshot(test_x, test.labels, tuple(ev.fewshot_shots),
-                                         n_way=ev.fewshot_ways, n_query=ev.fewshot_queries,
-                                         n_episodes=ev.fewshot_episodes, seed=config.seed)
+        shots = {}
+        for shot in writers.progress(tuple(ev.fewshot_shots), desc="few-shot", unit="shots"):
+            shots[shot] = fewshot.fewshot_accuracy(
+                test.feats, test.labels, n_way=ev.fewshot_ways, n_shot=shot,
+                n_query=ev.fewshot_queries, n_episodes=ev.fewshot_episodes, seed=config.seed)
         out["fewshot"] = {f"{ev.fewshot_ways}way_{k}shot": v for k, v in shots.items()}
     if ev.knn:
-        out["knn"] = {"top1": knn.knn_accuracy(train_x, train.labels, test_x, test.labels,
+        out["knn"] = {"top1": knn.knn_accuracy(train.feats, train.labels, test.feats, test.labels,
                                                train.num_classes, k=ev.knn_k)}
     return out
+
+
+def score(method, variables, train, test, config, mesh, workdir: Optional[str] = None,
+          tag: str = "") -> dict:
+    """All enabled protocols on the features of one network (`method.encode(variables, ...)`).
+
+    `train`, `test`: `EvalInput`s (streamed: TFDS, image folders, arrays) or `ArrayDataset`s.
+    With `workdir` the features are cached there under `tag` (`cache.split_features`). The flip
+    features of the training split are extracted only for a linear protocol with precache_flip.
+    """
+    ev = config.eval
+    flip = bool(ev.linear and linear_protocol(ev).get("precache_flip"))
+    common = dict(variables=variables, workdir=workdir, tag=tag, feature=ev.feature,
+                  max_unreadable_fraction=float(getattr(config.data, "max_unreadable_fraction",
+                                                        0.05)))
+    train_x = cache.split_features(method.encode, as_input(train, "train"), ev.batch_size, mesh,
+                                   flip=flip, **common)
+    test_x = cache.split_features(method.encode, as_input(test, "test"), ev.batch_size, mesh,
+                                  **common)
+    scores = score_features(train_x, test_x, config)
+    return {"feature_dim": scores.pop("feature_dim"),
+            "pretext": pretext(method, variables, test, config, mesh), **scores}
 
 
 def flat(result: dict) -> dict:
@@ -108,13 +152,18 @@ def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
                     random_init=None) -> dict:
     """Scores each state of `states` (one at a time: it may be a generator that restores them),
     one row per step, then `random_init` (the method's initial state) if given; writes and prints
-    one table."""
-    train, test = load_split(config, "train"), load_split(config, "test")
-    if config.eval.train_limit:
-        train = train.subset(np.arange(min(config.eval.train_limit, len(train))))
-    results = {f"{config.method} step {int(state.step)}":
-               score(method, state, train, test, config, mesh) for state in states}
+    one table. Both splits are streamed (`eval_input.evaluation_input`) and their features cached
+    under <workdir>/eval/features (config.eval.cache_features)."""
+    train = eval_input.evaluation_input(config, "train")
+    test = eval_input.evaluation_input(config, "test")
+    where = workdir if getattr(config.eval, "cache_features", True) else None
+    results = {}
+    for state in states:
+        step = int(state.step)
+        results[f"{config.method} step {step}"] = score(method, state, train, test, config, mesh,
+                                                        where, f"step_{step}")
     if random_init is not None:
-        results["random init"] = score(method, random_init, train, test, config, mesh)
+        results["random init"] = score(method, random_init, train, test, config, mesh, where,
+                                       "random_init")
     report(results, f"{config.data.source} data, feature {config.eval.feature!r}", workdir)
     return results

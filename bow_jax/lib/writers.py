@@ -155,13 +155,14 @@ class Progress:
 
 
 def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
-             unit: str = "it") -> Iterator[T]:
+             unit: str = "it", every_s: float = 60.0, quiet_below_s: float = 10.0) -> Iterator[T]:
     """Yields the items of `iterable`, showing the rate and the ETA of a long phase on process 0.
 
-    On a terminal (stderr is a TTY): a tqdm bar on stderr, refreshed at most once a second.
-    Otherwise (CI logs, `> log.txt`): one `logs.say` line at the start and one at the end with the
-    count, the time and the rate, so logs stay short. Other processes: silent. `total`: the
-    expected number of items (for the ETA; default len(iterable) where it has one).
+    On a terminal (stderr is a TTY): a tqdm bar on stderr, refreshed at most once a second and
+    cleared when done. Otherwise (CI logs, `> log.txt`): a `logs.say` line every `every_s`
+    seconds (count, rate, ETA) and one at the end, but nothing for a phase shorter than
+    `quiet_below_s`, so logs stay short and a days-long phase still reports. Other processes:
+    silent. `total`: the expected number of items (default len(iterable) where it has one).
     """
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
@@ -169,22 +170,35 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
         yield from iterable
     elif sys.stderr.isatty():
         yield from tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
-                             mininterval=1.0, dynamic_ncols=True)
+                             mininterval=1.0, dynamic_ncols=True, leave=False)
     else:
-        yield from _progress_lines(iterable, total, desc, unit)
+        yield from _progress_lines(iterable, total, desc, unit, every_s, quiet_below_s)
 
 
-def _progress_lines(iterable: Iterable[T], total: Optional[int], desc: str,
-                    unit: str) -> Iterator[T]:
-    """`progress` for logs: a start line, and an end line also when the consumer stops early."""
+def _progress_line(desc: str, count: int, total: Optional[int], unit: str, seconds: float) -> str:
+    rate = count / max(seconds, 1e-9)
+    eta = (f", ETA {format_duration((total - count) / max(rate, 1e-9))}"
+           if total is not None and count < total else "")
     of_total = f" of {total}" if total is not None else ""
-    logs.say(f"{desc}: {total if total is not None else 'unknown number of'} {unit} ...")
+    return (f"{desc}: {count}{of_total} {unit} in {format_duration(seconds)} "
+            f"({rate:.3g} {unit}/s{eta})")
+
+
+def _progress_lines(iterable: Iterable[T], total: Optional[int], desc: str, unit: str,
+                    every_s: float, quiet_below_s: float) -> Iterator[T]:
+    """`progress` for logs: a line every `every_s`, and an end line (also when the consumer stops
+    early) unless the phase took less than `quiet_below_s`."""
     count, start = 0, time.perf_counter()
+    last = start
     try:
         for count, item in enumerate(iterable, 1):
             yield item
+            now = time.perf_counter()
+            if now - last >= every_s and (total is None or count < total):
+                logs.say(_progress_line(desc, count, total, unit, now - start))
+                last = now
     finally:
         seconds = time.perf_counter() - start
-        finished = "done" if total is None or count == total else f"stopped at {count}{of_total}"
-        logs.say(f"{desc}: {finished}, {count} {unit} in {format_duration(seconds)} "
-                 f"({count / max(seconds, 1e-9):.3g} {unit}/s)")
+        if seconds >= quiet_below_s or last != start:
+            stopped = "" if total is None or count == total else " (stopped early)"
+            logs.say(_progress_line(desc, count, total, unit, seconds) + stopped)

@@ -379,9 +379,5 @@ def pretext_scores(s: Setup, state: BoWNetState, images):
 
 def create(config, data_info: common.DataInfo) -> common.Method:
     """BoWNet's `Method` for `config`; reads the frozen teacher and vocabulary now."""
-    s = setup(config, data_info)
-    return common.Method(init_state=functools.partial(init_state, s),
-                         train_step=functools.partial(train_step, s),
-                         make_views=functools.partial(make_views, s),
-                         encode=functools.partial(encode, s),
-                         pretext_scores=functools.partial(pretext_scores, s))
+    return common.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
+                       make_views=make_views, encode=encode, pretext_scores=pretext_scores)

@@ -9,6 +9,7 @@ A method is a bundle of pure functions; `train.py` jits them over the device mes
 - `backbone_variables(state) -> {'params', 'batch_stats'}`: the student backbone's variables.
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -47,6 +48,12 @@ class Method:
     pretext_scores: Optional[Callable] = None
     # state -> {'params', 'batch_stats'} of the student backbone: the one way to the backbone.
     backbone_variables: Callable = backbone_variables
+
+
+def bind(setup: Any, **functions: Callable) -> Method:
+    """The `Method` whose functions are `functions` (name -> f(setup, ...)) with the method's
+    frozen `setup` bound as their first argument."""
+    return Method(**{name: functools.partial(f, setup) for name, f in functions.items()})
 
 
 def normalization(config):

@@ -63,7 +63,8 @@ def restore(config, workdir: str, train_data=None) -> Run:
                             abstract)
     ckpt = open_checkpointer(config, workdir)
     state = ckpt.restore(abstract, config)
-    restored_step = None if state is None else int(state.step)
+    # The folder restored (the newest intact one: damaged newer ones were moved aside).
+    restored_step = None if state is None else ckpt.latest_step()
     if state is None:
         state = jax.jit(method.init_state, out_shardings=replicated)(key)
     return Run(config, workdir, train_data, data_info, method, mesh, ckpt, state, restored_step)

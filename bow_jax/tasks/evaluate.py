@@ -1,5 +1,10 @@
 """The `evaluate` task: score the newest checkpoint of a workdir, or a learning curve over the kept
-checkpoints of `config.eval.checkpoint_steps`, with the frozen-feature protocols of `config.eval`."""
+checkpoints of `config.eval.checkpoint_steps`, with the frozen-feature protocols of `config.eval`.
+
+Both splits are streamed from any source (TFDS, also with config.data.in_memory=False; image
+folders; arrays), sharded over the processes, and their features cached in
+`<workdir>/eval/features/step_<step>/<feature>/` (`evaluate.cache`); results go to
+`<workdir>/eval/results.json` and `results.md`."""
 import ml_collections
 
 from bow_jax.evaluate import checks, runner
@@ -29,6 +34,12 @@ def default_config() -> ml_collections.ConfigDict:
     e.knn_k = 20  # neighbours of the weighted k-NN (cosine, exp(s / 0.07) weights)
     e.test_limit = 0  # evaluate on the first N test images (0 = all)
     e.train_limit = 0  # fit the probes on the first N training images (0 = all): quick looks
+    e.image_size = 0  # > 0: evaluate on torchvision Resize(resize_shorter) + CenterCrop(image_size)
+    #                   of each image; 0: the source's images as they are (image folders: resized
+    #                   to config.data.image_size), or Resize(256) + CenterCrop(224) where their
+    #                   sizes vary (ImageNet)
+    e.resize_shorter = 0  # shorter side before the centre crop; 0 = round(image_size * 256 / 224)
+    e.cache_features = True  # keep the features in <workdir>/eval/features/<step>/ and reuse them
     e.checkpoint_steps = ()  # the `evaluate` task scores these kept checkpoints (a learning
     #                          curve; keep them with keep_every_steps); () = the newest
     return e
