@@ -25,6 +25,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs; "
                   "arguments come from the cluster environment).")
+flags.DEFINE_integer("heartbeat_timeout_s", 100, "With --distributed: seconds without a "
+                     "heartbeat before a lost process fails the whole run (no hang).")
 flags.DEFINE_bool("list_config", False, "Print every field of --config (dotted name, value, "
                   "type), overrides applied, and exit; needs no --workdir.")
 
@@ -67,7 +69,7 @@ def main(argv: List[str]) -> None:
         return
     logs.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
     config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
     logs.say(f"bow_jax: task {config.get('task')}, method {config.get('method')}; "
              f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "

@@ -53,3 +53,14 @@ def test_reading_task_on_a_missing_workdir_fails_without_creating_it(tmp_path, t
     with pytest.raises(FileNotFoundError, match="typo does not exist"):
         tasks.run(tiny_config(task=task), workdir)
     assert not os.path.exists(workdir)
+
+
+def test_evaluation_refuses_a_non_finite_state(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from bow_jax.lib import checkpoint
+    from bow_jax.tasks import common, evaluate
+    with common.restore(tiny_config(), str(tmp_path)) as run:
+        bad = run.state.replace(params=jax.tree.map(lambda p: p * jnp.nan, run.state.params))
+        with pytest.raises(checkpoint.NonFiniteError, match="state at step 0"):
+            evaluate.score_states(run, [bad])

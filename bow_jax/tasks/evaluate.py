@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
 def score_states(run: common.Run, states) -> dict:
     """Scores each state of `states` (an iterable, e.g. a generator that restores them one at a
     time), plus the random init if `config.eval.random_init`; writes and prints the table."""
+    # A state straight from training is scored only when finite (restored ones are verified).
+    states = (checkpoint.check_finite(s, f"{run.workdir}: the state at step {int(s.step)}") or s
+              for s in states)
     init = common.initial_state(run) if run.config.eval.random_init else None
     return runner.evaluate_states(run.config, run.workdir, run.method, states, run.mesh,
                                   random_init=init)
