@@ -129,6 +129,16 @@ def imagenet_setting(c, arch: str, dataset: str) -> ml_collections.ConfigDict:
     return tfds_data(c, dataset, in_memory=False, normalization="imagenet")
 
 
+def digits_setting(c) -> ml_collections.ConfigDict:
+    """The demos' setting: scikit-learn's digits (1,797 real 8x8 images, bundled, offline)
+    upsampled to 16x16, CIFAR normalisation, ResNet-18 at width 16 with the CIFAR stem."""
+    c.model.name = "resnet18"
+    c.model.kwargs.width = 16
+    c.model.kwargs.cifar_stem = True
+    c.data.update(dict(source="digits", image_size=16, normalization="cifar"))
+    return c
+
+
 def cifar10_cpu_setting(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The shared setting the CPU-sized CIFAR-10 runs of every method are compared on: ResNet-18
     at width 16 with the CIFAR stem (32x32: layer3 8x8, layer4 4x4), CIFAR-10 npz files
@@ -185,13 +195,12 @@ def imagenet_probes(c, linear_protocol: str) -> ml_collections.ConfigDict:
 
 
 def obow_views(o, *, teacher_size: int, teacher_resize: int, crop_size: int, crop_scale,
-               patch_size: int, patch_source_size: int, patch_jitter: int, num_crops: int = 2,
-               num_patches: int = 5, patch_source_scale=(0.6, 1.0)) -> ml_collections.ConfigDict:
-    """config.obow's views: the teacher view, the student's crops and its jittered patches."""
+               num_crops: int = 2, num_patches: int = 5, **patches) -> ml_collections.ConfigDict:
+    """config.obow's views: the teacher view, the student's crops and its jittered patches
+    (`patches`: patch_size, patch_source_size, patch_source_scale, patch_jitter; defaults kept)."""
     o.update(dict(teacher_size=teacher_size, teacher_resize=teacher_resize, num_crops=num_crops,
                   crop_size=crop_size, crop_scale=tuple(crop_scale), num_patches=num_patches,
-                  patch_size=patch_size, patch_source_size=patch_source_size,
-                  patch_source_scale=tuple(patch_source_scale), patch_jitter=patch_jitter))
+                  **patches))
     return o
 
 
