@@ -19,10 +19,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from bow_jax.data import datasets, pipeline
-from bow_jax.lib import checkpoint, sharding, stop, writers
+from bow_jax.lib import checkpoint, logs, sharding, stop, writers
 
 RUN_AHEAD_STEPS = 2  # steps the host may dispatch ahead of the device (see RunAhead)
 
@@ -124,7 +123,7 @@ def train(run, hooks: Iterable[Callable[[int], None]] = ()):
     the state to save is NaN/infinite: no non-finite checkpoint is ever written.
     `hooks` are called with the step number after each step (tests use them to send SIGTERM).
     """
-    config, ckpt, state = run.config, run.checkpointer, run.state
+    ckpt, state = run.checkpointer, run.state
     start_step, total_steps = int(state.step), run.data_info.total_steps
     # Also compiles the state check now, not in the grace period of the first stop's save.
     checkpoint.check_finite(state, f"The starting state (step {start_step}) in {run.workdir}")
@@ -171,8 +170,8 @@ def _loop(run, state, start_step, total_steps, writer, stopper, hooks):
             except checkpoint.NonFiniteError as e:  # finite logged means, non-finite state
                 raise checkpoint.NonFiniteError(f"{e} {likely_causes(config)}") from None
             last_good = done
+            logs.say(f"checkpoint: step {done} -> {ckpt.folder(done)}")
         if stopping:
-            logging.warning("Stopped at step %d: checkpoint saved; the same command resumes.",
-                            done)
+            logs.warn(f"Stopped at step {done}: checkpoint saved; the same command resumes.")
             return state, True
     return state, False

@@ -67,5 +67,5 @@ def get_config():
     o.flip = False  # digits are not mirror-symmetric
     obow_views(o, teacher_size=20, teacher_resize=0, crop_size=16, crop_scale=(0.2, 1.0),
                num_patches=0)
-    schedule_of_checkpoints(c, 200, log_every=20)
+    schedule_of_checkpoints(c, 600, log_every=200)
     return probes(c, "pooled", episodes=500, random_init=True, linear_epochs=30)

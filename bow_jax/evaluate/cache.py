@@ -240,8 +240,6 @@ def split_features(encode: Callable, inp: eval_input.EvalInput, batch_size: int,
     except BaseException:
         dest.discard()
         raise
-    if paths is not None:
-        logs.say(f"features of {inp.split} ({tag}, {feature}) written to {paths['folder']}")
     where = None if paths is None else paths["folder"]
     return _split_features(dest.arrays, inp, max_unreadable_fraction, where)
 

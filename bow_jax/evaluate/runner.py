@@ -64,7 +64,6 @@ def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config
         protocol = linear_protocol(ev)
         if protocol.get("precache_flip"):
             protocol["flip_feats"] = train.flip_feats
-        logs.say(f"linear probe ({ev.linear_protocol}) on {len(train)} training features ...")
         out["linear"] = linear.linear_probe(train.feats, train.labels, test.feats, test.labels,
                                             train.num_classes, seed=config.seed, **protocol)
     if ev.fewshot:
@@ -145,7 +144,9 @@ def write_results(workdir: str, results: dict) -> str:
 def report(results: dict, what: str, workdir: str) -> None:
     """Writes `results` under <workdir>/eval and prints their table and where they went."""
     path = write_results(workdir, results)
-    logs.say(f"Evaluation of {what}:\n{markdown_table(results)}\nresults: {path} (and .json)")
+    cached = os.path.join(workdir, "eval", "features")
+    logs.say(f"Evaluation of {what}:\n{markdown_table(results)}\nresults: {path} (and .json)"
+             + (f"; features cached in {cached}" if os.path.isdir(cached) else ""))
 
 
 def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
