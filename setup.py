@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 # Versions are pinned to the set checked to install together on Python 3.11 (CPU) and that the
-# GPU machines' jax 0.11 accepts; see README "Install".
+# GPU machines' jax 0.11 accepts; see README "Install and extras".
 CORE = [
     "jax>=0.10.2",
     "flax>=0.12.8",

@@ -64,3 +64,23 @@ def test_evaluation_refuses_a_non_finite_state(tmp_path):
         bad = run.state.replace(params=jax.tree.map(lambda p: p * jnp.nan, run.state.params))
         with pytest.raises(checkpoint.NonFiniteError, match="state at step 0"):
             evaluate.score_states(run, [bad])
+
+
+def test_a_refused_run_leaves_the_training_record(tmp_path):
+    """A run refused by the workdir's checkpoint (another model) does not overwrite config.json."""
+    workdir = str(tmp_path / "run")
+    tasks.run(tiny_config(num_train_steps=1, checkpoint_every_steps=1), workdir)
+    other = tiny_config(num_train_steps=2, **{"model.kwargs.width": 8})
+    with pytest.raises(ValueError, match="config.model"):
+        tasks.run(other, workdir)
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["model"]["kwargs"]["width"] == 4
+
+
+def test_faults_and_input_errors_are_one_line_errors():
+    from bow_jax.lib import checkpoint, cli, lock
+    assert cli.is_input_error(checkpoint.NonFiniteError("Step 4: NaN"))
+    assert cli.is_input_error(lock.WorkdirLockedError("--workdir=x is in use"))
+    assert cli.is_input_error(ValueError("The checkpoint x was written with config.method='a'"))
+    assert not cli.is_input_error(ValueError("shapes (3,) and (4,) do not broadcast"))
+    assert not cli.is_input_error(RuntimeError("XLA crashed"))

@@ -17,6 +17,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import ml_collections
 
+from bow_jax.lib import checkpoint, lock
+
 # `--config.a.b=1`, `--config.a.b 1`, `--noconfig.a.b` (a boolean), as config_flags reads them.
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _CONFIG = re.compile(r"^--?config(?:=(.*))?$")
@@ -80,15 +82,24 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else repr(error)
 
 
+# Faults a run reports in full sentences of its own (lib/checkpoint.py, lib/lock.py): a traceback
+# would only bury the sentence.
+EXPLAINED_ERRORS = (checkpoint.NonFiniteError, checkpoint.CorruptCheckpointError,
+                    lock.WorkdirLockedError)
+
+
 def is_input_error(error: BaseException) -> bool:
-    """Whether `error` reports bad input in this project's convention: a ValueError or OSError
-    whose message starts with the config field or flag it is about ('config.data.path must be
-    set ...', '--workdir=...: no checkpoint ...'), or a missing optional dependency named with
-    its pip command (lib/extras.py). main.py prints those as one line, not a traceback."""
+    """Whether `error` reports bad input or a fault in this project's convention: a ValueError or
+    OSError whose message names the config field or flag it is about ('config.data.path must be
+    set ...', '--workdir=...: no checkpoint ...', 'The checkpoint ... config.method=...'), one of
+    EXPLAINED_ERRORS, or a missing optional dependency named with its pip command
+    (lib/extras.py). main.py prints those as one line, not a traceback."""
     text = str(error)
     if isinstance(error, ImportError):
         return "pip install" in text
-    names_input = re.match(r"^(config\.|--)", text) is not None
+    if isinstance(error, EXPLAINED_ERRORS):
+        return True
+    names_input = re.match(r"^(config\.|--)", text) is not None or "config." in text
     return isinstance(error, (ValueError, OSError)) and names_input
 
 

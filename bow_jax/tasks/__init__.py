@@ -27,10 +27,14 @@ def task_module(name: str):
     return REGISTRY[name]
 
 
+TRAINING_RECORD = "config.json"
+
+
 def config_file(task: str) -> str:
-    """Where a task records its resolved config: config.json for the training tasks,
-    <task>_config.json for the others (an evaluation does not overwrite the training record)."""
-    return "config.json" if task in ("train", "bownet_chain") else f"{task}_config.json"
+    """Where a task records its resolved config: config.json for the training tasks (written by
+    them once the workdir's checkpoint accepts the config, so a refused run leaves the record of
+    the real one), <task>_config.json for the others."""
+    return TRAINING_RECORD if task in ("train", "bownet_chain") else f"{task}_config.json"
 
 
 def run(config, workdir: str):
@@ -44,5 +48,6 @@ def run(config, workdir: str):
         raise FileNotFoundError(f"--workdir={workdir} does not exist: the {config.task!r} task "
                                 "reads a trained run's checkpoints there.")
     with lock.WorkdirLock(workdir):
-        files.write_config_json(workdir, config, config_file(config.task))
+        if config_file(config.task) != TRAINING_RECORD:  # the training tasks write theirs once
+            files.write_config_json(workdir, config, config_file(config.task))  # validated
         return task.run(config, workdir)

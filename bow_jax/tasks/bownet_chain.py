@@ -39,11 +39,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bow_jax.lib import logs
 from bow_jax.bow import build
 from bow_jax.data.splits import load_split
 from bow_jax.evaluate import features, runner
-from bow_jax.lib import checkpoint, files, sharding
+from bow_jax.lib import checkpoint, files, logs, sharding
 from bow_jax.methods import bownet, common, data_info_for
 from bow_jax.models import feature_dims
 from bow_jax.tasks import common as task_common
@@ -389,6 +388,7 @@ def run(config, workdir: str,
     if config.bownet.rounds < 1:
         raise ValueError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
     os.makedirs(workdir, exist_ok=True)
+    files.write_config_json(workdir, config)
     record = StageRecord(workdir)
     stages = train_stages(config, workdir, record, stage_hooks or {})
     if stages is None:

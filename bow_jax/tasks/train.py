@@ -2,9 +2,9 @@
 from typing import Callable, Iterable, Optional
 
 
-from bow_jax.lib import logs
 from bow_jax import train
 from bow_jax.evaluate import checks
+from bow_jax.lib import files, logs
 from bow_jax.tasks import common, evaluate
 
 READS_RUN = False
@@ -23,7 +23,8 @@ def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Op
     after each step (tests use them to send signals)."""
     if config.eval.after_training:
         checks.check_evaluation_data(config)  # a bad setting fails now, not after training
-    with common.restore(config, workdir) as run_:
+    with common.restore(config, workdir) as run_:  # refuses a checkpoint of another config
+        files.write_config_json(workdir, config)
         if run_.restored_step is not None:
             logs.say(f"resumed from {run_.checkpointer.directory} at step {run_.restored_step}")
         state = train.train(run_, hooks)
