@@ -52,8 +52,8 @@ def test_list_config_prints_every_field_with_overrides_and_needs_no_workdir():
     assert status == 0, err
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
     assert rows["config.optim.lr"] == ["0.3", "float"]
-    assert rows["config.method"] == ["'rotnet'", "str"]
-    assert rows["config.batch_size"] == ["64", "int"]  # the demo's value, not the base one
+    assert rows["config.method"] == ["'obow'", "str"]  # the demo trains OBoW
+    assert rows["config.batch_size"] == ["32", "int"]  # the demo's value, not the base one
     assert all(name.startswith("config.") for name in rows)
     assert "Traceback" not in err
 
