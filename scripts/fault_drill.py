@@ -169,7 +169,7 @@ def case_dead_peer(root):
 
 
 def case_stop_latency(root):
-    """SIGTERM while training the demo's own size (width 16, batch 64); time to a committed save."""
+    """SIGTERM while training the demo's own size (OBoW, width 16, batch 32); time to a committed save."""
     wd = os.path.join(root, "latency")
     cmd = [sys.executable, "-m", "bow_jax.main", f"--workdir={wd}", "--config=configs/demo.py",
            "--config.eval.after_training=False", "--config.num_train_steps=100000",
@@ -189,7 +189,7 @@ def case_stop_latency(root):
     commit = (os.path.getmtime(os.path.join(wd, "checkpoints", str(saved[-1]),
                                             "commit_success.txt")) - sent if saved else -1)
     ok = rc == 0 and saved and commit < 10
-    return ("6 SIGTERM during the demo (width 16, batch 64)",
+    return ("6 SIGTERM during the demo (OBoW, width 16, batch 32)",
             "checkpoint committed within a few seconds (run-ahead <= 2 steps), exit 0",
             f"step {saved} committed {commit:.1f} s after the signal; exit {rc} after "
             f"{seconds:.1f} s", ok)
