@@ -2,8 +2,8 @@
 
 The shared CPU comparison setting (see configs/rotnet_cifar10_cpu.py): ResNet-18 at width 16 with
 the CIFAR stem. A 32x32 image gives layer3 8x8 but layer4 only 4x4, too small for OBoW (one border
-location is skipped on each side and queue words are 3x3 local averages, so a level must be >= 5x5;
-reference section 6.1). This config keeps both BoW levels of the paper's "full" model and feeds the
+location is skipped on each side and queue words are 3x3 local averages, so a level must be >= 5x5,
+as in the official code). This config keeps both BoW levels of the paper's "full" model and feeds the
 teacher the whole image resized to 40x40 (layer3 10x10, layer4 5x5); the student's views are scaled
 from the ImageNet recipe by about 1/6: two 24x24 RandomResizedCrops (scale 0.08-0.6) and five 16x16
 jittered patches of one 40x40 RandomResizedCrop (scale 0.6-1). ResNet-18 values of the official

@@ -1,6 +1,7 @@
 """OBoW on CIFAR-10 with a full-width ResNet-18 (CIFAR stem), sized for one GPU.
 
-32x32 images make layer4 4x4, below OBoW's 5x5 minimum (reference section 6.1), so the teacher sees
+32x32 images make layer4 4x4, below OBoW's 5x5 minimum (one border location is skipped on each
+side and queue words are 3x3 local averages, as in the official code), so the teacher sees
 the whole image resized to 48x48 (layer3 12x12, layer4 6x6) and both levels of the paper's "full"
 model are kept. Student views scaled from the ImageNet recipe (factor about 1/5): two 32x32
 RandomResizedCrops (scale 0.08-0.6) and five 20x20 jittered patches (jitter 5) of one 56x56
