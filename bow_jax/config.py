@@ -10,6 +10,7 @@ import os
 import ml_collections
 
 from bow_jax import tasks
+from bow_jax.data import fields
 from bow_jax.methods import method_module
 
 
@@ -24,18 +25,7 @@ def shared_fields(method: str) -> ml_collections.ConfigDict:
     c.model.name = "resnet18"
     c.model.kwargs = ml_collections.ConfigDict()  # passed to the backbone constructor
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "npz"  # 'npz' | 'jpeg_npz' | 'digits' | 'image_folder' | 'tfds'
-    c.data.path = ""  # folder (npz, jpeg_npz, image_folder) holding the splits
-    c.data.name = ""  # TFDS name
-    c.data.data_dir = ""  # TFDS data_dir
-    c.data.image_size = 0  # resize on load (digits, image folders); 0 = keep
-    c.data.normalization = "cifar"  # 'cifar' | 'imagenet'
-    c.data.limit = 0  # use only the first N training images (0 = all): quick runs
-    c.data.num_examples = 0  # TFDS only, when split sizes are unknown (mock data)
-    c.data.in_memory = True  # False: stream a TFDS training split through tf.data (ImageNet)
-    c.data.max_unreadable_fraction = 0.05  # image folders: undecodable files up to this share are
-    #                                        skipped with a warning naming them; more: an error
+    c.data = fields.data_fields()  # source, path, name, data_dir, image_size, normalization, ...
 
     c.batch_size = 128  # global, over all devices and hosts
     c.num_epochs = 1
@@ -185,13 +175,20 @@ def obow_targets(o, levels, *, num_words: int, inv_delta: float,
     return o
 
 
-def imagenet_probes(c, linear_protocol: str) -> ml_collections.ConfigDict:
+def imagenet_probes(c, linear_protocol: str, *, monitor_every: int) -> ml_collections.ConfigDict:
     """The OBoW paper's ImageNet evaluation: pooled features, the official linear-probe recipe
     `linear_protocol` ('imagenet_r50_obow' | 'imagenet_r18_obow'), 50-way 1/5-shot episodes with
-    1 query (200 episodes; on the validation split's classes, not the paper's held-out novel
-    classes), k-NN; run after training."""
+    1 query (200 episodes) on the validation images of 300 classes drawn with seed 0
+    (config.eval.fewshot_classes='random:300:0', a documented stand-in for the paper's held-out
+    novel classes, whose file we cannot bundle), k-NN; run after training. The paper's split:
+    `--config.eval.fewshot_classes=PATH/IMAGENET_LOWSHOT_BENCHMARK_CATEGORY_SPLITS.json
+    --config.eval.fewshot_classes_key=novel_classes_2` (311 test classes; 'novel_classes_1':
+    the 300 validation classes), the Hariharan & Girshick low-shot benchmark's file that the
+    official OBoW code reads (indices into the sorted wnids, as TFDS imagenet2012 numbers them).
+    During training, the k-NN monitor every `monitor_every` steps (one epoch; 10k training
+    images as memory, 5k validation images as queries: `evaluate.monitor`)."""
     return probes(c, "pooled", ways=50, queries=1, episodes=200, linear_protocol=linear_protocol,
-                  after_training=True)
+                  after_training=True, fewshot_classes="random:300:0", every_steps=monitor_every)
 
 
 def obow_views(o, *, teacher_size: int, teacher_resize: int, crop_size: int, crop_scale,

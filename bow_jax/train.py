@@ -113,7 +113,7 @@ def check_metrics(config, step: int, means: dict, last_good) -> None:
         raise checkpoint.NonFiniteError(nonfinite_message(config, step, bad, last_good))
 
 
-def train(run, hooks: Iterable[Callable[[int], None]] = ()):
+def train(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None):
     """Trains `run` (a `tasks.common.Run`: method, mesh, state, checkpointer) from its state's
     step to `run.data_info.total_steps`, checkpointing every `config.checkpoint_every_steps` and
     at the end. Returns the final state, or None when stopped early by a signal (after saving the
@@ -122,6 +122,9 @@ def train(run, hooks: Iterable[Callable[[int], None]] = ()):
     Raises checkpoint.NonFiniteError (after waiting for pending good saves) when a logged loss or
     the state to save is NaN/infinite: no non-finite checkpoint is ever written.
     `hooks` are called with the step number after each step (tests use them to send SIGTERM).
+    `monitor` (e.g. `evaluate.monitor.KnnMonitor`): `monitor.due(step, total_steps)` says when,
+    `monitor(state) -> {name: float}` scores the state then; its values are logged with that
+    step's metrics (a row of their own when the step logs nothing else).
     """
     ckpt, state = run.checkpointer, run.state
     start_step, total_steps = int(state.step), run.data_info.total_steps
@@ -130,7 +133,8 @@ def train(run, hooks: Iterable[Callable[[int], None]] = ()):
     writer = writers.MetricWriter(run.workdir, start_step=start_step)
     try:
         with stop.AgreedStop() as stopper:
-            state, stopped = _loop(run, state, start_step, total_steps, writer, stopper, hooks)
+            state, stopped = _loop(run, state, start_step, total_steps, writer, stopper, hooks,
+                                   monitor)
     finally:
         ckpt.wait()  # the last good checkpoint is committed, even when an error stops training
         writer.close()
@@ -138,7 +142,14 @@ def train(run, hooks: Iterable[Callable[[int], None]] = ()):
     return None if stopped else state
 
 
-def _loop(run, state, start_step, total_steps, writer, stopper, hooks):
+def monitored(monitor, state, step: int, total_steps: int) -> dict:
+    """The monitor's scalars at `step` ({} when it is off or not due)."""
+    if monitor is None or not monitor.due(step, total_steps):
+        return {}
+    return {name: float(value) for name, value in monitor(state).items()}
+
+
+def _loop(run, state, start_step, total_steps, writer, stopper, hooks, monitor):
     """The step loop of `train`; returns (state, stopped early)."""
     config, mesh, ckpt = run.config, run.mesh, run.checkpointer
     progress = writers.Progress(total_steps, config.batch_size, start_step)
@@ -156,11 +167,14 @@ def _loop(run, state, start_step, total_steps, writer, stopper, hooks):
         summed = metrics if summed is None else accumulate(summed, metrics)
         count += 1
         done = step + 1
+        scores = monitored(monitor, state, done, total_steps)
         if done % config.log_every == 0 or done == total_steps:
             means = {k: v / count for k, v in jax.device_get(summed).items()}
             check_metrics(config, done, means, last_good)
-            writer.write_scalars(done, {**means, **progress.report(done)})
+            writer.write_scalars(done, {**means, **scores, **progress.report(done)})
             summed, count = None, 0
+        elif scores:
+            writer.write_scalars(done, scores)
         for hook in hooks:
             hook(done)
         stopping = stopper.should_stop(done) and done < total_steps

@@ -34,7 +34,9 @@ prepare `imagenet2012` and pass --config.data.name=imagenet2012 (not the paper's
 
 Evaluation after training: the paper's ResNet-18 linear probe on precached features of the centre
 crop and its flip (batch 256, lr 10, wd 2e-6, 50 epochs, x0.1 at 15/30/45), 50-way 1/5-shot
-episodes on the validation images, and k-NN (see configs/obow_resnet50.py).
+episodes on the validation images of 300 classes drawn with seed 0 (config.eval.fewshot_classes),
+and k-NN (see configs/obow_resnet50.py); the k-NN monitor every epoch during training. Paper
+(Gidaris et al., CVPR 2021, Table 5, 80 epochs): linear 45.86%, 1-shot 42.11%, 5-shot 62.44%.
 """
 from bow_jax.config import (base_config, imagenet_probes, imagenet_setting, obow_targets,
                             schedule_of_checkpoints, sgd)
@@ -50,4 +52,4 @@ def get_config():
     o.num_patches = 0
     o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
     schedule_of_checkpoints(c, 1015, log_every=100)  # one epoch of 260,000 images at batch 256
-    return imagenet_probes(c, "imagenet_r18_obow")
+    return imagenet_probes(c, "imagenet_r18_obow", monitor_every=1015)

@@ -11,13 +11,23 @@ linear top-1.
 Data: the prepared TFDS `imagenet2012` (in $TFDS_DATA_DIR or ~/tensorflow_datasets), streamed
 through tf.data (`config.data.in_memory=False`); without it the run stops within seconds saying
 how to prepare it (`tfds build imagenet2012` with the two ILSVRC2012 tars in the manual dir).
-Evaluation after training (and with --config.task=evaluate): pooled features of the centre crop
-(Resize 256 + CenterCrop 224) streamed once and cached in the workdir, then the linear probe of the
-official README (batch 1024, lr 10, wd 0, 100 epochs, cosine; paper: 73.8% top-1) trained on those
-precached features (the paper trains it on RandomResizedCrop + flip views of the images: the
-cached-feature probe is the cheaper stand-in; expect it a little below), 50-way 1/5-shot episodes
-(1 query, 200 episodes) on the validation images, and k-NN. The official monitor head (a linear classifier on the
-detached teacher conv5 features, trained on the labels alongside) is on: its accuracy is logged.
+Evaluation after training (and with --config.task=evaluate), the paper's (Gidaris et al., CVPR
+2021, Table 6 and section 4.1) protocols:
+  linear    the official README's probe, trained on RandomResizedCrop(224) + flip views of the
+            streamed training images through the frozen backbone (batch 1024, lr 10, wd 0, 100
+            epochs, per-epoch cosine; `evaluate.augmented_linear`, checkpointed under
+            DIR/eval/linear/ and resumed), scored on the cached centre crops (Resize 256 +
+            CenterCrop 224) of the validation images. Paper: 73.8% top-1.
+  few-shot  50-way 1/5-shot episodes (1 query, 200 episodes, prototypes) on the validation
+            images of 300 classes drawn with seed 0 (config.eval.fewshot_classes='random:300:0';
+            the paper's held-out novel classes: pass the low-shot benchmark's file, see
+            `bow_jax.config.imagenet_probes`).
+  k-NN      20-NN on the cached pooled features.
+  Places205 configs/obow_resnet50_places205.py (paper: 56.8%); semi-supervised fine-tuning on
+            1% / 10% of the labels: --config.task=finetune (paper: 82.9% / 90.7% top-5).
+During training: the k-NN monitor every epoch (`knn_top1`: 10k training images as memory, 5k
+validation images as queries) and the official monitor head (a linear classifier on the detached
+teacher conv5 features, trained on the labels alongside: `monitor_accuracy`).
 """
 from bow_jax.config import (base_config, imagenet_probes, imagenet_setting, obow_targets,
                             obow_views, schedule_of_checkpoints, sgd)
@@ -35,4 +45,4 @@ def get_config():
     o.monitor, o.num_classes = True, 1000  # logged monitor_accuracy (not part of the method)
     # About one epoch; every 10th epoch kept for good, as the official `permanent: 10`.
     schedule_of_checkpoints(c, 5004, keep_every=5004 * 10, log_every=100)
-    return imagenet_probes(c, "imagenet_r50_obow")
+    return imagenet_probes(c, "imagenet_r50_obow", monitor_every=5004)

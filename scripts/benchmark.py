@@ -29,15 +29,29 @@ compared with fp32's: remat must agree to --remat_rtol (default 1e-5, relative),
 measured and 1 when a variant failed (listed under "failed"). The JSON is rewritten atomically
 after every row, so a run killed by a timeout keeps the rows measured so far ("complete": false).
 
-Input pipeline (--pipeline): (a) in-memory data: the device-side gather + `make_views` that
-train.py runs per step; (b) streamed data: tf.data decoding random 500x375 JPEGs (ImageNet's
-typical size) and running the method's `tf_views`, in parallel (AUTOTUNE), then batching.
+Input pipeline (--pipeline; alone, without --variants, it runs no train step). In-memory configs
+(CIFAR, digits): (a) the device-side gather + `make_views` that train.py runs per step; (b)
+tf.data decoding random 500x375 JPEGs and running the method's `tf_views` (AUTOTUNE). Streamed
+TFDS configs (default with --pipeline alone: configs/obow_resnet50.py, teacher 224, 2 crops of
+160, 5 patches of 96): the training input itself, `pipeline.tfds_train_views` running the
+config's `tf_views`, on a TFDS dataset of --pipeline_images real images (CIFAR-10 from
+$BOW_JAX_CIFAR10 or ../shared/data/cifar10, else scikit-learn's digits) upsampled bicubic to
+--pipeline_image_size (500x375, ImageNet's typical size) and stored as JPEG quality 90, built once
+in --pipeline_data DIR. Upsampled images decode like ImageNet's in cost (same pixel count) but are
+smoother (smaller files, a little faster to decode than photographs). For each --pipeline_cores
+value tf.data runs on a private threadpool of that many threads with no intra-op parallelism
+(`tf.data.Options().threading`), and --pipeline_batches batches of --pipeline_batch are timed
+after --pipeline_warmup: images/s, images/s per core, the CPU seconds used per wall second (a check
+that the limit held) and the cores 2,000 images/s would need at that per-core rate,
+ceil(2000 / per-core rate). The batches are not copied to a device.
 
 Examples:
   python scripts/benchmark.py --config configs/obow_resnet50.py --per_device_batch 64 \
       --variants fp32,bf16,remat --steps 20 --json obow_r50.json
   python scripts/benchmark.py --config configs/obow_cifar10_cpu.py \
-      --config configs/rotnet_cifar10_cpu.py --batch_size 32 --steps 3 --pipeline
+      --config configs/rotnet_cifar10_cpu.py --batch_size 32 --steps 3 --variants fp32 --pipeline
+  python scripts/benchmark.py --pipeline --pipeline_cores 1,2,4,8 --pipeline_data /tmp/bench_jpegs \
+      --json pipeline_r50.json   (OBoW ResNet-50's streamed views per core count; no train step)
   python scripts/benchmark.py --config configs/obow_resnet50.py --batch_size 64 --cost_only
       (FLOPs of the lowered step and the analytic count only: nothing compiled or run)
   (--set key=value overrides a config field in every config, e.g. --set model.kwargs.width=8)
@@ -47,7 +61,9 @@ Examples:
 import argparse
 import ast
 import importlib.util
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,8 +75,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
+from bow_jax.data import pipeline  # noqa: E402
 from bow_jax.lib import files, sharding  # noqa: E402
 from bow_jax.methods import DataInfo, create_method  # noqa: E402
 from bow_jax.methods import common  # noqa: E402
@@ -68,6 +86,7 @@ from bow_jax.models import feature_dims  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 VARIANTS = ("fp32", "bf16", "remat", "bf16+remat")
+DEFAULT_PIPELINE_CONFIG = "configs/obow_resnet50.py"
 
 
 def load_config(path: str, overrides):
@@ -499,6 +518,134 @@ def bench_tf_views(config, *, batch_size: int, image_size: int, batches: int,
     return batch_size * batches / (time.perf_counter() - start)
 
 
+# Streamed TFDS views (the ImageNet path of configs/obow_resnet50.py), per number of cores.
+
+STREAM_TARGET_IMAGES_PER_S = 2000
+STREAM_NOTE = ("real images (CIFAR-10, or scikit-learn's digits) upsampled bicubic to ImageNet's "
+               "typical size and stored as JPEG (quality 90): they decode like ImageNet's JPEGs "
+               "in cost (same pixel count) but are smoother, so they compress smaller and may "
+               "decode a little faster than photographs")
+
+
+def stream_source_images(count: int):
+    """(uint8 [count, h, w, 3], name): real small images to upsample; CIFAR-10's training images
+    from $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz), else scikit-learn's digits."""
+    folder = os.environ.get("BOW_JAX_CIFAR10") or os.path.join(
+        os.path.dirname(REPO), "shared", "data", "cifar10")
+    path = os.path.join(folder, "train.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            images, name = np.asarray(f["images"][:count], np.uint8), "cifar10"
+    else:
+        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+        gray = np.round(load_digits().images[:count] * (255.0 / 16.0)).astype(np.uint8)
+        images, name = np.repeat(gray[..., None], 3, axis=-1), "digits"
+    reps = -(-count // len(images))
+    return np.concatenate([images] * reps)[:count], name
+
+
+def upsampled_jpeg(image: np.ndarray, width: int, height: int, quality: int = 90) -> bytes:
+    """JPEG bytes of `image` resized bicubic (Pillow) to width x height."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    buffer = io.BytesIO()
+    Image.fromarray(image).resize((width, height), Image.BICUBIC).save(
+        buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def stream_dataset(folder: str, count: int, width: int, height: int):
+    """The prepared TFDS builder of `count` upsampled JPEGs (built once, cached in `folder`).
+
+    A dataset 'bow_bench_jpegs' of {'image': JPEG, 'label'} in folder/<source>_<count>_<w>x<h>/
+    (tfds.dataset_builders.store_as_tfds_dataset, as tests/test_data.py prepares tiny datasets).
+    Returns (builder, source name)."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tf = pipeline.import_tensorflow()
+    images, source = stream_source_images(count)
+    data_dir = os.path.join(folder, f"{source}_{count}_{width}x{height}")
+    prepared = os.path.join(data_dir, "bow_bench_jpegs", "1.0.0")
+    if os.path.exists(os.path.join(prepared, "dataset_info.json")):
+        return tfds.builder_from_directory(prepared), source
+    jpegs = [upsampled_jpeg(im, width, height) for im in images]
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=10)})
+    split = tf.data.Dataset.from_tensor_slices(
+        {"image": jpegs, "label": np.arange(count) % 10})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="bow_bench_jpegs", version="1.0.0", features=features, data_dir=data_dir,
+        split_datasets={"train": split})
+    return tfds.builder_from_directory(prepared), source
+
+
+def threading_options(cores: int):
+    """tf.data Options confining the pipeline to `cores` threads: its own threadpool of that size
+    and no intra-op parallelism beyond it (each op runs on one thread)."""
+    tf = pipeline.import_tensorflow()
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def cores_needed(images_per_s_per_core: float, target: float = STREAM_TARGET_IMAGES_PER_S):
+    """Cores a linear scaling would need for `target` images/s: ceil(target / per-core rate)."""
+    if not images_per_s_per_core or images_per_s_per_core <= 0:
+        return None
+    return math.ceil(target / images_per_s_per_core)
+
+
+def time_stream(builder, view_fn, *, cores: int, batch_size: int, batches: int, warmup: int):
+    """(images/s, CPU seconds / wall second, view shapes) of `batches` timed batches of
+    pipeline.tfds_train_views after `warmup` untimed ones, tf.data confined to `cores` threads."""
+    it = pipeline.tfds_train_views(builder, "train", global_batch=batch_size, seed=0,
+                                   view_fn=view_fn, process_index=0, process_count=1,
+                                   options=threading_options(cores))
+    first = next(it)  # builds the pipeline and fills the shuffle buffer (undecoded records)
+    for _ in range(warmup):
+        next(it)
+    cpu, start = time.process_time(), time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    wall = time.perf_counter() - start
+    shapes = {k: list(v.shape) for k, v in first.items()}
+    return batch_size * batches / wall, (time.process_time() - cpu) / wall, shapes
+
+
+def stream_rows_for(name, config, args):
+    """One row per --pipeline_cores value: the config's tf_views on streamed TFDS JPEGs."""
+    batch = args.pipeline_batch or global_batch(args, config)
+    method = create_method(config, DataInfo((256, 256, 3), batch, 1, 1))
+    if method.tf_views is None:
+        return []
+    width, height = args.pipeline_image_size
+    folder = args.pipeline_data or os.path.join(tempfile.gettempdir(), "bow_jax_pipeline_data")
+    builder, source = stream_dataset(folder, args.pipeline_images, width, height)
+    epoch_steps = args.pipeline_images // batch
+    if args.pipeline_warmup + args.pipeline_batches + 1 > epoch_steps:
+        print(f"note: {args.pipeline_warmup + args.pipeline_batches + 1} batches of {batch} cross "
+              f"an epoch of {args.pipeline_images} images: the timing includes the pipeline's "
+              f"restart at the epoch boundary (raise --pipeline_images)", file=sys.stderr)
+    rows = []
+    for cores in args.pipeline_cores:
+        rate, cpu, shapes = time_stream(builder, method.tf_views, cores=cores, batch_size=batch,
+                                        batches=args.pipeline_batches,
+                                        warmup=args.pipeline_warmup)
+        rows.append({"config": name, "pipeline": f"tfds stream JPEG {width}x{height} + tf_views",
+                     "batch": batch, "cores": cores, "images_per_s": rate,
+                     "images_per_s_per_core": rate / cores,
+                     "cores_for_target": cores_needed(rate / cores),
+                     "target_images_per_s": STREAM_TARGET_IMAGES_PER_S,
+                     "cpu_s_per_wall_s": cpu, "batches": args.pipeline_batches,
+                     "warmup": args.pipeline_warmup, "views": shapes,
+                     "images": args.pipeline_images, "source": source,
+                     "image_size": [width, height], "machine_cores": os.cpu_count(),
+                     "note": STREAM_NOTE})
+        print(f"{name} stream {cores} cores: {rate:.1f} images/s ({rate / cores:.1f} per core, "
+              f"CPU {cpu:.2f} s/s)", file=sys.stderr, flush=True)
+    return rows
+
+
 def _fmt(value, scale=1.0, spec=".0f"):
     return "n/a" if value is None else format(value / scale, spec)
 
@@ -529,23 +676,38 @@ def markdown(rows, pipeline_rows, cost_rows=()):
         lines += [f"| {c['config']} | {c['variant']} | {c['global_batch']} | "
                   f"{_fmt(c['xla_lowered_flops_per_image'], 1e9, '.3g')} | "
                   f"{_fmt(c['analytic_flops_per_image'], 1e9, '.3g')} |" for c in cost_rows]
+    stream_rows = [p for p in pipeline_rows if "cores" in p]
+    pipeline_rows = [p for p in pipeline_rows if "cores" not in p]
     if pipeline_rows:
         lines += ["", "| config | pipeline | batch | images/s |", "|---|---|---|---|"]
         for p in pipeline_rows:
             value = "n/a" if p["images_per_s"] is None else f"{p['images_per_s']:.1f}"
             lines.append(f"| {p['config']} | {p['pipeline']} | {p['batch']} | {value} |")
-    return "\n".join(lines)
+    if stream_rows:
+        lines += ["", f"| config | pipeline | batch | cores | images/s | images/s per core | "
+                      f"CPU s/s | cores for {STREAM_TARGET_IMAGES_PER_S} images/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['config']} | {p['pipeline']} | {p['batch']} | {p['cores']} | "
+                  f"{p['images_per_s']:.1f} | {p['images_per_s_per_core']:.1f} | "
+                  f"{p['cpu_s_per_wall_s']:.2f} | {p['cores_for_target']} |" for p in stream_rows]
+        lines += ["", f"Images: {stream_rows[0]['images']} from {stream_rows[0]['source']}; "
+                      f"{STREAM_NOTE}."]
+    if not rows:  # --pipeline alone: no train-step table
+        lines = lines[2:]
+    return "\n".join(lines).strip("\n")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-    parser.add_argument("--config", action="append", required=True,
-                        help="config file (repeat for several)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="config file (repeat for several; with --pipeline alone: "
+                             f"{DEFAULT_PIPELINE_CONFIG})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field in every config")
-    parser.add_argument("--variants", default="fp32",
+    parser.add_argument("--variants", default=None,
                         help=f"comma-separated, from {VARIANTS}; fp32 is added as the reference "
-                             "when another variant is asked")
+                             "when another variant is asked (default fp32; with --pipeline and "
+                             "no --variants, no train step is run)")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: the "
                         "config's, or --per_device_batch x devices)")
     parser.add_argument("--per_device_batch", type=int, default=0)
@@ -562,8 +724,25 @@ def parse_args(argv):
                              "variant runs), so that each peak memory is its own")
     parser.add_argument("--cost_only", action="store_true",
                         help="only the FLOPs of the lowered step and the analytic count")
-    parser.add_argument("--pipeline", action="store_true", help="also time the input pipelines")
-    parser.add_argument("--pipeline_steps", type=int, default=5)
+    parser.add_argument("--pipeline", action="store_true",
+                        help="time the input pipelines (streamed TFDS configs: per core count)")
+    parser.add_argument("--pipeline_steps", type=int, default=5,
+                        help="timed batches of the in-memory pipeline rows")
+    parser.add_argument("--pipeline_data", default="", metavar="DIR",
+                        help="where the streamed benchmark's TFDS JPEGs are built once and reused "
+                             "(default: a folder in the temp dir)")
+    parser.add_argument("--pipeline_images", type=int, default=2048,
+                        help="images in that dataset")
+    parser.add_argument("--pipeline_image_size", type=_size, default=(500, 375),
+                        metavar="WxH", help="their size (ImageNet's typical 500x375)")
+    parser.add_argument("--pipeline_cores", type=_int_list, default=(1, 2),
+                        help="comma-separated tf.data threadpool sizes, e.g. 1,2,4,8")
+    parser.add_argument("--pipeline_batch", type=int, default=64,
+                        help="batch of the streamed rows (images/s barely depends on it)")
+    parser.add_argument("--pipeline_batches", type=int, default=20,
+                        help="timed batches per core count (streamed rows)")
+    parser.add_argument("--pipeline_warmup", type=int, default=2,
+                        help="untimed batches per core count after the first (streamed rows)")
     parser.add_argument("--json", default="", help="write the results here (after every row)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -571,13 +750,39 @@ def parse_args(argv):
         parser.error(f"--steps {args.steps}: at least 1 timed step is needed")
     if args.warmup < 0:
         parser.error(f"--warmup {args.warmup}: expected >= 0")
+    if args.config is None:
+        if not args.pipeline:
+            parser.error("--config is required (or --pipeline, whose default config is "
+                         f"{DEFAULT_PIPELINE_CONFIG})")
+        args.config = [os.path.join(REPO, DEFAULT_PIPELINE_CONFIG)]
+    if args.pipeline and (args.pipeline_batches < 1 or args.pipeline_warmup < 0
+                          or min(args.pipeline_cores) < 1 or args.pipeline_batch < 1):
+        parser.error("--pipeline_batches, --pipeline_batch and --pipeline_cores must be >= 1, "
+                     "--pipeline_warmup >= 0")
+    if args.variants is None:  # --pipeline alone times the input only
+        args.variants = "" if args.pipeline else "fp32"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: {v!r} is not one of {VARIANTS}")
-    if not args.child and variants != ["fp32"] and "fp32" not in variants:
+    if not args.child and variants and variants != ["fp32"] and "fp32" not in variants:
         variants = ["fp32"] + variants
     return args, variants
+
+
+def _int_list(text: str):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers, e.g. 1,2,4") from None
+
+
+def _size(text: str):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 500x375") from None
+    return width, height
 
 
 def global_batch(args, config) -> int:
@@ -610,6 +815,10 @@ def report_row(row, rows, args):
 
 
 def pipeline_rows_for(name, config, args):
+    """Streamed TFDS configs (ImageNet): the tf.data views per core count; in-memory configs:
+    the device-side views and tf.data on random JPEGs."""
+    if config.data.source == "tfds" and not config.data.in_memory:
+        return stream_rows_for(name, config, args)
     batch = global_batch(args, config)
     size = stored_image_size(config, args.image_size)
     return [{"config": name, "pipeline": "device make_views (in-memory)", "batch": batch,

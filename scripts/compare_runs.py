@@ -46,6 +46,8 @@ def run_rows(path: str) -> dict:
             row = rows.setdefault(f"{label}: {network}", {})
             for name, result in runs.items():
                 row[f"fine-tune {name} top-1"] = 100 * result["top1"]
+                if "top5" in result:  # recorded since 2026-11-30
+                    row[f"fine-tune {name} top-5"] = 100 * result["top5"]
     return rows
 
 

@@ -347,3 +347,24 @@ def test_standardized_logistic_probe_matches_scikit_learn():
     np.testing.assert_allclose(probs, reference.predict_proba(scaler.transform(x_te)), atol=2e-3)
     result = linear.linear_probe(x_tr, y_tr, x_te, y_te, 10, **protocol)
     assert result["top1"] == pytest.approx(reference.score(scaler.transform(x_te), y_te))
+
+
+def test_runner_scores_the_logistic_protocol():
+    """The evaluate task's path (runner.score_features passes the run's seed) reaches the
+    'logistic_standardized' probe and gives scikit-learn's accuracy."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from bow_jax.config import base_config
+    from bow_jax.evaluate import cache, runner
+    x, y = load_digits(return_X_y=True)
+    x, y = x.astype(np.float32), y.astype(np.int32)
+    config = base_config("obow")
+    config.eval.update(dict(linear_protocol="logistic_standardized", fewshot=False, knn=False))
+    scores = runner.score_features(cache.SplitFeatures(x[:600], y[:600], 10),
+                                   cache.SplitFeatures(x[600:900], y[600:900], 10), config)
+    scaler = StandardScaler().fit(x[:600])
+    reference = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(scaler.transform(x[:600]),
+                                                                        y[:600])
+    assert scores["linear"]["top1"] == pytest.approx(
+        reference.score(scaler.transform(x[600:900]), y[600:900]))

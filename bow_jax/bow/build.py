@@ -3,8 +3,9 @@
 BoWNet (Gidaris et al., CVPR 2020, section 2) quantises the teacher's feature map with K visual
 words, the k-means centroids of the teacher's per-location feature vectors over the training
 images. Here the pure part: which locations are kept (`locations_per_image`, `dense_vectors`,
-`keep_locations`, jit-able), the k-means itself sharded over the devices (`build_vocabulary`),
-and the vocabulary file (`write_vocabulary` / `read_vocabulary` / `check_vocabulary`): an .npz
+`keep_locations`, jit-able), the k-means itself sharded over the devices, with its progress
+shown between Lloyd iterations (`build_vocabulary`), and the vocabulary file
+(`write_vocabulary`, which says where it went / `read_vocabulary` / `check_vocabulary`): an .npz
 of the centroids [K, C] float32 and JSON metadata naming the teacher, layer, border and K.
 Feature extraction and checkpoint I/O belong to the task that calls these.
 """
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bow_jax.bow import kmeans, quantize
-from bow_jax.lib import files, sharding
+from bow_jax.lib import files, logs, sharding
 
 # ------------------------------------------------------------------------------------------------
 # Dense feature vectors of the teacher
@@ -78,9 +79,12 @@ def build_vocabulary(key, vectors: np.ndarray, num_words: int, *, method: str = 
     chunk = kmeans.default_chunk_size(num_words, mesh.size)
     x, weights = kmeans.pad_rows(vectors, chunk)
     rows = sharding.batch_sharded(mesh)
+    # Progress (rate, ETA) between compiled calls of one Lloyd iteration (a pass over every
+    # vector) or of 100 mini-batch steps; the result is the one-shot fit's.
     result = kmeans.kmeans(key, jax.device_put(x, rows), num_words,
                            weights=jax.device_put(weights, rows), n_iter=n_iter, tol=tol,
-                           n_init=n_init, method=method, chunk_size=chunk)
+                           n_init=n_init, method=method, chunk_size=chunk,
+                           progress_every=1 if method == "lloyd" else 100)
     centroids = np.asarray(result.centroids)
     num_vectors = int(weights.sum())
     meta = {"num_words": int(num_words), "num_vectors": num_vectors,
@@ -114,9 +118,13 @@ def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
 
 
 def write_vocabulary(path: str, centroids, meta: dict) -> None:
-    """Writes centroids (as float32) + JSON metadata atomically (`lib.files.atomic_open`)."""
+    """Writes centroids (as float32) + JSON metadata atomically (`lib.files.atomic_open`) and
+    says where (`lib.logs.say`, process 0)."""
+    centroids = np.asarray(centroids, np.float32)
     with files.atomic_open(path, "wb") as f:  # a file object: np.savez would append '.npz'
-        np.savez(f, centroids=np.asarray(centroids, np.float32), meta=np.array(json.dumps(meta)))
+        np.savez(f, centroids=centroids, meta=np.array(json.dumps(meta)))
+    logs.say(f"vocabulary written: {os.path.abspath(path)} ({centroids.shape[0]} words of "
+             f"{centroids.shape[1]} channels)")
 
 
 def check_vocabulary(meta: dict, centroids_shape, *, teacher_step: int, layer: str, border: int,

@@ -17,6 +17,9 @@ Everything here is a pure function on arrays, compiled once with `jax.jit`:
 * Deterministic for a key: every random draw comes from the key and the (padded) row count,
   never from how rows are sharded; 1 and 8 devices agree up to float summation order.
 * One compilation per shape and code path: n_iter, n_init, n_steps and tol are traced values.
+* Progress: `kmeans(..., progress_every=P)` runs the same fit as calls of P Lloyd iterations
+  (mini-batch steps) driven from the host, the stopping test between calls, and shows their rate
+  and ETA (`lib.writers.progress`); the result is the one-shot fit's.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from bow_jax.lib import writers
 
 HIGHEST = lax.Precision.HIGHEST
 METHODS = ("lloyd", "minibatch")
@@ -369,16 +374,23 @@ def _reseed_empty(x, w, labels, dists, sums, counts, skip=False):
     return lax.cond(jnp.any(empty) & ~skip, reseed, lambda ops: ops, (sums, counts))
 
 
-def _lloyd(x, w, centroids, n_iter, tol, chunk, precision):
-    """Lloyd's algorithm on padded x; see `lloyd`.
+def _lloyd_start(x, w, centroids, tol):
+    """Lloyd's loop state before its first turn, and the absolute tolerance tol x the mean
+    per-feature variance: (state, tol_abs). state = (iterations, centroids, last shift, labels,
+    squared distances, done)."""
+    start = (jnp.array(0, jnp.int32), centroids.astype(jnp.float32),
+             jnp.array(jnp.inf, jnp.float32), jnp.zeros((x.shape[0],), jnp.int32),
+             jnp.zeros((x.shape[0],), jnp.float32), jnp.array(False))
+    return start, tol * _mean_variance(x, w)
 
-    Every loop turn assigns all rows to the current centroids; it then either stops (the previous
-    update moved the centroids by <= tol, or n_iter updates are done), so that labels and inertia
-    belong to the returned centroids, or moves each centroid to the mean of its rows. One traced
-    pass serves both, which halves compile time.
-    """
-    tol_abs = tol * _mean_variance(x, w)
 
+def _lloyd_turns(x, w, state, n_iter, tol_abs, chunk, precision, max_turns=None):
+    """Lloyd loop turns from `state` until done, or at most `max_turns` of them (a traced count;
+    None: no limit). Every turn assigns all rows to the current centroids; it then either stops
+    (the previous update moved the centroids by <= tol_abs, or n_iter updates are done), so that
+    labels and inertia belong to the returned centroids, or moves each centroid to the mean of
+    its rows. One traced pass serves both, which halves compile time. Turns are the same
+    computation however they are grouped into calls, so chunked runs equal one-shot runs."""
     def step(state):
         it, centroids, shift, _, _, _ = state
         labels, dists, sums, counts = _chunked_pass(x, w, centroids, chunk, precision, True)
@@ -389,12 +401,22 @@ def _lloyd(x, w, centroids, n_iter, tol, chunk, precision):
         return (it + jnp.where(done, 0, 1), new, jnp.sum(jnp.square(new - centroids)), labels,
                 dists, done)
 
-    n = x.shape[0]
-    start = (jnp.array(0, jnp.int32), centroids.astype(jnp.float32),
-             jnp.array(jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32),
-             jnp.zeros((n,), jnp.float32), jnp.array(False))
-    it, centroids, _, labels, dists, _ = lax.while_loop(lambda s: ~s[-1], step, start)
+    if max_turns is None:
+        return lax.while_loop(lambda s: ~s[-1], step, state)
+    _, state = lax.while_loop(lambda c: ~c[1][-1] & (c[0] < max_turns),
+                              lambda c: (c[0] + 1, step(c[1])), (jnp.array(0, jnp.int32), state))
+    return state
+
+
+def _lloyd_result(w, state) -> KMeansResult:
+    it, centroids, _, labels, dists, _ = state
     return KMeansResult(centroids, labels, jnp.sum(w * dists), it)
+
+
+def _lloyd(x, w, centroids, n_iter, tol, chunk, precision):
+    """Lloyd's algorithm on padded x in one traced loop; see `lloyd` and `_lloyd_turns`."""
+    state, tol_abs = _lloyd_start(x, w, centroids, tol)
+    return _lloyd_result(w, _lloyd_turns(x, w, state, n_iter, tol_abs, chunk, precision))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "precision"))
@@ -446,8 +468,10 @@ def _reassign_rare(key, xb, wb, dists, centroids, counts, ratio, n_max):
     return jnp.where(take[:, None], new, centroids), jnp.where(take, floor, counts)
 
 
-def _minibatch(key, x, w, centroids, batch_size, n_steps, ratio, reassign_every, chunk, precision):
-    """Mini-batch k-means on padded x; see `minibatch_kmeans`."""
+def _minibatch_steps(key, x, w, centroids, counts, first, stop, batch_size, ratio,
+                     reassign_every, precision):
+    """Mini-batch steps first..stop-1 (traced) from (centroids, counts); step i draws its batch
+    from fold_in(key, i), so steps grouped into several calls equal one call."""
     n = x.shape[0]
     k = centroids.shape[0]
     # Batches are drawn uniformly among rows of positive weight.
@@ -474,10 +498,21 @@ def _minibatch(key, x, w, centroids, batch_size, n_steps, ratio, reassign_every,
             lambda c: _reassign_rare(key_reassign, xb, wb, dists, c[0], c[1], ratio, n_max),
             lambda c: c, (centroids, new_counts))
 
-    counts = jnp.zeros((k,), jnp.float32)
-    centroids, _ = lax.fori_loop(0, n_steps, step, (centroids.astype(jnp.float32), counts))
+    return lax.fori_loop(first, stop, step, (centroids, counts))
+
+
+def _minibatch_result(x, w, centroids, n_steps, chunk, precision) -> KMeansResult:
+    """The final full assignment: labels and inertia of the mini-batch centroids."""
     labels, dists, _, _ = _chunked_pass(x, w, centroids, chunk, precision, False)
     return KMeansResult(centroids, labels, jnp.sum(w * dists), jnp.asarray(n_steps, jnp.int32))
+
+
+def _minibatch(key, x, w, centroids, batch_size, n_steps, ratio, reassign_every, chunk, precision):
+    """Mini-batch k-means on padded x; see `minibatch_kmeans`."""
+    counts = jnp.zeros((centroids.shape[0],), jnp.float32)
+    centroids, _ = _minibatch_steps(key, x, w, centroids.astype(jnp.float32), counts, 0, n_steps,
+                                    batch_size, ratio, reassign_every, precision)
+    return _minibatch_result(x, w, centroids, n_steps, chunk, precision)
 
 
 def _default_reassign_every(k, batch_size):
@@ -515,11 +550,101 @@ def _fit(key, x, w, tol, ratio, n_iter, n_init, n_steps, reassign_every, *, k, m
     return best._replace(labels=best.labels[:n])
 
 
+# ------------------------------------------------------------------------------------------------
+# The same fit in several compiled calls, with progress (rate, ETA) between them.
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _pad_jit(x, w, chunk):
+    return _pad_in_jit(x, w, chunk)
+
+
+_lloyd_start_jit = jax.jit(_lloyd_start)
+_lloyd_result_jit = jax.jit(_lloyd_result)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "precision"))
+def _lloyd_turns_jit(x, w, state, n_iter, tol_abs, max_turns, chunk, precision):
+    return _lloyd_turns(x, w, state, n_iter, tol_abs, chunk, precision, max_turns)
+
+
+_minibatch_steps_jit = jax.jit(_minibatch_steps, static_argnames=("batch_size", "precision"))
+_minibatch_result_jit = jax.jit(_minibatch_result, static_argnames=("chunk", "precision"))
+
+
+def _show_progress(counts, total: int, desc: str, unit: str) -> None:
+    """Consumes `counts` (the cumulative number of iterations after each compiled call) through
+    `writers.progress`, one item per iteration, so its rate and ETA are per iteration."""
+    def one_per_iteration():
+        done = 0
+        for count in counts:
+            yield from range(count - done)
+            done = count
+
+    for _ in writers.progress(one_per_iteration(), total=total, desc=desc, unit=unit):
+        pass
+
+
+def _lloyd_in_calls(x, w, seeds, n_iter, tol, per_call, chunk, precision, desc):
+    """`_lloyd` as calls of at most `per_call` loop turns, the stopping test between them."""
+    state, tol_abs = _lloyd_start_jit(x, w, seeds, tol)
+    box = [state]
+
+    def calls():
+        while not bool(box[0][-1]):
+            box[0] = _lloyd_turns_jit(x, w, box[0], n_iter, tol_abs, jnp.int32(per_call), chunk,
+                                      precision)
+            yield int(box[0][0])
+
+    _show_progress(calls(), int(n_iter), desc, "iterations")
+    return _lloyd_result_jit(w, box[0])
+
+
+def _minibatch_in_calls(key, x, w, seeds, batch_size, n_steps, ratio, reassign_every, per_call,
+                        chunk, precision, desc):
+    """`_minibatch` as calls of `per_call` steps."""
+    box = [(seeds.astype(jnp.float32), jnp.zeros((seeds.shape[0],), jnp.float32))]
+    total = int(n_steps)
+
+    def calls():
+        for first in range(0, total, per_call):
+            stop = min(first + per_call, total)
+            box[0] = _minibatch_steps_jit(key, x, w, *box[0], jnp.int32(first), jnp.int32(stop),
+                                          batch_size, ratio, reassign_every, precision)
+            jax.block_until_ready(box[0])
+            yield stop
+
+    _show_progress(calls(), total, desc, "steps")
+    return _minibatch_result_jit(x, w, box[0][0], n_steps, chunk, precision)
+
+
+def _fit_in_calls(key, x, w, tol, ratio, n_iter, n_init, n_steps, reassign_every, *, k, method,
+                  chunk, init_m, n_trials, batch_size, precision, per_call):
+    """`_fit` driven from the host: the same keys, seeds, turns and choice of the best run, so
+    the same result, with a progress line (rate, ETA) between calls of `per_call` iterations."""
+    n = x.shape[0]
+    x, w = _pad_jit(x, w, chunk)
+    best = None
+    for i in range(int(n_init)):
+        key_seed, key_batches = jax.random.split(jax.random.fold_in(key, i))
+        seeds = _seed_jit(key_seed, x, w, k, init_m, n_trials, precision)
+        runs = int(n_init)
+        desc = f"k-means ({method}, K={k}" + (f", run {i + 1} of {runs})" if runs > 1 else ")")
+        if method == "lloyd":
+            res = _lloyd_in_calls(x, w, seeds, n_iter, tol, per_call, chunk, precision, desc)
+        else:
+            res = _minibatch_in_calls(key_batches, x, w, seeds, batch_size, n_steps, ratio,
+                                      reassign_every, per_call, chunk, precision, desc)
+        # As `_fit`'s keep_better: a later run replaces the best only with a lower inertia.
+        if best is None or float(res.inertia) < float(best.inertia):
+            best = res
+    return best._replace(labels=best.labels[:n])
+
+
 def kmeans(key, x, k: int, *, weights=None, n_iter: int = 100, tol: float = 1e-4, n_init: int = 1,
            method: str = "lloyd", chunk_size: int | None = None,
            init_sample_size: int | None = None, n_local_trials: int | None = None,
            batch_size: int = 1024, n_steps: int | None = None, reassignment_ratio: float = 0.01,
-           precision=HIGHEST) -> KMeansResult:
+           precision=HIGHEST, progress_every: int = 0) -> KMeansResult:
     """k-means of x [N, D] into k clusters; the best of `n_init` runs by inertia.
 
     method='lloyd': k-means++ seeds then Lloyd (`n_iter`, `tol`, as `lloyd`).
@@ -530,6 +655,9 @@ def kmeans(key, x, k: int, *, weights=None, n_iter: int = 100, tol: float = 1e-4
     `chunk_size`: rows assigned per step (default `default_chunk_size(k)`). `precision`: of the
     distance matmul; HIGHEST keeps float32 on accelerators too (DEFAULT allows TF32/bf16 there).
     Deterministic for a key; runs unchanged on one device or with x sharded over the 'data' mesh.
+    `progress_every` > 0: Lloyd iterations (mini-batch steps) per compiled call, with progress
+    (rate, ETA; `lib.writers.progress`) and the stopping test between calls; the same result as
+    0, the whole fit in one compiled call with no progress.
     """
     _check_points(x)
     n = x.shape[0]
@@ -554,12 +682,15 @@ def kmeans(key, x, k: int, *, weights=None, n_iter: int = 100, tol: float = 1e-4
     _check_positive_int(n_trials, "n_local_trials")
     n_steps = max(1, 10 * n // batch_size) if n_steps is None else n_steps
     _check_positive_int(n_steps, "n_steps")
-    w = _as_weights(weights, n)
-    return _fit(key, x, w, jnp.float32(tol), jnp.float32(reassignment_ratio), jnp.int32(n_iter),
-                jnp.int32(n_init), jnp.int32(n_steps),
-                jnp.int32(_default_reassign_every(k, batch_size)), k=k, method=method,
-                chunk=chunk, init_m=min(init_m, n), n_trials=n_trials, batch_size=batch_size,
-                precision=precision)
+    if progress_every:
+        _check_positive_int(progress_every, "progress_every")
+    fit = (functools.partial(_fit_in_calls, per_call=int(progress_every)) if progress_every
+           else _fit)
+    return fit(key, x, _as_weights(weights, n), jnp.float32(tol),
+               jnp.float32(reassignment_ratio), jnp.int32(n_iter), jnp.int32(n_init),
+               jnp.int32(n_steps), jnp.int32(_default_reassign_every(k, batch_size)), k=k,
+               method=method, chunk=chunk, init_m=min(init_m, n), n_trials=n_trials,
+               batch_size=batch_size, precision=precision)
 
 
 def minibatch_kmeans(key, x, k: int, batch_size: int = 1024, n_steps: int | None = None,

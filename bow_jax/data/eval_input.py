@@ -279,38 +279,54 @@ def _limited(count: int, limit: int) -> int:
     return min(int(limit), count) if limit else count
 
 
+def evaluation_data(config):
+    """The data section the evaluation reads (features of both splits, the checks before
+    training): config.eval.data when its `source` is set (e.g. Places205 for an ImageNet-trained
+    network), else config.data. The one place that decides."""
+    other = getattr(config.eval, "data", None)
+    return other if other is not None and _field(other, "source", "") else config.data
+
+
+def evaluation_data_field(config) -> str:
+    """'config.eval.data' or 'config.data': the name of `evaluation_data(config)`, for messages."""
+    return "config.data" if evaluation_data(config) is config.data else "config.eval.data"
+
+
 def split_limit(config, split: str) -> int:
-    """How many first examples of `split` the evaluation reads (0 = all): config.data.limit then
-    config.eval.train_limit for 'train' (the smaller that is set), config.eval.test_limit for
-    'test'."""
+    """How many first examples of `split` the evaluation reads (0 = all): the evaluation data's
+    `limit` (`evaluation_data`) then config.eval.train_limit for 'train' (the smaller that is
+    set), config.eval.test_limit for 'test'."""
     if split != "train":
         return int(_field(config.eval, "test_limit", 0))
-    limits = [int(_field(config.data, "limit", 0)), int(_field(config.eval, "train_limit", 0))]
+    limits = [int(_field(evaluation_data(config), "limit", 0)),
+              int(_field(config.eval, "train_limit", 0))]
     limits = [x for x in limits if x]
     return min(limits) if limits else 0
 
 
 def evaluation_input(config, split: str, in_memory_data=None) -> EvalInput:
-    """`split` ('train' | 'test') of `config.data` as the evaluation reads it, cut to
-    `split_limit`. `in_memory_data`: an `ArrayDataset` of that split already loaded (used as is,
-    then cut). TFDS splits are always streamed, whatever config.data.in_memory says; image folders
-    are listed, not decoded; other sources are loaded into memory (they are small)."""
-    source, limit = _field(config.data, "source"), split_limit(config, split)
+    """`split` ('train' | 'test') of the evaluation data (`evaluation_data`: config.eval.data
+    when set, else config.data) as the evaluation reads it, cut to `split_limit`.
+    `in_memory_data`: an `ArrayDataset` of that split already loaded (used as is, then cut).
+    TFDS splits are always streamed, whatever `in_memory` says; image folders are listed, not
+    decoded; other sources are loaded into memory (they are small)."""
+    data_config = evaluation_data(config)
+    source, limit = _field(data_config, "source"), split_limit(config, split)
     if in_memory_data is not None or source not in ("tfds", "image_folder"):
         data = in_memory_data if in_memory_data is not None else datasets.load_dataset(
-            config.data, split)
+            data_config, split)
         count = _limited(len(data), limit)
         return ArraysInput(data.name, split, count, data.num_classes, Transform(), data=data)
     if source == "image_folder":
-        listing = datasets.image_folder_split(config.data, split)
-        size = int(_field(config.data, "image_size", 0))
+        listing = datasets.image_folder_split(data_config, split)
+        size = int(_field(data_config, "image_size", 0))
         if not size:
             raise ValueError("config.data.image_size must be set for source 'image_folder'.")
         transform = eval_transform(config.eval, False, Transform("shorter_crop", size, size))
         return ImageFolderInput(str(listing.root), split, _limited(len(listing), limit),
                                 len(listing.classes), transform, listing=listing,
                                 workers=min(8, os.cpu_count() or 1))
-    data = datasets.load_dataset(config.data, split)
+    data = datasets.load_dataset(data_config, split)
     varies = None in tuple(data.builder.info.features["image"].shape)
     return TfdsInput(data.name, data.split, _limited(len(data), limit), data.num_classes,
                      eval_transform(config.eval, varies, Transform()), source=data)

@@ -7,12 +7,15 @@ resumed at any step sees exactly the batches an uninterrupted run would have see
 
 For in-memory datasets the host produces only indices (`IndexLoader`); the device gathers and
 augments. For TFDS datasets `tfds_train_views` decodes, crops (geometric ops only) and batches
-uint8 views with tf.data; photometric augmentation happens later on the device. TensorFlow is
-imported only inside the TFDS functions.
+uint8 views with tf.data; photometric augmentation happens later on the device; for a labelled
+subset of a TFDS split (semi-supervised fine-tuning) `tfds_subset_views` streams only the subset.
+TensorFlow is imported only inside the TFDS functions.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -237,7 +240,7 @@ ViewFn = Callable[[Any, Any], dict]
 
 
 def _epoch_views(builder, split, *, epoch_key, take, skip, local_batch, view_fn, shuffle_buffer,
-                 image_key, label_key, prefetch):
+                 image_key, label_key, prefetch, options=None):
     """One process's batches of one epoch, from example `skip` on."""
     tf = import_tensorflow()
     import tensorflow_datasets as tfds
@@ -258,15 +261,17 @@ def _epoch_views(builder, split, *, epoch_key, take, skip, local_batch, view_fn,
         return views
 
     ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
+    # Options (e.g. a private threadpool) apply to the whole pipeline, file reads included.
+    return ds if options is None else ds.with_options(options)
 
 
 def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_fn: ViewFn,
                      start_step: int = 0, process_index: int | None = None,
                      process_count: int | None = None, num_examples: int | None = None,
                      shuffle_buffer: int = 16_384, image_key: str = "image",
-                     label_key: str = "label",
-                     prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                     label_key: str = "label", prefetch: int = 2,
+                     options=None) -> Iterator[dict[str, np.ndarray]]:
     """Endless numpy batches of uint8 views for this process, from global step `start_step` on.
 
     view_fn(image uint8 [H,W,3] tensor, seed int64 [2] tensor) -> dict of uint8 tensors (fixed
@@ -278,6 +283,8 @@ def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_
     resuming skips the first (start_step mod steps_per_epoch) batches of the current epoch.
     `num_examples` (the whole split) is used only when the builder knows no split sizes
     (tfds.testing.mock_data, where every process also sees the same mock examples).
+    `options`: a `tf.data.Options` applied to each epoch's pipeline (e.g. threading limits for
+    scripts/benchmark.py --pipeline); None leaves tf.data's defaults.
     """
     import tensorflow_datasets as tfds
     process_index, process_count = process_info(process_index, process_count)
@@ -296,6 +303,127 @@ def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_
         batches = _epoch_views(builder, shard, epoch_key=_epoch_key(seed, epoch, process_index),
                                take=epoch_steps * local, skip=step_in_epoch * local,
                                local_batch=local, view_fn=view_fn, shuffle_buffer=shuffle_buffer,
-                               image_key=image_key, label_key=label_key, prefetch=prefetch)
+                               image_key=image_key, label_key=label_key, prefetch=prefetch,
+                               options=options)
+        yield from batches.as_numpy_iterator()
+        step = (epoch + 1) * epoch_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS: a labelled subset of a split (semi-supervised fine-tuning on 1% / 10% of ImageNet),
+# selected by position in the split's stored order and streamed, never held in memory.
+
+
+def tfds_feature_values(builder, split: str, key: str) -> np.ndarray:
+    """Every example's `key` feature (e.g. 'file_name', 'label') of `split`, in the split's stored
+    order (no file shuffling), read without decoding any other feature (tfds PartialDecoding).
+    Strings come back as str (numpy object array). One pass over the split's records."""
+    tf = import_tensorflow()
+    import tensorflow_datasets as tfds
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders=tfds.decode.PartialDecoding({key: True}))
+    ds = ds.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).batch(4096).prefetch(2)
+    values = [np.asarray(batch) for batch in ds.as_numpy_iterator()]
+    values = np.concatenate(values) if values else np.zeros(0)
+    if values.dtype.kind in "SO":  # tf.string -> bytes
+        values = np.asarray([v.decode("utf-8") for v in values], dtype=object)
+    return values
+
+
+def _subset_records(builder, split, keep, image_key, cache_file):
+    """The subset's records (image undecoded) in stored order; with `cache_file`, read from that
+    tf.data cache, which is filled here by one whole pass the first time."""
+    tf = import_tensorflow()
+    import tensorflow_datasets as tfds
+    keep = tf.constant(keep)
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={image_key: tfds.decode.SkipDecoding()})
+    ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i))
+    ds = ds.map(lambda i, example: example)
+    if not cache_file:
+        return ds
+    ds = ds.cache(cache_file)
+    if not tf.io.gfile.exists(cache_file + ".index"):
+        if tf.io.gfile.exists(cache_file + ".lockfile"):  # left by a killed run of this workdir
+            tf.io.gfile.remove(cache_file + ".lockfile")
+        for _ in ds:  # a whole pass: tf.data finalises a cache only at the end of its input
+            pass
+    return ds
+
+
+def _subset_epoch_views(builder, split, keep, *, epoch_key, count, local_batch, skip,
+                        process_index, process_count, view_fn, shuffle_buffer, image_key,
+                        label_key, prefetch, options, cache_file):
+    """One process's batches of one epoch of the subset `keep` (bool [N] by stored position)."""
+    tf = import_tensorflow()
+    image_feature = builder.info.features[image_key]
+    ds = _subset_records(builder, split, keep, image_key, cache_file)
+    # The same shuffle on every process (the key has no process in it), then every P-th example:
+    # the processes' shards of an epoch are disjoint and together the whole subset.
+    ds = ds.shuffle(max(1, min(shuffle_buffer, count)), seed=epoch_key,
+                    reshuffle_each_iteration=False)
+    ds = ds.shard(process_count, process_index).take(count // process_count)
+    ds = ds.enumerate().skip(skip)
+
+    def make_views(position, example):
+        global_position = position * process_count + process_index
+        seed = tf.stack([tf.constant(epoch_key, tf.int64), global_position])
+        views = dict(view_fn(image_feature.decode_example(example[image_key]), seed))
+        views["label"] = tf.cast(example[label_key], tf.int32)
+        return views
+
+    ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
+    return ds if options is None else ds.with_options(options)
+
+
+def tfds_subset_views(builder, split: str, positions, *, global_batch: int, seed: int,
+                      view_fn: ViewFn, start_step: int = 0, num_examples: int | None = None,
+                      process_index: int | None = None, process_count: int | None = None,
+                      shuffle_buffer: int = 16_384, image_key: str = "image",
+                      label_key: str = "label", prefetch: int = 2, options=None,
+                      cache_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Endless numpy batches of views of the examples at `positions` (int, into `split`'s stored
+    order, e.g. from `tfds_feature_values` + a subset file) for this process, from `start_step`.
+
+    Each epoch streams the split's records once, keeps the subset (undecoded), shuffles it with a
+    seed from (seed, epoch) (a buffer of min(shuffle_buffer, subset) records), gives process p
+    every P-th example, and decodes + makes `view_fn(image, seed [2] int64)` (stateless ops) of
+    the kept ones only: each batch is a function of (seed, step). Batches: the views stacked to
+    [global_batch // process_count, ...] plus 'label' int32; subset // global_batch steps per
+    epoch (the remainder is dropped). ValueError for a position outside the split or a subset
+    smaller than one global batch. Only the subset's shuffle buffer is held in memory.
+
+    `cache_dir`: the subset's records (encoded images, as stored) are written once to a tf.data
+    cache file there, named by the dataset, split, subset and process, and every epoch reads
+    that file instead of the whole split (1% of ImageNet: ~1.4 GB of JPEGs; 10%: ~14 GB).
+    """
+    process_index, process_count = process_info(process_index, process_count)
+    local = local_batch_size(global_batch, process_count)
+    if builder.info.splits:
+        num_examples = builder.info.splits[split].num_examples
+    positions = np.unique(np.asarray(positions, np.int64))
+    if num_examples is None or (positions.size and not
+                                0 <= positions[0] <= positions[-1] < num_examples):
+        raise ValueError(f"positions must lie in [0, {num_examples}) (the examples of {split}).")
+    keep = np.zeros(num_examples, bool)
+    keep[positions] = True
+    epoch_steps = steps_per_epoch(len(positions), global_batch)
+    cache_file = None
+    if cache_dir:
+        digest = hashlib.sha1(positions.tobytes() + str(num_examples).encode()).hexdigest()[:16]
+        name = f"{builder.name}-{builder.info.version}-{split}"
+        cache_file = os.path.join(cache_dir, f"subset-{name}-{digest}-p{process_index}")
+        import_tensorflow().io.gfile.makedirs(cache_dir)
+    step = int(start_step)
+    while True:
+        epoch, step_in_epoch = divmod(step, epoch_steps)
+        batches = _subset_epoch_views(
+            builder, split, keep, epoch_key=_epoch_key(seed, epoch, 0),
+            count=epoch_steps * global_batch, local_batch=local, skip=step_in_epoch * local,
+            process_index=process_index, process_count=process_count, view_fn=view_fn,
+            shuffle_buffer=shuffle_buffer, image_key=image_key, label_key=label_key,
+            prefetch=prefetch, options=options, cache_file=cache_file)
         yield from batches.as_numpy_iterator()
         step = (epoch + 1) * epoch_steps

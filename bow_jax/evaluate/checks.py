@@ -12,12 +12,13 @@ days of training.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
 
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import fewshot, linear
+from bow_jax.evaluate import augmented_linear, fewshot, linear
 
 
 class MissingSplitError(FileNotFoundError, ValueError):
@@ -58,15 +59,16 @@ def _limited(summary: datasets.SplitSummary, limits, split: str) -> EvalSplit:
 
 
 def evaluation_splits(config) -> tuple[EvalSplit, EvalSplit]:
-    """(train, test) as `runner.evaluate_states` will read them: config.data.limit then
+    """(train, test) of the evaluation data (`eval_input.evaluation_data`: config.eval.data when
+    set, else config.data) as `runner.evaluate_states` will read them: its `limit` then
     config.eval.train_limit on the training split, config.eval.test_limit on the test split.
 
     Raises FileNotFoundError / ValueError naming config.data.* when a split is missing, and
     ValueError naming config.eval.*_limit when a limit exceeds its split.
     """
-    ev = config.eval
-    train = datasets.describe_split(config.data, "train")
-    data_limit = int(_field(config.data, "limit", 0))
+    ev, data = config.eval, eval_input.evaluation_data(config)
+    train = datasets.describe_split(data, "train")
+    data_limit = int(_field(data, "limit", 0))
     # load_split cuts the training split to config.data.limit without complaint (a quick run on
     # part of the data), so only the evaluation's own limits are checked against their splits.
     if data_limit and data_limit < train.num_examples:
@@ -74,7 +76,7 @@ def evaluation_splits(config) -> tuple[EvalSplit, EvalSplit]:
             train, num_examples=data_limit,
             labels=None if train.labels is None else train.labels[:data_limit],
             where=f"{train.where}, first {data_limit} by config.data.limit")
-    test = datasets.describe_split(config.data, "test")
+    test = datasets.describe_split(data, "test")
     return (_limited(train, [("config.eval.train_limit", int(ev.train_limit))], "training"),
             _limited(test, [("config.eval.test_limit", int(ev.test_limit))], "test"))
 
@@ -102,9 +104,10 @@ def _check_linear(ev, train: EvalSplit) -> None:
     if ev.linear_protocol not in linear.PROTOCOLS:
         raise ValueError(f"config.eval.linear_protocol={ev.linear_protocol!r}; expected one of "
                          f"{sorted(linear.PROTOCOLS)}.")
-    if ev.linear_epochs < 0:
-        raise ValueError(f"config.eval.linear_epochs={ev.linear_epochs}; expected 0 (the "
-                         f"protocol's epochs) or a positive number.")
+    for name in ("linear_epochs", "linear_batch_size"):
+        if int(_field(ev, name, 0)) < 0:
+            raise ValueError(f"config.eval.{name}={ev[name]}; expected 0 (the protocol's) or a "
+                             f"positive number.")
     classes = train.num_classes
     if train.labels is not None:
         classes = len(np.unique(train.labels))
@@ -130,52 +133,81 @@ def _check_fewshot(ev, test: EvalSplit) -> None:
             raise ValueError(f"config.eval.{name}={value}; expected >= 1.")
     if not shots or min(shots) < 1:
         raise ValueError(f"config.eval.fewshot_shots={shots}; expected shots >= 1.")
+    classes = _fewshot_classes(ev, test)
+    of = "" if classes is None else f" of config.eval.fewshot_classes={ev.fewshot_classes!r}"
     if test.labels is None:  # TFDS: only the class count is known without reading the split
-        if test.num_classes and ways > test.num_classes:
-            raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {test.num_classes} "
-                             f"classes of {test.where}.")
+        available = test.num_classes if classes is None else classes.size
+        if available and ways > available:
+            raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {available} "
+                             f"classes{of} of {test.where}.")
         return
-    classes, counts = np.unique(test.labels, return_counts=True)
+    if classes is None:
+        classes = np.unique(test.labels)
+    counts = np.array([np.count_nonzero(test.labels == c) for c in classes], np.int64)
     if ways > classes.size:
-        raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes "
-                         f"present in {test.where}.")
+        raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes"
+                         f"{of or ' present'} in {test.where}.")
     for shot in shots:
         try:  # the episode sampler's own conditions, on labels only (no features needed)
-            fewshot.sample_episodes(test.labels, ways, shot, queries, 1)
+            fewshot.sample_episodes(test.labels, ways, shot, queries, 1, classes=classes)
         except ValueError as e:
             raise ValueError(
                 f"config.eval.fewshot_shots={shots} with config.eval.fewshot_queries={queries}: "
-                f"{shot}-shot episodes need {shot + queries} examples of each class; "
+                f"{shot}-shot episodes need {shot + queries} examples of each class{of}; "
                 f"{test.where} has {counts.min()} of class {classes[counts.argmin()]} "
                 f"({e})") from None
+
+
+def _fewshot_classes(ev, test: EvalSplit):
+    """config.eval.fewshot_classes resolved as `runner.score_features` will (`fewshot.class_split`:
+    the file read, its indices within the class index, a random draw of the classes present);
+    None = every class. Errors name config.eval.fewshot_classes or fewshot_classes_key."""
+    pool = np.arange(test.num_classes) if test.labels is None else np.unique(test.labels)
+    return fewshot.class_split(_field(ev, "fewshot_classes", ""),
+                               _field(ev, "fewshot_classes_key", ""), pool, test.num_classes)
+
+
+def _named(message: str, field: str) -> str:
+    """`message` of the data loaders (which name config.data.*) naming `field` instead, the
+    section the evaluation read (config.eval.data for another dataset than training's)."""
+    return re.sub(r"\bconfig\.data\b", field, message)
 
 
 def check_evaluation_data(config) -> None:
     """Raises before any training when the evaluation (`runner.evaluate_states`) could not run
     on the data it will read; returns None when it can.
 
-    Checked: the training and test splits exist (MissingSplitError, a FileNotFoundError and a
-    ValueError, naming config.data.*); config.eval.train_limit / test_limit fit
+    Checked: the training and test splits of the evaluation data exist (MissingSplitError, a
+    FileNotFoundError and a ValueError, naming config.data.*, or config.eval.data.* when that is
+    set); config.eval.train_limit / test_limit fit
     their splits; config.eval.batch_size divides over the devices; test labels index the training
     split's classes; linear probe (when config.eval.linear): a known protocol, linear_epochs >= 0,
     >= 2 classes; k-NN (config.eval.knn): k <= training examples; few-shot (config.eval.fewshot):
-    fewshot_ways <= test classes and, for every shot count, each class has fewshot_shots +
+    config.eval.fewshot_classes parses (file, key, indices in the class index), fewshot_ways <=
+    its test classes and, for every shot count, each of them has fewshot_shots +
     fewshot_queries test examples (the condition of `fewshot.sample_episodes`); TFDS: splits are
     streamed (`data.eval_input`); images of several sizes get the evaluation transform. Cost: listing files and reading label arrays, no image decoding,
     no feature extraction.
     """
     ev = config.eval
     _check_batch_size(ev)
+    field = eval_input.evaluation_data_field(config)  # 'config.eval.data' when that is set
     try:
         eval_input.evaluation_input(config, "train")  # the transform fields, the TFDS splits
         eval_input.evaluation_input(config, "test")
         train, test = evaluation_splits(config)
+        _check_labels(train, test)
     except FileNotFoundError as e:
-        raise MissingSplitError(f"{e} The evaluation after training reads the 'train' and "
-                                f"'test' splits.") from None
-    _check_labels(train, test)
+        raise MissingSplitError(_named(f"{e} The evaluation reads the 'train' and 'test' "
+                                       f"splits of {field}.", field)) from None
+    except ValueError as e:
+        if field == "config.data":
+            raise
+        raise ValueError(_named(str(e), field)) from None
     if ev.linear:
         _check_linear(ev, train)
+        if linear.PROTOCOLS[ev.linear_protocol].get("augment"):  # trained on images: batch, source
+            augmented_linear.check_config(config, train.num_examples)
     if ev.knn:
         _check_knn(ev, train)
     if ev.fewshot:

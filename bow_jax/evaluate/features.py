@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bow_jax.lib import sharding
+from bow_jax.lib import sharding, writers
 
 Encode = Callable[[jax.Array], jax.Array]
 
@@ -53,21 +53,34 @@ def _to_host(tree, mesh: Mesh):
     return jax.tree.map(np.asarray, tree)
 
 
-def compile_views(encode: Encode, mesh: Mesh, flip: bool = False, variables=None, key=None):
-    """`step(batch_index, local_batch)`: `encode` (and, with `flip`, `encode` of the horizontally
-    flipped batch, in the same compiled call) on this process's uint8 [local_batch, H, W, 3]
-    slice of a global batch; returns batch-sharded global arrays (a pair with `flip`).
-
-    One `jax.jit` for every batch of a pass: each call sees the same shapes and sharding, so the
-    extractor compiles once. See `extract_features` for `variables` and `key`.
-    """
+def _jit_views(encode: Encode, mesh: Mesh, flip: bool):
+    """The jitted `views(variables, x, batch_key)` of `compile_views`."""
     def views(variables, x, batch_key):
         f = encode if variables is None else functools.partial(encode, variables)
         f = f if batch_key is None else functools.partial(f, key=batch_key)
         return (f(x), f(hflip(x))) if flip else f(x)
 
     layout, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
-    compiled = jax.jit(views, in_shardings=(replicated, layout, replicated), out_shardings=layout)
+    return jax.jit(views, in_shardings=(replicated, layout, replicated), out_shardings=layout)
+
+
+# One jitted function per (encode, mesh, flip): passes of the same shapes reuse its compiled
+# program (the training monitor's passes compile once per run, not once per call).
+_cached_jit_views = functools.lru_cache(maxsize=16)(_jit_views)
+
+
+def compile_views(encode: Encode, mesh: Mesh, flip: bool = False, variables=None, key=None):
+    """`step(batch_index, local_batch)`: `encode` (and, with `flip`, `encode` of the horizontally
+    flipped batch, in the same compiled call) on this process's uint8 [local_batch, H, W, 3]
+    slice of a global batch; returns batch-sharded global arrays (a pair with `flip`).
+
+    Every batch of a pass, and every later pass with the same `encode`, mesh, `flip` and shapes,
+    runs one compiled program. See `extract_features` for `variables` and `key`.
+    """
+    try:
+        compiled = _cached_jit_views(encode, mesh, flip)
+    except TypeError:  # an unhashable `encode`: compiled once per pass
+        compiled = _jit_views(encode, mesh, flip)
 
     def step(batch_index: int, batch: np.ndarray):
         batch_key = None if key is None else jax.random.fold_in(key, batch_index)
@@ -105,7 +118,8 @@ def _as_float32(tree):
 
 
 def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
-                     mesh: Mesh | None = None, flip: bool = False, variables=None, key=None):
+                     mesh: Mesh | None = None, flip: bool = False, variables=None, key=None,
+                     progress: str = ""):
     """Features of `images` ([N,H,W,3] uint8, this process's share) -> float32 [N, D].
 
     With `variables` (e.g. a training state), `encode(variables, x)` is called and the variables
@@ -121,7 +135,8 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
     With a PRNG `key`, `encode(variables, x, batch_key)` is called with `fold_in(key, i)` for the
     i-th batch (e.g. to keep a random subset of each image's locations on the device).
     Splits that do not fit in host memory: `evaluate.cache.split_features` streams them through
-    the same `iter_features`.
+    the same `iter_features`. `progress`: a name for the pass, shown with its rate and ETA
+    (`lib.writers.progress`); "" = silent.
     """
     images = _check_images(images)
     if images.shape[0] == 0:
@@ -135,6 +150,8 @@ def extract_features(encode: Encode, images: np.ndarray, batch_size: int,
     n = images.shape[0]
     batches = (_pad_rows(images[start:start + local_batch], local_batch)
                for start in range(0, n, local_batch))
+    if progress:
+        batches = writers.progress(batches, -(-n // local_batch), progress, "batch")
     chunks = list(iter_features(encode, batches, batch_size, mesh, flip, variables, key))
     # Drop the padding rows of the last batch.
     return jax.tree.map(lambda *c: np.concatenate(c)[:n], *chunks)

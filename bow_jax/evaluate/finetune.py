@@ -8,15 +8,35 @@ milestones 24 and 32; 10%: 20 epochs, 12 and 16), batch 256. Training views are 
 + horizontal flip, made on the device; the test split is scored top-1 with the eval-mode network.
 
 The labelled subset is given by a file (SimCLR's `1percent.txt` holds one image file name per
-line; here a line is an integer index into the training split, or a file name of an image-folder
-dataset) or drawn with a seed: a class-balanced random `percent` of every class.
+line; here a line is an integer index into the training split, a file name of an image-folder
+dataset, or a TFDS `file_name` such as imagenet2012's `n01440764_10026.JPEG`) or drawn with a
+seed: a class-balanced random `percent` of every class.
 
-Data are in memory (`ArrayDataset`): the subset lives on every device and only the batch indices
-cross from the host each step, as in `train.py`; the step is one jitted, donated function over the
-'data' mesh. Accuracies are fractions in [0, 1].
+Small data are in memory (`finetune`, `ArrayDataset`): the subset lives on every device and only
+the batch indices cross from the host each step, as in `train.py`. A streamed TFDS training split
+(`finetune_streamed`, ImageNet: 10% decoded at 224 would be 19 GB) is never loaded: the subset's
+positions are found once (file names or labels read without decoding images), each epoch streams
+the split's records, keeps the subset, and tf.data decodes and crops only those
+(`pipeline.tfds_subset_views`); the test split is scored from `eval_input` batches. Either way the
+step is one jitted, donated function over the 'data' mesh. Accuracies are fractions in [0, 1].
+
+Resume (`FinetuneCheckpoints`): given a checkpoint folder (the task's is
+<workdir>/eval/finetune/<subset name>/checkpoints), the whole fine-tuning `TrainState` (step,
+params, batch statistics, optimizer state, key) is saved with `lib.checkpoint.Checkpointer` at the
+end of every epoch (the last 2 kept), with the test scores recorded so far in its meta
+('history'). A start restores the newest intact checkpoint and continues from its step: the
+batches of step s are a function of (seed, s) on both paths (`pipeline.IndexLoader` and
+`pipeline.tfds_subset_views` from a start step, views keyed by the step), so a resumed run ends
+with the parameters and results of an uninterrupted one, bit for bit; a finished run's folder
+gives its result back without training. A SIGTERM / SIGINT (agreed by every process,
+`lib.stop`) saves the current step and raises `FinetuneStopped`; the same command resumes. A
+checkpoint of other settings (config.finetune, config.seed, the pre-trained network, the
+labelled subset, ...; `run_settings`) is refused with a ValueError naming what differs.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,9 +47,9 @@ import numpy as np
 import optax
 
 from bow_jax.lib import logs
-from bow_jax.data import augment, datasets, pipeline
-from bow_jax.evaluate import features
-from bow_jax.lib import schedules, sharding
+from bow_jax.data import augment, datasets, eval_input, pipeline
+from bow_jax.evaluate import cache, features
+from bow_jax.lib import checkpoint, schedules, sharding, stop
 from bow_jax.lib.state import TrainState
 from bow_jax.models import check_feature_names, feature_dims, heads
 
@@ -78,38 +98,57 @@ def balanced_subset(labels: np.ndarray, percent: float, seed: int = 0) -> np.nda
     return np.sort(np.concatenate(chosen))
 
 
-def read_subset_file(path, num_examples: int,
-                     filenames: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Indices listed in `path`: one integer index per line, or (with `filenames`, the dataset's
-    'class/file' names) one file name per line, bare as in SimCLR's 1percent.txt or 'class/file'.
-
-    Blank lines are skipped; an unknown name, an index outside [0, num_examples) or a repeated
-    entry is a ValueError naming the line.
-    """
+def _subset_lines(path) -> list[tuple[int, str]]:
+    """(line number, entry) of the non-blank lines of a subset file; ValueError when none."""
     lines = [(i + 1, line.strip()) for i, line in
              enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines())]
     lines = [(n, s) for n, s in lines if s]
     if not lines:
         raise ValueError(f"config.finetune.subset_file={path}: the file lists no examples.")
+    return lines
+
+
+def is_index_entry(entry: str) -> bool:
+    """An integer index line (as opposed to a file name)."""
+    return entry.lstrip("-").isdigit()
+
+
+def read_subset_file(path, num_examples: int, filenames: Optional[Sequence[str]] = None,
+                     names_of: str = "the image folder") -> np.ndarray:
+    """Indices listed in `path`: one integer index per line, or (with `filenames`, the dataset's
+    names in split order: an image folder's 'class/file', TFDS imagenet2012's `file_name`) one
+    file name per line, bare as in SimCLR's 1percent.txt or 'class/file'.
+
+    Blank lines are skipped. ValueError for an index outside [0, num_examples) (naming the line),
+    a repeated entry, or names not among `filenames` (`names_of` says whose they are): that one
+    names config.finetune.subset_file, how many are missing and the first five with their lines.
+    """
+    lines = _subset_lines(path)
     by_name = {}
     if filenames is not None:
         for i, name in enumerate(filenames):
             by_name[name] = i
             by_name.setdefault(name.rsplit("/", 1)[-1], i)
-    indices = []
+    indices, missing = [], []
     for number, entry in lines:
-        if entry.lstrip("-").isdigit():
+        if is_index_entry(entry):
             index = int(entry)
             if not 0 <= index < num_examples:
                 raise ValueError(f"{path}:{number}: index {index} is outside the training split "
                                  f"[0, {num_examples}).")
+            indices.append(index)
         elif entry in by_name:
-            index = by_name[entry]
+            indices.append(by_name[entry])
         else:
-            what = ("not a file of the image folder" if filenames is not None else
-                    "not an integer index (file names need an image-folder dataset)")
-            raise ValueError(f"{path}:{number}: {entry!r} is {what}.")
-        indices.append(index)
+            missing.append((number, entry))
+    if missing:
+        what = (f"not a file of {names_of}" if filenames is not None else
+                "not an integer index (file names need an image-folder dataset or a TFDS split "
+                "with a 'file_name' feature)")
+        shown = "; ".join(f"{path}:{n}: {e!r} is {what}" for n, e in missing[:5])
+        raise ValueError(f"config.finetune.subset_file={path}: {len(missing)} of {len(lines)} "
+                         f"entries are not in the training split (first {min(5, len(missing))}): "
+                         f"{shown}.")
     indices = np.asarray(indices, np.int64)
     if len(np.unique(indices)) != len(indices):
         raise ValueError(f"{path}: some examples are listed twice.")
@@ -210,28 +249,47 @@ def _network_input(images_uint8, mean, std):
 # The whole fine-tuning run.
 
 
+def top1_top5(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(top-1, top-5) accuracy (fractions) of logits [N, C] against int labels [N]; top-5 counts
+    a hit among the 5 largest logits (all C when C < 5). The OBoW paper reports the
+    semi-supervised results as top-5 (Table 6), the other protocols as top-1."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    k = min(5, logits.shape[-1])
+    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+    return (float(np.mean(np.argmax(logits, -1) == labels)),
+            float(np.mean(np.any(top == labels[:, None], axis=-1))))
+
+
 def accuracy(model, variables, images, labels, *, crop_size, mean, std, batch_size, mesh):
-    """Top-1 accuracy of the eval-mode network on uint8 images."""
+    """(top-1, top-5) accuracy of the eval-mode network on uint8 images."""
     def logits(v, x):
         return model.apply(v, _network_input(eval_views(x, crop_size), mean, std), train=False)
 
     out = features.extract_features(logits, images, batch_size, mesh, variables=variables)
-    return float(np.mean(np.argmax(out, -1) == np.asarray(labels)))
+    return top1_top5(out, labels)
 
 
-def labelled_split(train: datasets.ArrayDataset, r: dict, subset) -> datasets.ArrayDataset:
-    """The labelled subset of `train` (indices `subset`, else drawn as `r` says), checked against
-    the recipe's batch size. ValueError names the config.finetune field."""
+def check_batch(r: dict, num_labelled: int) -> None:
+    """The recipe's batch against the devices and the labelled subset; ValueError names
+    config.finetune.batch_size."""
+    sharding.check_divisible(r["batch_size"], jax.device_count(), "config.finetune.batch_size",
+                             "the number of devices")
+    if num_labelled < r["batch_size"]:
+        raise ValueError(f"config.finetune.batch_size={r['batch_size']} is larger than the "
+                         f"{num_labelled} labelled examples; lower it.")
+
+
+def labelled_split(train: datasets.ArrayDataset, r: dict,
+                   subset) -> tuple[datasets.ArrayDataset, np.ndarray]:
+    """(the labelled subset of `train`, its indices int64 [n]): indices `subset`, else drawn as
+    `r` says; checked against the recipe's batch size (ValueError names the config.finetune
+    field)."""
     if subset is None:
         subset = labelled_subset(train.labels, percent=r["percent"], seed=r["subset_seed"],
                                  subset_file=r["subset_file"])
     labelled = train.subset(subset)
-    sharding.check_divisible(r["batch_size"], jax.device_count(), "config.finetune.batch_size",
-                             "the number of devices")
-    if len(labelled) < r["batch_size"]:
-        raise ValueError(f"config.finetune.batch_size={r['batch_size']} is larger than the "
-                         f"{len(labelled)} labelled examples; lower it.")
-    return labelled
+    check_batch(r, len(labelled))
+    return labelled, np.asarray(subset, np.int64)
 
 
 def initial_finetune_state(backbone, variables, num_classes: int, r: dict, crop: int, tx, key):
@@ -248,49 +306,295 @@ def initial_finetune_state(backbone, variables, num_classes: int, r: dict, crop:
                       opt_state=tx.init(params), rng=jax.random.fold_in(key, 1))
 
 
-def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
-             test: datasets.ArrayDataset, cfg, mean, std, *, seed: int = 0,
-             subset: Optional[np.ndarray] = None, mesh=None,
-             log: Callable[[str], None] = logs.say) -> dict:
-    """Fine-tunes `backbone` (its `variables`) on the labelled subset of `train`; scores `test`.
-
-    cfg: config.finetune (defaults in bow_jax/tasks/finetune.py); subset: indices into `train`
-    (default: from cfg.subset_file / cfg.percent + cfg.subset_seed). Returns {'top1',
-    'num_labelled', 'percent', 'epochs', 'milestones', 'history': [[epoch, top1], ...]}.
-    """
-    r = recipe(cfg)
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    labelled = labelled_split(train, r, subset)
-    steps_per_epoch = pipeline.steps_per_epoch(len(labelled), r["batch_size"])
-    crop = r["crop_size"] or train.image_shape[0]
-    model = FinetuneNet(backbone, train.num_classes, r["feature"])
+def _model_and_state(backbone, variables, num_classes, r, crop, steps_per_epoch, seed, mesh):
+    """(FinetuneNet, the two-rate optimizer with the recipe's step decays, replicated state)."""
+    model = FinetuneNet(backbone, num_classes, r["feature"])
     lr = {name: schedules.step_lr(r[f"lr_{name}"], r["milestones"], r["decay"], steps_per_epoch)
           for name in (TRUNK, HEAD)}
     tx = finetune_optimizer(lr[TRUNK], lr[HEAD], r["momentum"], r["weight_decay"])
-    replicated = sharding.replicated(mesh)
-    state = jax.device_put(initial_finetune_state(backbone, variables, train.num_classes, r, crop,
-                                                  tx, jax.random.key(seed)), replicated)
+    state = jax.device_put(initial_finetune_state(backbone, variables, num_classes, r, crop,
+                                                  tx, jax.random.key(seed)),
+                           sharding.replicated(mesh))
+    return model, tx, state
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and resume.
+
+
+class FinetuneStopped(RuntimeError):
+    """A stop signal (SIGTERM / SIGINT) ended the fine-tuning; its step was checkpointed (when it
+    has a checkpoint folder) and the same command resumes it."""
+
+
+def run_settings(r: dict, *, seed: int, num_classes: int, crop: int, subset, num_examples: int,
+                 variables, streamed: bool) -> dict:
+    """What identifies a fine-tuning run in its checkpoints (JSON; keys name the config field
+    where there is one): config.finetune's recipe (cache_subset, a storage choice, aside),
+    config.seed, the pre-trained network (`cache.state_fingerprint` of its variables), the
+    labelled subset (its size, the split's and a hash of its indices int [n]), the classes, the
+    crop and which pipeline makes the views."""
+    indices = np.ascontiguousarray(np.asarray(subset, np.int64))
+    return json.loads(json.dumps({
+        "config.finetune": {k: v for k, v in r.items() if k != "cache_subset"},
+        "config.seed": int(seed),
+        "network": cache.state_fingerprint(variables),
+        "labelled subset": {"examples": int(indices.size), "of": int(num_examples),
+                            "indices sha256": hashlib.sha256(indices.tobytes()).hexdigest()[:16]},
+        "classes": int(num_classes), "crop": int(crop),
+        "views": "tf.data, streamed TFDS" if streamed else "on the device, in memory"}))
+
+
+class FinetuneCheckpoints:
+    """The fine-tuning `TrainState` checkpointed in `directory` (None: not at all, a stop loses
+    the run) with `checkpoint.Checkpointer` (Orbax; integrity, newest-intact fallback), the last
+    2 kept. Each records `settings` (a checkpoint of others is refused, naming them) and, in its
+    meta 'history', the test scores [[epoch, top1, top5], ...] recorded up to its step."""
+
+    def __init__(self, directory: Optional[str], settings: dict, total_steps: int):
+        self.settings, self.total_steps, self.saved = settings, int(total_steps), None
+        self.checkpointer = (None if directory is None else
+                             checkpoint.Checkpointer(directory, max_to_keep=2))
+
+    def restore(self, init: TrainState, log: Callable[[str], None]) -> tuple[TrainState, list]:
+        """(the newest intact state, its history), or (init, []) when there is none. ValueError
+        naming the settings that differ."""
+        if self.checkpointer is None:
+            return init, []
+        state, meta = checkpoint.restore_matching(self.checkpointer, init, self._check)
+        if meta is None:
+            return init, []
+        self.saved = int(state.step)
+        log(f"finetune: resuming at step {self.saved}/{self.total_steps} from "
+            f"{self.checkpointer.folder(self.saved)}")
+        return state, [list(entry) for entry in meta.get("history", [])]
+
+    def _check(self, saved: dict, where: str) -> None:
+        checkpoint.refuse_other_settings(
+            saved, self.settings, where, "a fine-tuning",
+            f"Remove {self.checkpointer.directory} to fine-tune with these settings, or use the "
+            f"saved ones (config.finetune, config.seed, the same pre-trained network).")
+
+    def save(self, step: int, state: TrainState, history: list) -> None:
+        """Starts an asynchronous save of `state` (it may be donated right after)."""
+        if self.checkpointer is not None:
+            history = [list(entry) for entry in history]  # written later, by Orbax's thread
+            self.checkpointer.save(step, state, self.settings, extra_meta={"history": history})
+            self.saved = step
+
+    def stopped(self, step: int, state: TrainState, history: list) -> FinetuneStopped:
+        """Saves `step` (unless it just was) and returns the error that ends the run."""
+        where = "not saved (no checkpoint folder)"
+        if self.checkpointer is not None:
+            if self.saved != step:
+                self.save(step, state, history)
+            where = f"saved in {self.checkpointer.folder(step)}"
+        return FinetuneStopped(f"Fine-tuning stopped by a signal at step {step}/"
+                               f"{self.total_steps}, {where}; the same command resumes it.")
+
+    def close(self) -> None:
+        """Waits for the pending save."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+
+def _scored(r: dict, epoch: int) -> bool:
+    return epoch == r["epochs"] or bool(r["eval_every"] and epoch % r["eval_every"] == 0)
+
+
+def _train_epochs(r: dict, steps_per_epoch: int, state, run_step, score, log,
+                  ckpt: FinetuneCheckpoints, history: list, hooks: Sequence[Callable]) -> list:
+    """The recipe's steps from `state.step` on, `run_step(state) -> (state, metrics)`; at the end
+    of each epoch `score(state)` ((test top-1, top-5)) when due (every config.finetune.eval_every
+    epochs and the last) and a checkpoint; then `hooks(steps done)`; then a stop signal (agreed
+    by every process, `lib.stop`) saves the step and raises FinetuneStopped. Returns `history`
+    [[epoch, top1, top5], ...] extended by the epochs run here."""
+    total = r["epochs"] * steps_per_epoch
+    with stop.AgreedStop() as stopper:
+        for done in range(int(state.step) + 1, total + 1):
+            state, metrics = run_step(state)
+            epoch, rest = divmod(done, steps_per_epoch)
+            if rest == 0:
+                if _scored(r, epoch):
+                    history.append([epoch, *score(state)])
+                    log(f"finetune epoch {epoch}/{r['epochs']}: loss "
+                        f"{float(metrics['loss']):.4f}, test top-1 {100 * history[-1][1]:.2f}%, "
+                        f"top-5 {100 * history[-1][2]:.2f}%")
+                ckpt.save(done, state, history)
+            for hook in hooks:
+                hook(done)
+            if done < total and stopper.should_stop(done):
+                raise ckpt.stopped(done, state, history)
+    return history
+
+
+def _resumed_run(r: dict, steps_per_epoch: int, init: TrainState, make_run_step, score, log,
+                 ckpt: FinetuneCheckpoints, hooks: Sequence[Callable]) -> list:
+    """Restores the newest checkpoint (else starts from `init`), trains the remaining steps with
+    `make_run_step(start step)` and returns the whole history; a finished run trains nothing."""
+    try:
+        state, history = ckpt.restore(init, log)
+        if int(state.step) < ckpt.total_steps:
+            history = _train_epochs(r, steps_per_epoch, state, make_run_step(int(state.step)),
+                                    score, log, ckpt, history, hooks)
+    finally:
+        ckpt.close()
+    return history
+
+
+def _result(r: dict, history, num_labelled: int, num_examples: int) -> dict:
+    return {"top1": history[-1][1], "top5": history[-1][2], "num_labelled": int(num_labelled),
+            "percent": float(100.0 * num_labelled / num_examples), "epochs": r["epochs"],
+            "milestones": list(r["milestones"]), "history": history}
+
+
+def _variables(state) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
+             test: datasets.ArrayDataset, cfg, mean, std, *, seed: int = 0,
+             subset: Optional[np.ndarray] = None, mesh=None,
+             log: Callable[[str], None] = logs.say, checkpoint_dir: Optional[str] = None,
+             hooks: Sequence[Callable[[int], None]] = ()) -> dict:
+    """Fine-tunes `backbone` (its `variables`) on the labelled subset of `train`; scores `test`.
+
+    cfg: config.finetune (defaults in bow_jax/tasks/finetune.py); subset: indices into `train`
+    (default: from cfg.subset_file / cfg.percent + cfg.subset_seed). With `checkpoint_dir`:
+    resumes from its newest checkpoint, saves at every epoch's end (`FinetuneCheckpoints`); a
+    stop signal saves the step and raises FinetuneStopped. `hooks`: called with the steps done
+    after each step. Returns {'top1', 'top5', 'num_labelled', 'percent', 'epochs',
+    'milestones', 'history': [[epoch, top1, top5], ...]}. ValueError: batch larger than the
+    subset or not divisible by the devices, a checkpoint of other settings.
+    """
+    r = recipe(cfg)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    labelled, indices = labelled_split(train, r, subset)
+    steps_per_epoch = pipeline.steps_per_epoch(len(labelled), r["batch_size"])
+    crop = r["crop_size"] or train.image_shape[0]
+    ckpt = FinetuneCheckpoints(checkpoint_dir, run_settings(
+        r, seed=seed, num_classes=train.num_classes, crop=crop, subset=indices,
+        num_examples=len(train), variables=variables, streamed=False),
+        r["epochs"] * steps_per_epoch)
+    model, tx, state = _model_and_state(backbone, variables, train.num_classes, r, crop,
+                                        steps_per_epoch, seed, mesh)
 
     def step_fn(state, images, labels, index):
         views = train_views(state.step_key(), images[index], crop, r["crop_scale"], r["flip"])
         return finetune_update(model, tx, state, _network_input(views, mean, std), labels[index])
 
+    replicated = sharding.replicated(mesh)
     train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(replicated, replicated))
     images = sharding.replicate(labelled.images, mesh)
     labels = sharding.replicate(labelled.labels, mesh)
-    loader = pipeline.IndexLoader(len(labelled), r["batch_size"], seed)
-    score = lambda s: accuracy(model, {"params": s.params, "batch_stats": s.batch_stats},
-                               test.images, test.labels, crop_size=crop, mean=mean, std=std,
-                               batch_size=r["batch_size"], mesh=mesh)
-    history = []
-    for epoch in range(1, r["epochs"] + 1):
-        for _ in range(steps_per_epoch):
-            state, metrics = train_step(state, images, labels,
-                                        sharding.shard_batch(next(loader)["index"], mesh))
-        if epoch == r["epochs"] or (r["eval_every"] and epoch % r["eval_every"] == 0):
-            history.append([epoch, score(state)])
-            log(f"finetune epoch {epoch}/{r['epochs']}: loss {float(metrics['loss']):.4f}, "
-                f"test top-1 {100 * history[-1][1]:.2f}%")
-    return {"top1": history[-1][1], "num_labelled": int(len(labelled)),
-            "percent": float(100.0 * len(labelled) / len(train)), "epochs": r["epochs"],
-            "milestones": list(r["milestones"]), "history": history}
+
+    def make_run_step(start: int):  # batches of steps start, start + 1, ... as (seed, step) say
+        loader = pipeline.IndexLoader(len(labelled), r["batch_size"], seed, start_step=start)
+        return lambda s: train_step(s, images, labels,
+                                    sharding.shard_batch(next(loader)["index"], mesh))
+
+    score = lambda s: accuracy(model, _variables(s), test.images, test.labels, crop_size=crop,
+                               mean=mean, std=std, batch_size=r["batch_size"], mesh=mesh)
+    history = _resumed_run(r, steps_per_epoch, state, make_run_step, score, log, ckpt, hooks)
+    return _result(r, history, len(labelled), len(train))
+
+
+# ------------------------------------------------------------------------------------------------
+# Streamed: a TFDS training split (ImageNet), the subset selected by position and streamed by
+# tf.data (`pipeline.tfds_subset_views`), the test split read by `eval_input` batches.
+
+
+def tfds_subset_positions(source: datasets.TfdsSource, r: dict,
+                          log: Callable[[str], None] = logs.say) -> np.ndarray:
+    """Positions (in `source.split`'s stored order) of the labelled subset: config.finetune.
+    subset_file's integer indices, or its file names matched against the split's 'file_name'
+    feature (TFDS imagenet2012; one pass over the records, images not decoded), else a
+    class-balanced `percent` drawn from the split's labels. ValueError (before any training)
+    for names the split lacks (`read_subset_file`) or names with no 'file_name' feature."""
+    path = r["subset_file"]
+    if path and all(is_index_entry(e) for _, e in _subset_lines(path)):
+        return read_subset_file(path, len(source))
+    split = f"{source.name} split {source.split!r}"
+    if path:
+        if "file_name" not in source.builder.info.features:
+            raise ValueError(f"config.finetune.subset_file={path} lists file names, but {split} "
+                             f"has no 'file_name' feature; list integer indices instead.")
+        log(f"finetune: reading the file names of {split} (one pass, no image decoded)")
+        names = pipeline.tfds_feature_values(source.builder, source.split, "file_name")
+        return read_subset_file(path, len(source), list(names), names_of=split)
+    log(f"finetune: reading the labels of {split} (one pass, no image decoded)")
+    labels = pipeline.tfds_feature_values(source.builder, source.split, "label")
+    return balanced_subset(labels, r["percent"], r["subset_seed"])
+
+
+def tf_train_views(crop_size: int, scale: Sequence[float], flip: bool):
+    """view_fn(image uint8 [H,W,3] tf.Tensor, seed [2]) -> {'image': uint8 [crop,crop,3]}:
+    torchvision RandomResizedCrop(crop_size, scale) + RandomHorizontalFlip on the host, what
+    `train_views` does on the device for in-memory data."""
+    def views(image, seed):
+        tf = pipeline.import_tensorflow()
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+        view = pipeline.tf_random_resized_crop(image, crop_size, tuple(scale), seed=seeds[0])
+        return {"image": pipeline.tf_flip(view, seeds[1]) if flip else view}
+
+    return views
+
+
+def streamed_accuracy(logits_fn, variables, test: eval_input.EvalInput, batch_size: int,
+                      mesh) -> tuple[float, float]:
+    """(top-1, top-5) of `logits_fn(variables, uint8 images)` over `test`, read in batches
+    (`cache.split_features`, no cache): no split is held in memory, only its logits."""
+    out = cache.split_features(logits_fn, test, batch_size, mesh, variables=variables)
+    return top1_top5(out.feats, out.labels)
+
+
+def finetune_streamed(backbone: nn.Module, variables, train: datasets.TfdsSource,
+                      test: eval_input.EvalInput, cfg, mean, std, *, seed: int = 0,
+                      positions: Optional[np.ndarray] = None, mesh=None,
+                      cache_dir: Optional[str] = None,
+                      log: Callable[[str], None] = logs.say,
+                      checkpoint_dir: Optional[str] = None,
+                      hooks: Sequence[Callable[[int], None]] = ()) -> dict:
+    """`finetune` for a streamed TFDS training split (ImageNet): the labelled subset
+    (`positions`, default `tfds_subset_positions`) is streamed with RandomResizedCrop + flip made
+    by tf.data (`pipeline.tfds_subset_views`, deterministic in (seed, step)); `test` (an
+    `eval_input.evaluation_input`, e.g. Resize 256 + CenterCrop 224) is scored in batches. The
+    training crop is config.finetune.crop_size, else the test images' side. `cache_dir`: keep
+    the subset's encoded records there after the first pass (see `tfds_subset_views`).
+    `checkpoint_dir`, `hooks`: as `finetune` (a resumed run streams from its step on). Same
+    result dict."""
+    r = recipe(cfg)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    positions = tfds_subset_positions(train, r, log) if positions is None else positions
+    check_batch(r, len(positions))
+    steps_per_epoch = pipeline.steps_per_epoch(len(positions), r["batch_size"])
+    crop = r["crop_size"] or test.image_shape[0]
+    ckpt = FinetuneCheckpoints(checkpoint_dir, run_settings(
+        r, seed=seed, num_classes=train.num_classes, crop=crop, subset=np.unique(positions),
+        num_examples=len(train), variables=variables, streamed=True),
+        r["epochs"] * steps_per_epoch)
+    model, tx, state = _model_and_state(backbone, variables, train.num_classes, r, crop,
+                                        steps_per_epoch, seed, mesh)
+    replicated = sharding.replicated(mesh)
+    train_step = jax.jit(
+        lambda s, x, y: finetune_update(model, tx, s, _network_input(x, mean, std), y),
+        donate_argnums=0, out_shardings=(replicated, replicated))
+
+    def make_run_step(start: int):  # the batches of steps start, start + 1, ...
+        batches = pipeline.tfds_subset_views(
+            train.builder, train.split, positions, global_batch=r["batch_size"], seed=seed,
+            view_fn=tf_train_views(crop, r["crop_scale"], r["flip"]), start_step=start,
+            cache_dir=cache_dir)
+
+        def run_step(state):
+            batch = next(batches)
+            return train_step(state,
+                              *sharding.shard_batch((batch["image"], batch["label"]), mesh))
+        return run_step
+
+    def logits(v, x):
+        return model.apply(v, _network_input(eval_views(x, crop), mean, std), train=False)
+
+    score = lambda s: streamed_accuracy(logits, _variables(s), test, r["batch_size"], mesh)
+    history = _resumed_run(r, steps_per_epoch, state, make_run_step, score, log, ckpt, hooks)
+    return _result(r, history, len(positions), len(train))

@@ -29,10 +29,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "cifar_bownet": dict(epochs=60, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-3,
                          schedule="step", milestones=(10, 20, 30, 40, 50), decay_factor=0.3,
                          batch_norm=False, precache_flip=False),
-    # OBoW README, ImageNet ResNet-50: -b 1024 --lr 10 --wd 0 --epochs 100 --cos-schedule.
+    # OBoW README, ImageNet ResNet-50: -b 1024 --lr 10 --wd 0 --epochs 100 --cos-schedule, on
+    # online-augmented images (RandomResizedCrop(224) + flip each epoch; 'augment': trained by
+    # `evaluate.augmented_linear`, not on precached features).
     "imagenet_r50_obow": dict(epochs=100, batch_size=1024, lr=10.0, momentum=0.9,
                               weight_decay=0.0, schedule="cosine", milestones=(),
-                              decay_factor=0.1, batch_norm=False, precache_flip=False),
+                              decay_factor=0.1, batch_norm=False, precache_flip=False,
+                              augment=True, crop=224),
     # OBoW README, ImageNet ResNet-18 (ImageNet20 configs): -b 256 --lr 10 --wd 2e-6 --epochs 50
     # --schedule 15 30 45 --precache (centre + flip views, one picked at random per sample).
     "imagenet_r18_obow": dict(epochs=50, batch_size=256, lr=10.0, momentum=0.9,
@@ -152,7 +155,8 @@ def train_linear_probe(train_feats, train_labels, num_classes: int, *, epochs: i
                        weight_decay: float = 0.0, schedule: str = "step",
                        milestones: Sequence[int] = (), decay_factor: float = 0.1,
                        batch_norm: bool = False, nesterov: bool = False, seed: int = 0,
-                       flip_feats=None, precache_flip: bool = False):
+                       flip_feats=None, precache_flip: bool = False, augment: bool = False,
+                       crop: int = 0):
     """Train the linear head on precached features [N, D] with integer labels [N].
 
     Returns `(variables, history)`: `variables` = {'params', ['batch_stats']} of `LinearHead`
@@ -161,8 +165,12 @@ def train_linear_probe(train_feats, train_labels, num_classes: int, *, epochs: i
     head's init and each epoch's shuffle come from `jax.random.key(seed)`, folded with the epoch.
     With `flip_feats` ([N, D], features of the flipped images) every sample uses its centre or
     flipped feature at random each epoch; `precache_flip=True` (set by the protocol presets)
-    demands them.
+    demands them. `augment=True` (with its view side `crop`) marks protocols trained on augmented
+    images, not features: a ValueError here (`evaluate.augmented_linear` trains them).
     """
+    if augment:
+        raise ValueError(f"This protocol trains on augmented {crop}x{crop} images, not on "
+                         f"precached features: use evaluate.augmented_linear.")
     feats, labels = _check_features(train_feats, train_labels, "train_feats")
     if flip_feats is not None:
         flip_feats = jnp.asarray(flip_feats, jnp.float32)
@@ -283,8 +291,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
     """Train on (train_feats, train_labels), report dict(top1=test top-1, train_top1=top-1 of the
     final head on the (centre) training features, eval mode). `cfg`: `train_linear_probe`'s
     keyword arguments, e.g. `**PROTOCOLS['places205']` (plus `flip_feats=` where needed), or
-    a protocol with `solver='lbfgs'` (`logistic_probe`)."""
+    a protocol with `solver='lbfgs'` (`logistic_probe`; a `seed` is ignored there)."""
     if cfg.get("solver") == "lbfgs":
+        cfg.pop("seed", None)  # deterministic: solved to convergence from zero weights
         return logistic_probe(train_feats, train_labels, test_feats, test_labels, num_classes,
                               **cfg)
     variables, _ = train_linear_probe(train_feats, train_labels, num_classes, **cfg)

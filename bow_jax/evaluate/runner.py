@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bow_jax.data import eval_input
-from bow_jax.evaluate import cache, fewshot, knn, linear
+from bow_jax.evaluate import augmented_linear, cache, fewshot, knn, linear
 from bow_jax.lib import files, logs, writers
 
 
@@ -45,8 +45,10 @@ def pretext(method, variables, test, config, mesh) -> dict:
 
 def linear_protocol(ev) -> dict:
     """config.eval.linear_protocol's settings, its epochs (and milestones, scaled) replaced by
-    config.eval.linear_epochs when that is set."""
+    config.eval.linear_epochs and its batch by config.eval.linear_batch_size when set."""
     protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
+    if getattr(ev, "linear_batch_size", 0) and "batch_size" in protocol:
+        protocol["batch_size"] = int(ev.linear_batch_size)
     if ev.linear_epochs and "epochs" in protocol:
         scale = ev.linear_epochs / protocol["epochs"]
         protocol["milestones"] = tuple(max(1, round(m * scale)) for m in protocol["milestones"])
@@ -54,24 +56,38 @@ def linear_protocol(ev) -> dict:
     return protocol
 
 
-def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config) -> dict:
+def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config,
+                   augmented_probe=None) -> dict:
     """All enabled protocols of config.eval on precomputed features: linear probe (train ->
-    test; `train.flip_feats` for protocols with precache_flip), few-shot episodes on the test
-    features, weighted k-NN (train as memory)."""
+    test; `train.flip_feats` for protocols with precache_flip; for protocols with 'augment',
+    `augmented_probe(protocol)` trains on images and returns its result), few-shot episodes on
+    the test features (from config.eval.fewshot_classes only, when set:
+    `fewshot.class_split`), weighted k-NN (train as memory)."""
     ev = config.eval
     out = {"feature_dim": int(train.feats.shape[1])}
     if ev.linear:
         protocol = linear_protocol(ev)
         if protocol.get("precache_flip"):
             protocol["flip_feats"] = train.flip_feats
-        out["linear"] = linear.linear_probe(train.feats, train.labels, test.feats, test.labels,
-                                            train.num_classes, seed=config.seed, **protocol)
+        if protocol.get("augment"):
+            if augmented_probe is None:
+                raise ValueError(f"config.eval.linear_protocol={ev.linear_protocol!r} trains on "
+                                 f"augmented images: score it with runner.score, not features.")
+            out["linear"] = augmented_probe(protocol)
+        else:
+            out["linear"] = linear.linear_probe(train.feats, train.labels, test.feats,
+                                                test.labels, train.num_classes, seed=config.seed,
+                                                **protocol)
     if ev.fewshot:
         shots = {}
+        classes = fewshot.class_split(getattr(ev, "fewshot_classes", ""),  # None: every class
+                                      getattr(ev, "fewshot_classes_key", ""), test.labels,
+                                      test.num_classes)
         for shot in writers.progress(tuple(ev.fewshot_shots), desc="few-shot", unit="shots"):
             shots[shot] = fewshot.fewshot_accuracy(
                 test.feats, test.labels, n_way=ev.fewshot_ways, n_shot=shot,
-                n_query=ev.fewshot_queries, n_episodes=ev.fewshot_episodes, seed=config.seed)
+                n_query=ev.fewshot_queries, n_episodes=ev.fewshot_episodes, seed=config.seed,
+                classes=classes)
         out["fewshot"] = {f"{ev.fewshot_ways}way_{k}shot": v for k, v in shots.items()}
     if ev.knn:
         out["knn"] = {"top1": knn.knn_accuracy(train.feats, train.labels, test.feats, test.labels,
@@ -90,13 +106,19 @@ def score(method, variables, train, test, config, mesh, workdir: Optional[str] =
     ev = config.eval
     flip = bool(ev.linear and linear_protocol(ev).get("precache_flip"))
     common = dict(variables=variables, workdir=workdir, tag=tag, feature=ev.feature,
-                  max_unreadable_fraction=float(getattr(config.data, "max_unreadable_fraction",
-                                                        0.05)))
+                  max_unreadable_fraction=float(getattr(eval_input.evaluation_data(config),
+                                                        "max_unreadable_fraction", 0.05)))
     train_x = cache.split_features(method.encode, as_input(train, "train"), ev.batch_size, mesh,
                                    flip=flip, **common)
     test_x = cache.split_features(method.encode, as_input(test, "test"), ev.batch_size, mesh,
                                   **common)
-    scores = score_features(train_x, test_x, config)
+
+    def augmented_probe(protocol):  # the augmented linear probe (evaluate.augmented_linear)
+        return augmented_linear.probe_for_score(config, method.encode, variables,
+                                                as_input(train, "train"), train_x, test_x,
+                                                protocol, mesh, workdir, tag)
+
+    scores = score_features(train_x, test_x, config, augmented_probe)
     return {"feature_dim": scores.pop("feature_dim"),
             "pretext": pretext(method, variables, test, config, mesh), **scores}
 
@@ -166,5 +188,6 @@ def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
     if random_init is not None:
         results["random init"] = score(method, random_init, train, test, config, mesh, where,
                                        "random_init")
-    report(results, f"{config.data.source} data, feature {config.eval.feature!r}", workdir)
+    data = eval_input.evaluation_data(config)  # config.eval.data when set, else config.data
+    report(results, f"{data.source} data, feature {config.eval.feature!r}", workdir)
     return results

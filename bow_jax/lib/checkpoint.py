@@ -18,7 +18,7 @@ Guarantees:
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -325,16 +325,56 @@ def check_same_config(saved: dict, current: dict, where: str) -> None:
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "config") -> list:
-    """['config.a.b: saved -> current', ...] for every leaf that differs (sorted)."""
+    """['config.a.b: saved -> current', ...] for every leaf that differs (sorted); prefix ''
+    names the leaves by their keys alone ('a.b')."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(config_differences(a, b, name))
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+def refuse_other_settings(saved: dict, settings: dict, where: str, what: str,
+                          remedy: str) -> None:
+    """ValueError when `saved` (the settings recorded in the checkpoint or file `where`) are not
+    `settings`: it names `what` wrote it, each differing leaf ('a.b: saved -> current', keys as
+    in `settings`, the first six) and `remedy`."""
+    differ = config_differences(saved, settings, "")
+    if differ:
+        raise ValueError(f"{where} was written by {what} with other settings "
+                         f"({'; '.join(differ[:6])}{'; ...' if len(differ) > 6 else ''}). "
+                         f"{remedy}")
+
+
+def restore_matching(checkpointer: Checkpointer, init: Any,
+                     check: Callable[[dict, str], None]) -> tuple:
+    """(state, meta) of `checkpointer`'s newest intact step, laid out like `init` (a state with
+    an int `step` field, e.g. `TrainState`), once `check(saved settings, folder)` has accepted
+    the settings it was saved with; (init, None) when there is no checkpoint.
+
+    The newest step's settings are checked before its arrays are read (a state of other settings
+    would fail in `restore` less clearly: a shape error); when that step is damaged `restore`
+    skips it (warning, moved aside) and the step it falls back on is checked too. `check`
+    refuses by raising (ValueError, e.g. `refuse_other_settings`); CorruptCheckpointError when
+    no step is intact."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return init, None
+    try:
+        check(checkpointer.read_meta(latest)["config"], checkpointer.folder(latest))
+    except CorruptCheckpointError:
+        pass  # restore() skips it, and the step it picks is checked below
+    state = checkpointer.restore(abstract_like(init))
+    if state is None:
+        return init, None
+    step = int(state.step)
+    meta = checkpointer.read_meta(step)
+    check(meta["config"], checkpointer.folder(step))
+    return state, meta
 
 
 def abstract_like(state: Any) -> Any:

@@ -161,7 +161,8 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
         return build.keep_locations(key, build.dense_vectors(out[cfg.teacher_layer], cfg.border),
                                     keep)
 
-    kept = features.extract_features(sample, images, batch, mesh, variables=variables, key=key)
+    kept = features.extract_features(sample, images, batch, mesh, variables=variables, key=key,
+                                     progress=f"dense {cfg.teacher_layer} features")
     return kept.reshape(-1, kept.shape[-1])
 
 

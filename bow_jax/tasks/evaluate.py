@@ -7,6 +7,7 @@ folders; arrays), sharded over the processes, and their features cached in
 `<workdir>/eval/results.json` and `results.md`."""
 import ml_collections
 
+from bow_jax.data import fields
 from bow_jax.evaluate import checks, runner
 from bow_jax.lib import checkpoint
 from bow_jax.tasks import common
@@ -25,13 +26,26 @@ def default_config() -> ml_collections.ConfigDict:
     e.linear = True
     e.linear_protocol = "cifar_bownet"
     e.linear_epochs = 0  # > 0 overrides the protocol's epochs (quick runs)
+    e.linear_batch_size = 0  # > 0 overrides the protocol's batch (global; augmented protocols:
+    #                          a multiple of the device count); 0 = the protocol's
+    e.linear_checkpoint_every_steps = 1000  # augmented probes (imagenet_r50_obow) checkpoint
+    #                          their head every N steps under <workdir>/eval/linear/ and resume
     e.fewshot = True
     e.fewshot_shots = (1, 5)
     e.fewshot_ways = 5
     e.fewshot_queries = 15
     e.fewshot_episodes = 200
+    e.fewshot_classes = ""  # the classes episodes draw from: "" = every class of the test split;
+    #                         "random:<N>:<seed>" = N of them drawn with numpy seed <seed>; or a
+    #                         file of class indices (JSON list, JSON object, or one a line)
+    e.fewshot_classes_key = ""  # the list's key when that file is a JSON object (the official
+    #                             low-shot file: 'novel_classes_2', 311 test classes)
     e.knn = True
     e.knn_k = 20  # neighbours of the weighted k-NN (cosine, exp(s / 0.07) weights)
+    e.every_steps = 0  # > 0: k-NN monitor during training every N steps and at the end
+    #                    (evaluate/monitor.py; logged as knn_top1); 0 = off
+    e.monitor_memory = 10_000  # its memory: the first N training images
+    e.monitor_queries = 5_000  # its queries: the first N test images
     e.test_limit = 0  # evaluate on the first N test images (0 = all)
     e.train_limit = 0  # fit the probes on the first N training images (0 = all): quick looks
     e.image_size = 0  # > 0: evaluate on torchvision Resize(resize_shorter) + CenterCrop(image_size)
@@ -40,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     #                   sizes vary (ImageNet)
     e.resize_shorter = 0  # shorter side before the centre crop; 0 = round(image_size * 256 / 224)
     e.cache_features = True  # keep the features in <workdir>/eval/features/<step>/ and reuse them
+    e.data = fields.data_fields(source="")  # another dataset to evaluate on (Places205 for an
+    #                                        ImageNet-trained net), config.data's fields; source
+    #                                        '' = config.data (eval_input.evaluation_data)
     e.checkpoint_steps = ()  # the `evaluate` task scores these kept checkpoints (a learning
     #                          curve; keep them with keep_every_steps); () = the newest
     return e

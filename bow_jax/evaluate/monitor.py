@@ -1,0 +1,100 @@
+"""The k-NN monitor: representation quality watched while training runs, for every method.
+
+Every `config.eval.every_steps` steps (and at the last step) the training loop calls a
+`KnnMonitor` on the current state: the frozen `method.encode` features (`config.eval.feature`) of
+a fixed memory (the first `config.eval.monitor_memory` training images) and of fixed queries (the
+first `config.eval.monitor_queries` test images), both with the evaluation transform (ImageNet:
+Resize 256 + CenterCrop 224), classified by the weighted k-NN of `evaluate.knn` (k =
+`config.eval.knn_k`, cosine, exp(s / 0.07) votes; Wu et al. 2018). The result, top-1 as a
+fraction, is logged as `knn_top1` with the step's metrics (stdout, metrics.jsonl, TensorBoard).
+
+Both subsets are fixed for the whole run, so the curve compares like with like. TFDS ImageNet's
+training files are shuffled when the dataset is prepared, so its first images are a sample of all
+classes. The features are streamed through the one compiled extractor (`evaluate.features`),
+which compiles once per run, never cached on disk and never hold more than the two subsets'
+features on the host. Cost per call: one forward pass of memory + queries images (eval mode), plus
+a [queries x memory] similarity; README "Monitors" gives measured figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from bow_jax.data import eval_input
+from bow_jax.evaluate import cache, knn
+from bow_jax.lib import sharding
+
+
+@dataclasses.dataclass
+class KnnMonitor:
+    """`monitor(state) -> {'knn_top1': fraction}` on fixed memory / query subsets.
+
+    `encode(variables, uint8 [B,H,W,3]) -> float32 [B, D]` (a method's `encode`); `every` > 0
+    steps between calls; `batch_size` the global batch of the feature passes (a multiple of the
+    device count)."""
+    encode: Callable
+    memory: eval_input.EvalInput
+    queries: eval_input.EvalInput
+    every: int
+    k: int
+    batch_size: int
+    mesh: object = None
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether step `step` (1-based count of steps done) is a monitor step."""
+        return step % self.every == 0 or step == total_steps
+
+    def __call__(self, state) -> dict:
+        memory = self._features(state, self.memory)
+        queries = self._features(state, self.queries)
+        top1 = knn.knn_accuracy(memory.feats, memory.labels, queries.feats, queries.labels,
+                                self.memory.num_classes, k=min(self.k, len(memory)))
+        return {"knn_top1": top1}
+
+    def _features(self, state, inp) -> cache.SplitFeatures:
+        return cache.split_features(self.encode, inp, self.batch_size, self.mesh,
+                                    variables=state)
+
+
+def _first(inp: eval_input.EvalInput, count: int) -> eval_input.EvalInput:
+    return dataclasses.replace(inp, num_examples=min(inp.num_examples, count))
+
+
+def check_monitor(config) -> None:
+    """ValueError naming the config.eval field when the monitor's settings cannot work: a
+    negative interval, empty subsets, more neighbours than memory images, a feature batch that
+    does not divide over the devices. Cheap: run before any compile."""
+    ev = config.eval
+    if int(ev.every_steps) < 0:
+        raise ValueError(f"config.eval.every_steps={ev.every_steps}; expected >= 0 "
+                         "(0: no monitor).")
+    if not int(ev.every_steps):
+        return
+    for field in ("monitor_memory", "monitor_queries"):
+        if int(ev[field]) <= 0:
+            raise ValueError(f"config.eval.{field}={ev[field]}; expected a number of images > 0.")
+    if not 1 <= int(ev.knn_k) <= int(ev.monitor_memory):
+        raise ValueError(f"config.eval.knn_k={ev.knn_k}; the k-NN monitor needs 1 <= knn_k <= "
+                         f"config.eval.monitor_memory={ev.monitor_memory}.")
+    sharding.check_divisible(int(ev.batch_size), jax.device_count(), "config.eval.batch_size",
+                             "the number of devices")
+
+
+def knn_monitor(config, encode: Callable, mesh, train_data=None):
+    """The run's `KnnMonitor`, or None when `config.eval.every_steps` is 0.
+
+    `train_data`: the training split already in memory (an `ArrayDataset`), reused as the memory;
+    otherwise the split is streamed like the evaluation's (`eval_input.evaluation_input`).
+    ValueError naming the field for settings that cannot work (`check_monitor`)."""
+    check_monitor(config)
+    ev = config.eval
+    every = int(ev.every_steps)
+    if not every:
+        return None
+    memory = eval_input.evaluation_input(config, "train", in_memory_data=train_data)
+    queries = eval_input.evaluation_input(config, "test")
+    return KnnMonitor(encode, _first(memory, int(ev.monitor_memory)),
+                      _first(queries, int(ev.monitor_queries)),
+                      every, int(ev.knn_k), int(ev.batch_size), mesh)
