@@ -4,7 +4,8 @@
 127.0.0.1:PORT (gloo CPU collectives, 2 CPU devices per process; heartbeat timeout 10 s) and runs
 the real `train` task on a tiny RotNet (digits, 8x8, ResNet width 4) for 6 steps in WORKDIR.
 MODE: 'train' (no fault), 'term1' (process 1 sends itself SIGTERM after step 2), 'kill1'
-(process 1 SIGKILLs itself after step 2). Writes WORKDIR/started_<id> once the cluster is up and
+(process 1 SIGKILLs itself after step 2), 'evaluate' (`evaluated_config`: the k-NN monitor during
+training and every evaluation protocol after it, streamed and gathered over the 2 processes). Writes WORKDIR/started_<id> once the cluster is up and
 prints 'RESULT <id> <final step or stopped>' at the end.
 """
 import os
@@ -37,6 +38,17 @@ def tiny_config():
     return c
 
 
+def evaluated_config():
+    """`tiny_config` trained with the k-NN monitor every 3 steps and scored after training by
+    every protocol: the augmented-image linear probe (in-memory views), few-shot, k-NN."""
+    c = tiny_config()
+    c.eval.update(dict(after_training=True, every_steps=3, monitor_memory=64, monitor_queries=32,
+                       batch_size=16, test_limit=128, linear_protocol="imagenet_r50_obow",
+                       linear_epochs=1, linear_batch_size=16, fewshot_episodes=20,
+                       fewshot_queries=3, knn_k=5))
+    return c
+
+
 def fault_hook(process_id: int, mode: str):
     def hook(step):
         if step == 2 and process_id == 1:
@@ -56,9 +68,10 @@ def main(process_id: int, port: int, workdir: str, mode: str):
     jax.config.update("jax_disable_most_optimizations", True)
     open(os.path.join(workdir, f"started_{process_id}"), "w", encoding="utf-8").close()
     from bow_jax.tasks import train as train_task  # pylint: disable=import-outside-toplevel
-    train_task.run(tiny_config(), workdir, hooks=[fault_hook(process_id, mode)])
+    config = evaluated_config() if mode == "evaluate" else tiny_config()
+    train_task.run(config, workdir, hooks=[fault_hook(process_id, mode)])
     from bow_jax.tasks import common  # pylint: disable=import-outside-toplevel
-    with common.restore(tiny_config(), workdir) as run:
+    with common.restore(config, workdir) as run:
         print(f"RESULT {process_id} {run.restored_step}", flush=True)
     jax.distributed.shutdown()
 

@@ -2,6 +2,7 @@
 workdir, agreed stops across processes, a dead process, the host's run-ahead bound, and a state
 shape mismatch named by config field. Tiny RotNet on scikit-learn's digits (as tests/test_train)."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +18,13 @@ import numpy as np
 import pytest
 
 from bow_jax import train
-from bow_jax.lib import checkpoint, lock, stop
+from bow_jax.lib import checkpoint, lock, sharding, stop, writers
 from bow_jax.data.splits import load_split
 from bow_jax.methods import create_method, data_info_for
 from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
 from test_train import tiny_config  # tests/ is on sys.path (pytest's rootdir import mode)
+import fault_worker  # noqa: E402
 import obow_multihost_worker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -346,3 +349,31 @@ def test_a_killed_process_makes_the_other_fail_within_the_heartbeat_bound(tmp_pa
     assert "another task died" in outs[0] or "heartbeat" in outs[0], outs[0][-3000:]
     killed = float(outs[1].split("KILLED 1 at ")[1].split()[0])
     assert exited[0] - killed < 10 + 30
+
+
+def test_two_processes_monitor_and_evaluate_like_one(tmp_path):
+    """The evaluation's multi-process path, for real: 2 processes x 2 devices train with the
+    k-NN monitor every 3 steps, then score the run (features streamed by each process and
+    gathered, the augmented-image linear probe sharded over both, few-shot, k-NN). The monitor's
+    rows and the results equal those of one process with the same 4 devices."""
+    rcs, outs, _ = run_two(str(tmp_path), "evaluate")
+    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    rows = writers.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    two_knn = {r["step"]: r["knn_top1"] for r in rows if "knn_top1" in r}
+    assert sorted(two_knn) == [3, 6]
+    with open(os.path.join(tmp_path, "eval", "results.json")) as f:
+        two = json.load(f)["rotnet step 6"]
+
+    one_dir = str(tmp_path / "one")
+    mesh4 = sharding.make_mesh(jax.devices()[:4])
+    with mock.patch.object(sharding, "make_mesh", lambda devices=None: mesh4):
+        train_task.run(fault_worker.evaluated_config(), one_dir)
+    rows = writers.read_jsonl(os.path.join(one_dir, "metrics.jsonl"))
+    assert {r["step"]: r["knn_top1"] for r in rows if "knn_top1" in r} == pytest.approx(
+        two_knn, abs=1e-6)
+    with open(os.path.join(one_dir, "eval", "results.json")) as f:
+        one = json.load(f)["rotnet step 6"]
+    assert one["linear"]["top1"] == pytest.approx(two["linear"]["top1"], abs=0.02)
+    assert one["knn"] == pytest.approx(two["knn"], abs=1e-6)
+    for name, value in one["fewshot"].items():
+        assert value["mean"] == pytest.approx(two["fewshot"][name]["mean"], abs=1e-6)
