@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bow_jax import tasks
-from bow_jax.lib import cli, logs
+from bow_jax.lib import cli, logs, stop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -76,6 +76,9 @@ def main(argv: List[str]) -> None:
              f"{jax.process_count()} process(es); workdir {workdir}")
     try:
         tasks.run(config, workdir)
+    except stop.Stopped as e:  # a planned stop (checkpoint saved): exit 0, as training does
+        logs.warn(cli.first_line(e))
+        return
     except Exception as e:  # pylint: disable=broad-except
         if not cli.is_input_error(e) or not logs.is_quiet():
             raise

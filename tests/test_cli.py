@@ -150,9 +150,35 @@ def test_fields_lists_leaves_with_types():
     (ValueError("config.data.path must be set for source 'npz'."), True),
     (FileNotFoundError("--workdir=/x: no checkpoint in /x/checkpoints"), True),
     (ImportError("torch is not installed; install it with: pip install 'bow_jax[torch]'"), True),
+    (FileNotFoundError("config.finetune.subset_file=/x.txt: no such file (expected ...)"), True),
+    (ValueError("/d/test: classes ['x'] are not classes of the training split, whose class index "
+                "is ['a']; every split must use the training split's classes (config.data.path: "
+                "the image folder)."), True),
     (ValueError("operands could not be broadcast together"), False),
     (ImportError("cannot import name 'x' from 'y'"), False),
     (KeyError("config.x"), False),
 ])
 def test_is_input_error(error, expected):
     assert cli.is_input_error(error) is expected
+
+
+def test_a_planned_stop_of_a_probe_or_fine_tuning_exits_0_with_one_line(tmp_path):
+    """SIGTERM during the augmented linear probe or fine-tuning saves the step and raises a
+    `stop.Stopped`: like a training run stopped by a signal, the command exits 0 (a scheduler
+    that requeues on preemption reruns it, and it resumes), printing the message, no traceback."""
+    code = (
+        "import sys\n"
+        "from absl import app\n"
+        "from bow_jax import main\n"
+        "from bow_jax.lib import stop\n"
+        "def stopped(config, workdir):\n"
+        "    raise stop.Stopped('linear probe step_4 stopped by a signal at step 5/12, saved in X; "
+        "the same command resumes it.')\n"
+        "main.tasks.run = stopped\n"
+        f"sys.argv = ['bow_jax.main', '--config=configs/demo.py', '--workdir={tmp_path}']\n"
+        "app.run(main.main, flags_parser=main.parse_flags)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped by a signal at step 5/12" in result.stderr
+    assert "Traceback" not in result.stderr and "bow_jax: done" not in result.stderr

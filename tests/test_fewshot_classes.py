@@ -73,6 +73,7 @@ def test_class_files_parse_in_every_format(tmp_path):
     ("[0, 8]", "", ValueError, r"config\.eval\.fewshot_classes=.*\[0, 8\]; expected them in "
                                r"\[0, 8\)"),
     ("[-1, 3]", "", ValueError, r"config\.eval\.fewshot_classes=.*expected them in \[0, 8\)"),
+    ("[0, 1, Infinity]", "", ValueError, r"config\.eval\.fewshot_classes=.*expected integer"),
 ])
 def test_bad_class_files_are_named(tmp_path, content, spec_key, error, message):
     path = tmp_path / ("missing.json" if content is None else "classes.json")

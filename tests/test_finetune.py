@@ -54,8 +54,12 @@ def test_subset_file_of_indices_and_of_image_folder_names(tmp_path):
     np.testing.assert_array_equal(
         ft.labelled_subset(np.zeros(10), subset_file=str(tmp_path / "idx.txt")), [5, 2, 9])
     (tmp_path / "bad.txt").write_text("3\n10\n")
-    with pytest.raises(ValueError, match=r"bad.txt:2: index 10 is outside .*\[0, 10\)"):
+    with pytest.raises(ValueError,
+                       match=r"subset_file=.*bad.txt: line 2: index 10 is outside .*\[0, 10\)"):
         ft.read_subset_file(tmp_path / "bad.txt", 10)
+    with pytest.raises(FileNotFoundError, match=r"config\.finetune\.subset_file=.*nope\.txt: no "
+                                                 r"such file"):
+        ft.read_subset_file(tmp_path / "nope.txt", 10)
     (tmp_path / "twice.txt").write_text("3\n3\n")
     with pytest.raises(ValueError, match="listed twice"):
         ft.read_subset_file(tmp_path / "twice.txt", 10)

@@ -399,7 +399,7 @@ def list_image_folder(root, classes: Sequence[str] | None = None) -> ImageFolder
     if unknown:
         raise ValueError(f"{root}: classes {unknown} are not classes of the training split, "
                          f"whose class index is {list(index)}; every split must use the "
-                         f"training split's classes.")
+                         f"training split's classes (config.data.path: the image folder).")
     loose = [e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name)]
     if loose:
         warnings.warn(f"{root}: {len(loose)} image files (e.g. {loose[0]!r}) lie outside any "

@@ -63,7 +63,7 @@ class UnsupportedSourceError(NotImplementedError, ValueError):
     """The augmented probe cannot stream this source yet (image folders)."""
 
 
-class ProbeStopped(RuntimeError):
+class ProbeStopped(stop.Stopped):
     """A stop signal ended the probe; its step was checkpointed (with a workdir)."""
 
 

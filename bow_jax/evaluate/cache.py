@@ -192,7 +192,8 @@ def _without_unreadable(arrays: dict, inp, max_unreadable_fraction: float) -> di
     if dropped > max_unreadable_fraction * len(keep):
         raise datasets.UnreadableImageError(
             f"{inp.name} split {inp.split!r}: {dropped} of {len(keep)} images cannot be decoded "
-            f"(at most {max_unreadable_fraction:.1%}, config.data.max_unreadable_fraction).")
+            f"(at most {max_unreadable_fraction:.1%}: max_unreadable_fraction of the "
+            f"evaluation data, config.eval.data when that is set, else config.data).")
     return {name: np.asarray(a)[keep] for name, a in arrays.items()}
 
 

@@ -137,7 +137,7 @@ def _as_class_indices(values, where: str) -> np.ndarray:
         ints = [int(v) for v in values]
         if any(float(v) != i for v, i in zip(values, ints)):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         raise ValueError(f"{where}: expected integer class indices; got "
                          f"{list(values)[:5]!r}...") from None
     if len(set(ints)) != len(ints):

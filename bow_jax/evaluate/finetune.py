@@ -100,6 +100,9 @@ def balanced_subset(labels: np.ndarray, percent: float, seed: int = 0) -> np.nda
 
 def _subset_lines(path) -> list[tuple[int, str]]:
     """(line number, entry) of the non-blank lines of a subset file; ValueError when none."""
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config.finetune.subset_file={path}: no such file (expected one "
+                                f"index or image file name per line, e.g. SimCLR's 1percent.txt).")
     lines = [(i + 1, line.strip()) for i, line in
              enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines())]
     lines = [(n, s) for n, s in lines if s]
@@ -134,8 +137,8 @@ def read_subset_file(path, num_examples: int, filenames: Optional[Sequence[str]]
         if is_index_entry(entry):
             index = int(entry)
             if not 0 <= index < num_examples:
-                raise ValueError(f"{path}:{number}: index {index} is outside the training split "
-                                 f"[0, {num_examples}).")
+                raise ValueError(f"config.finetune.subset_file={path}: line {number}: index "
+                                 f"{index} is outside the training split [0, {num_examples}).")
             indices.append(index)
         elif entry in by_name:
             indices.append(by_name[entry])
@@ -322,7 +325,7 @@ def _model_and_state(backbone, variables, num_classes, r, crop, steps_per_epoch,
 # Checkpoints and resume.
 
 
-class FinetuneStopped(RuntimeError):
+class FinetuneStopped(stop.Stopped):
     """A stop signal (SIGTERM / SIGINT) ended the fine-tuning; its step was checkpointed (when it
     has a checkpoint folder) and the same command resumes it."""
 

@@ -21,6 +21,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
+class Stopped(RuntimeError):
+    """A stop signal ended a long phase that is not the training loop (the augmented linear
+    probe, fine-tuning) after its current step was checkpointed: a planned stop. main.py prints
+    its message as one line and exits 0, as for a training run stopped by a signal, so a
+    scheduler that requeues on preemption reruns the same command, which resumes."""
+
+
 class AgreedStop:
     """Context manager: installs SIGTERM/SIGINT handlers (main thread only) that set a local flag;
     `should_stop(step)` returns the decision shared by every process."""
