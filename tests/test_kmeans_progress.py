@@ -84,7 +84,9 @@ def test_build_vocabulary_shows_progress_and_equals_the_one_shot_kmeans(points, 
     assert meta["inertia"] == float(want.inertia) and meta["kmeans_iters"] == int(want.n_iter)
     path = tmp_path / "vocab" / "vocabulary.npz"
     build.write_vocabulary(str(path), centroids, meta)
-    assert f"vocabulary written: {path} (12 words of 8 channels)" in capsys.readouterr().out
+    read, read_meta = build.read_vocabulary(str(path))
+    np.testing.assert_array_equal(read, centroids)
+    assert read_meta["kmeans_iters"] == meta["kmeans_iters"]
 
 
 def test_dense_feature_pass_shows_progress(log_lines, capsys):

@@ -5,7 +5,7 @@ words, the k-means centroids of the teacher's per-location feature vectors over 
 images. Here the pure part: which locations are kept (`locations_per_image`, `dense_vectors`,
 `keep_locations`, jit-able), the k-means itself sharded over the devices, with its progress
 shown between Lloyd iterations (`build_vocabulary`), and the vocabulary file
-(`write_vocabulary`, which says where it went / `read_vocabulary` / `check_vocabulary`): an .npz
+(`write_vocabulary` / `read_vocabulary` / `check_vocabulary`): an .npz
 of the centroids [K, C] float32 and JSON metadata naming the teacher, layer, border and K.
 Feature extraction and checkpoint I/O belong to the task that calls these.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bow_jax.bow import kmeans, quantize
-from bow_jax.lib import files, logs, sharding
+from bow_jax.lib import files, sharding
 
 # ------------------------------------------------------------------------------------------------
 # Dense feature vectors of the teacher
@@ -118,13 +118,10 @@ def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
 
 
 def write_vocabulary(path: str, centroids, meta: dict) -> None:
-    """Writes centroids (as float32) + JSON metadata atomically (`lib.files.atomic_open`) and
-    says where (`lib.logs.say`, process 0)."""
-    centroids = np.asarray(centroids, np.float32)
+    """Writes centroids (as float32) + JSON metadata atomically (`lib.files.atomic_open`); the
+    task that calls it says where (one line with the fit's figures)."""
     with files.atomic_open(path, "wb") as f:  # a file object: np.savez would append '.npz'
-        np.savez(f, centroids=centroids, meta=np.array(json.dumps(meta)))
-    logs.say(f"vocabulary written: {os.path.abspath(path)} ({centroids.shape[0]} words of "
-             f"{centroids.shape[1]} channels)")
+        np.savez(f, centroids=np.asarray(centroids, np.float32), meta=np.array(json.dumps(meta)))
 
 
 def check_vocabulary(meta: dict, centroids_shape, *, teacher_step: int, layer: str, border: int,
