@@ -161,7 +161,7 @@ def bownet_chain(c, rotnet_config_file: str, *, teacher_layer: str, num_words: i
     BoW targets of all locations (border 0) of `teacher_layer` predicted from the pooled feature,
     and any other config.bownet field."""
     c.task = "bownet_chain"
-    c.bownet.update(dict(rotnet=load_config_file(rotnet_config_file), teacher_layer=teacher_layer,
+    c.bownet.update(dict(rotnet=get_recipe(rotnet_config_file), teacher_layer=teacher_layer,
                          num_words=num_words, target="histogram", border=0,
                          student_feature="pooled", **bownet_fields))
     return c
@@ -201,7 +201,7 @@ def obow_views(o, *, teacher_size: int, teacher_resize: int, crop_size: int, cro
     return o
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
+def get_recipe(path: str) -> ml_collections.ConfigDict:
     """`get_config()` of a config file (configs/<name>.py), e.g. a BoWNet chain's RotNet stage.
     FileNotFoundError naming the path when it does not exist."""
     spec = importlib.util.spec_from_file_location(

@@ -10,10 +10,10 @@ Paper (Gidaris et al., CVPR 2021, Table 5, 80 epochs): linear 50.89%, 1-shot 44.
 """
 import os
 
-from bow_jax.config import load_config_file
+from bow_jax.config import get_recipe
 
 def get_config():
-    c = load_config_file(os.path.join(os.path.dirname(__file__), "obow_resnet18_in20_vanilla.py"))
+    c = get_recipe(os.path.join(os.path.dirname(__file__), "obow_resnet18_in20_vanilla.py"))
     c.batch_size = 128
     c.obow.bow_levels = ("layer3", "layer4")
     c.obow.num_crops = 2

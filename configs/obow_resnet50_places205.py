@@ -32,11 +32,11 @@ A missing folder stops the run before any work, naming config.eval.data.path.
 """
 import os
 
-from bow_jax.config import load_config_file
+from bow_jax.config import get_recipe
 
 
 def get_config():
-    c = load_config_file(os.path.join(os.path.dirname(__file__), "obow_resnet50.py"))
+    c = get_recipe(os.path.join(os.path.dirname(__file__), "obow_resnet50.py"))
     c.task = "evaluate"
     c.eval.update(dict(linear_protocol="places205", image_size=224, fewshot=False, knn=False,
                        fewshot_classes=""))

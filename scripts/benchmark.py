@@ -30,7 +30,7 @@ measured and 1 when a variant failed (listed under "failed"). The JSON is rewrit
 after every row, so a run killed by a timeout keeps the rows measured so far ("complete": false).
 
 Input pipeline (--pipeline; alone, without --variants, it runs no train step). In-memory configs
-(CIFAR, digits): (a) the device-side gather + `make_views` that train.py runs per step; (b)
+(CIFAR, digits): (a) the device-side gather + `make_views` that pretrain.py runs per step; (b)
 tf.data decoding random 500x375 JPEGs and running the method's `tf_views` (AUTOTUNE). Streamed
 TFDS configs (default with --pipeline alone: configs/obow_resnet50.py, teacher 224, 2 crops of
 160, 5 patches of 96): the training input itself, `pipeline.tfds_train_views` running the
@@ -81,7 +81,7 @@ sys.path.insert(0, REPO)
 from bow_jax.data import pipeline  # noqa: E402
 from bow_jax.lib import files, sharding  # noqa: E402
 from bow_jax.methods import DataInfo, create_method  # noqa: E402
-from bow_jax.methods import common  # noqa: E402
+from bow_jax.methods import interface  # noqa: E402
 from bow_jax.models import feature_dims  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -222,7 +222,7 @@ def analytic_flops(config, global_batch: int):
     if config.method != "obow":
         return None
     cfg = config.obow
-    backbone = common.backbone_from_config(config)
+    backbone = interface.backbone_from_config(config)
     dims = feature_dims(backbone, (1, cfg.teacher_size, cfg.teacher_size, 3))
     groups = [(cfg.num_crops, cfg.crop_size)]
     if cfg.num_patches > 0:
@@ -470,7 +470,7 @@ def write_result(path: str, rows, pipeline_rows, failed, cost_rows, complete: bo
 
 def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, n: int = 2048):
     """Images/s of the in-memory path: gather a batch from the on-device dataset + make_views."""
-    from bow_jax import train  # pylint: disable=import-outside-toplevel
+    from bow_jax import pretrain  # pylint: disable=import-outside-toplevel
     config = config.copy_and_resolve_references()
     config.batch_size = batch_size
     mesh = sharding.make_mesh()
@@ -479,7 +479,7 @@ def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, 
     images = sharding.replicate(np.random.default_rng(0).integers(
         0, 256, (n, image_size, image_size, 3), dtype=np.uint8), mesh)
     labels = sharding.replicate(np.zeros(n, np.int32), mesh)
-    views = train.compile_view_fn(method, mesh, 0)
+    views = pretrain.compile_view_fn(method, mesh, 0)
     index = lambda s: sharding.shard_batch(
         np.arange(s * batch_size, (s + 1) * batch_size) % n, mesh)
     jax.block_until_ready(views(images, labels, index(0), 0))
@@ -529,10 +529,10 @@ STREAM_NOTE = ("real images (CIFAR-10, or scikit-learn's digits) upsampled bicub
 
 def stream_source_images(count: int):
     """(uint8 [count, h, w, 3], name): real small images to upsample; CIFAR-10's training images
-    from $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (train.npz), else scikit-learn's digits."""
+    from $BOW_JAX_CIFAR10 or ../shared/data/cifar10 (pretrain.npz), else scikit-learn's digits."""
     folder = os.environ.get("BOW_JAX_CIFAR10") or os.path.join(
         os.path.dirname(REPO), "shared", "data", "cifar10")
-    path = os.path.join(folder, "train.npz")
+    path = os.path.join(folder, "pretrain.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             images, name = np.asarray(f["images"][:count], np.uint8), "cifar10"

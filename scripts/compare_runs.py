@@ -3,7 +3,7 @@
     python scripts/compare_runs.py WORKDIR1 WORKDIR2 ... [--output=table.md]
 
 Reads each `<workdir>/eval/results.json` (linear probe, few-shot, k-NN, as written by
-`bow_jax.evaluate.runner`) and, when present, `<workdir>/eval/finetune.json` (semi-supervised
+`bow_jax.protocols.runner`) and, when present, `<workdir>/eval/finetune.json` (semi-supervised
 fine-tuning; a run may have either or both). One row per network of every run (e.g. the
 trained net and its random-init baseline), one column per protocol, accuracies in %. A
 results.json path may be given instead of a workdir.
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from bow_jax.evaluate import runner
+from bow_jax.protocols import runner
 from bow_jax.lib import files
 
 

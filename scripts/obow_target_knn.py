@@ -27,9 +27,9 @@ from ml_collections import config_flags
 from bow_jax.bow import quantize, vocabulary
 from bow_jax.data import augment
 from bow_jax.data.splits import load_split
-from bow_jax.evaluate import knn
-from bow_jax.methods import common, create_method, data_info_for
-from bow_jax.tasks import common as task_common
+from bow_jax.protocols import knn
+from bow_jax.methods import interface, create_method, data_info_for
+from bow_jax.tasks import common
 
 FLAGS = flags.FLAGS
 
@@ -47,8 +47,8 @@ def define_flags():
 def teacher_maps(config, state, images: np.ndarray, levels, batch: int = 500) -> dict:
     """{level: [N, h, w, C]} teacher maps of the teacher view (resize to teacher_size)."""
     cfg = config.obow
-    backbone = common.backbone_from_config(config)
-    mean, std = common.normalization(config)
+    backbone = interface.backbone_from_config(config)
+    mean, std = interface.normalization(config)
     size = (cfg.teacher_size, cfg.teacher_size)
 
     @jax.jit
@@ -57,7 +57,7 @@ def teacher_maps(config, state, images: np.ndarray, levels, batch: int = 500) ->
             x = augment.to_uint8(jax.vmap(lambda im: augment.resize(im, size))(x))
         feats, _ = backbone.apply(
             {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
-            common.to_network_input(x, mean, std), train=True,
+            interface.to_network_input(x, mean, std), train=True,
             mutable=["batch_stats"])  # as in training: batch statistics
         return {level: feats[level] for level in levels}
 
@@ -92,7 +92,7 @@ def main(argv):
     train_idx = np.arange(0, len(train_split), FLAGS.train_every)
     test_idx = np.arange(min(FLAGS.test_images, len(test_split)))
     if FLAGS.workdir:
-        with task_common.restore_trained(config, FLAGS.workdir, "score") as run:
+        with common.restore_trained(config, FLAGS.workdir, "score") as run:
             state = run.state
         source = f"teacher of {FLAGS.workdir} step {int(state.step)}"
     else:

@@ -150,11 +150,11 @@ def save_png_atomic(image, path: str) -> str:
 
 def _level_maps(backbone, variables, images, level, mean, std, batch_size, mesh):
     """The level's eval-mode feature maps of uint8 images, [N, h, w, C] float32 on the host."""
-    from bow_jax.evaluate import features  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
+    from bow_jax.protocols import features  # pylint: disable=import-outside-toplevel
+    from bow_jax.methods import interface  # pylint: disable=import-outside-toplevel
 
     def encode(v, x):
-        return backbone.apply(v, common.to_network_input(x, mean, std), train=False)[level]
+        return backbone.apply(v, interface.to_network_input(x, mean, std), train=False)[level]
 
     return features.extract_features(encode, images, batch_size, mesh, variables=variables)
 
@@ -181,7 +181,7 @@ def word_source(config, state, level: Optional[str] = None, *, images=None,
     `images` (uint8, as stored) are only needed by the RotNet fallback (k-means on the fly).
     """
     import jax  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
+    from bow_jax.methods import interface  # pylint: disable=import-outside-toplevel
     method = config.method
     if method == "obow":
         from bow_jax.methods import obow  # pylint: disable=import-outside-toplevel
@@ -191,7 +191,7 @@ def word_source(config, state, level: Optional[str] = None, *, images=None,
             raise ValueError(f"--level={level!r} is not a BoW level of this run; "
                              f"config.obow.bow_levels={levels}.")
         i = levels.index(level)
-        return WordSource(common.backbone_from_config(config),
+        return WordSource(interface.backbone_from_config(config),
                           jax.device_get(obow.teacher_variables(state)),
                           np.asarray(jax.device_get(state.vocabularies[i])), level,
                           config.obow.border, config.obow.teacher_size,
@@ -209,11 +209,11 @@ def word_source(config, state, level: Optional[str] = None, *, images=None,
                               state.vocabulary)), layer, config.bownet.border, None)
     # RotNet (or any method with a backbone but no vocabulary): k-means words on the fly.
     level = level or "layer3"
-    backbone = common.backbone_from_config(config)
-    variables = jax.device_get(common.backbone_variables(state))
+    backbone = interface.backbone_from_config(config)
+    variables = jax.device_get(interface.backbone_variables(state))
     if images is None:
         raise ValueError(f"config.method={method!r} has no vocabulary: pass images for k-means.")
-    mean, std = common.normalization(config)
+    mean, std = interface.normalization(config)
     vocab = kmeans_vocabulary(backbone, variables, images, level, mean, std,
                               num_words=kmeans_words, batch_size=batch_size, mesh=mesh,
                               seed=config.seed)
@@ -236,8 +236,8 @@ def visual_words_figure(source: WordSource, images: np.ndarray, words: Sequence[
     """The PIL grid of `words`' top patches over `images` (uint8, as stored)."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from bow_jax.evaluate import features  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
+    from bow_jax.protocols import features  # pylint: disable=import-outside-toplevel
+    from bow_jax.methods import interface  # pylint: disable=import-outside-toplevel
     k = source.vocabulary.shape[0]
     bad = [w for w in words if not 0 <= w < k]
     if bad:
@@ -246,7 +246,7 @@ def visual_words_figure(source: WordSource, images: np.ndarray, words: Sequence[
     backbone, level = source.backbone, source.level
 
     def encode(v, x):
-        fmap = backbone.apply(v["backbone"], common.to_network_input(x, mean, std),
+        fmap = backbone.apply(v["backbone"], interface.to_network_input(x, mean, std),
                               train=False)[level]
         return word_scores(fmap, v["vocabulary"], border=source.border, mode=mode,
                            inv_delta=source.inv_delta, mean_min_dist=source.mean_min_dist)
@@ -274,12 +274,12 @@ def visual_words_figure(source: WordSource, images: np.ndarray, words: Sequence[
 def main(argv):
     del argv
     from absl import flags  # pylint: disable=import-outside-toplevel
-    from bow_jax.tasks import common as task_common  # pylint: disable=import-outside-toplevel
+    from bow_jax.tasks import common  # pylint: disable=import-outside-toplevel
     from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel
-    from bow_jax.methods import common  # pylint: disable=import-outside-toplevel
+    from bow_jax.methods import interface  # pylint: disable=import-outside-toplevel
     f = flags.FLAGS
     config = f.config
-    with task_common.restore_trained(config, f.workdir, "visualise") as run:
+    with common.restore_trained(config, f.workdir, "visualise") as run:
         mesh, state = run.mesh, run.state
     data = load_split(config, f.split)
     images = data.images[:f.num_images] if f.num_images else data.images
@@ -288,7 +288,7 @@ def main(argv):
     source = word_source(config, state, f.level or None, images=images,
                          kmeans_words=f.kmeans_words, batch_size=batch, mesh=mesh)
     words = [int(w) for w in f.words.split(",") if w.strip()]
-    mean, std = common.normalization(config)
+    mean, std = interface.normalization(config)
     figure = visual_words_figure(source, images, words, mean, std, top=f.top,
                                  mode=f.assignment, patch=f.patch, tile=f.tile, batch_size=batch,
                                  mesh=mesh)

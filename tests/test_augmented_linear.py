@@ -13,8 +13,8 @@ import pytest
 
 from bow_jax import tasks
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import augmented_linear as AL
-from bow_jax.evaluate import checks, linear, runner
+from bow_jax.protocols import augmented_linear as AL
+from bow_jax.protocols import checks, linear, runner
 from bow_jax.lib import sharding
 from bow_jax.tasks import common
 
@@ -303,7 +303,7 @@ def test_tfds_probe_end_to_end(tiny_tfds, tmp_path):
     config = _tfds_config(tiny_tfds)
     train = eval_input.evaluation_input(config, "train")
     test = eval_input.evaluation_input(config, "test")
-    from bow_jax.evaluate import cache
+    from bow_jax.protocols import cache
     test_x = cache.split_features(encode, test, 8, variables=variables)
     train_x = cache.split_features(encode, train, 8, variables=variables)
     protocol = _protocol(epochs=2, batch_size=8)

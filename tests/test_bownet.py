@@ -21,7 +21,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from bow_jax import tasks
 from bow_jax.bow import build
-from bow_jax.config import load_config_file
+from bow_jax.config import get_recipe
 from bow_jax.tasks import bownet_chain
 from bow_jax.data import augment
 from bow_jax.data.splits import load_split
@@ -364,7 +364,7 @@ def test_bad_inputs_name_the_field(chain_run, tmp_path):
 
 
 def test_paper_configs_build_and_fail_clearly_without_cifar100(tmp_path):
-    config = load_config_file(os.path.join(REPO, "configs",
+    config = get_recipe(os.path.join(REPO, "configs",
                                                         "bownet_cifar100_wrn.py"))
     assert config.task == "bownet_chain" and config.bownet.num_words == 2048
     assert config.bownet.rotnet.rotnet.head == "residual"
@@ -373,5 +373,5 @@ def test_paper_configs_build_and_fail_clearly_without_cifar100(tmp_path):
     config.data.data_dir = str(tmp_path)  # an empty TFDS folder: nothing prepared
     with pytest.raises(Exception, match="cifar100"):
         bownet_chain.run(config, str(tmp_path / "run"))
-    cpu = load_config_file(os.path.join(REPO, "configs", "bownet_cifar10_cpu.py"))
+    cpu = get_recipe(os.path.join(REPO, "configs", "bownet_cifar10_cpu.py"))
     assert cpu.bownet.rotnet.model.to_dict() == cpu.model.to_dict()

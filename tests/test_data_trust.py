@@ -17,7 +17,7 @@ from PIL import Image
 from bow_jax.config import base_config
 from bow_jax.data import datasets as D
 from bow_jax.data import splits
-from bow_jax.evaluate import checks, knn
+from bow_jax.protocols import checks, knn
 
 
 def _save(path, array, mode=None, **kwargs):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bow_jax.config import base_config, load_config_file
+from bow_jax.config import base_config, get_recipe
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import checks, linear, runner
+from bow_jax.protocols import checks, linear, runner
 from bow_jax.lib import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_evaluate_path_reads_the_eval_data_image_folder(tmp_path, monkeypatch):
 
 
 def test_places205_config_loads_with_the_official_probe():
-    c = load_config_file(PLACES)
+    c = get_recipe(PLACES)
     assert c.task == "evaluate" and c.method == "obow" and c.model.name == "resnet50"
     assert c.data.name == "imagenet2012"  # the network and its training data stay ImageNet's
     assert (c.eval.data.source, c.eval.linear_protocol, c.eval.image_size) == \

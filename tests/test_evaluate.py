@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bow_jax.evaluate import features, fewshot, knn, linear
+from bow_jax.protocols import features, fewshot, knn, linear
 from bow_jax.lib import sharding
 from bow_jax.models.norm import BatchNorm
 
@@ -356,7 +356,7 @@ def test_runner_scores_the_logistic_protocol():
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     from bow_jax.config import base_config
-    from bow_jax.evaluate import cache, runner
+    from bow_jax.protocols import cache, runner
     x, y = load_digits(return_X_y=True)
     x, y = x.astype(np.float32), y.astype(np.int32)
     config = base_config("obow")

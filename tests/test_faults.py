@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bow_jax import train
+from bow_jax import pretrain
 from bow_jax.lib import checkpoint, lock, sharding, stop, writers
 from bow_jax.data.splits import load_split
 from bow_jax.methods import create_method, data_info_for
@@ -272,7 +272,7 @@ def test_run_ahead_keeps_at_most_depth_steps_in_flight(depth, bounded):
     step = jax.jit(slow_step)
     x = jnp.ones((192, 192), jnp.float32) / 192
     step(x).block_until_ready()  # compiled
-    run_ahead = train.RunAhead(depth)
+    run_ahead = pretrain.RunAhead(depth)
     most = 0
     for _ in range(8):
         run_ahead.before_dispatch()

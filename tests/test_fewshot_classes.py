@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bow_jax.config import base_config
-from bow_jax.evaluate import cache, checks, fewshot, runner
+from bow_jax.protocols import cache, checks, fewshot, runner
 
 
 def _np_episode_accuracy(feats, support, query, query_labels, n_way, n_shot):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from bow_jax.config import base_config
 from bow_jax.data import datasets, pipeline
-from bow_jax.evaluate import finetune as ft
+from bow_jax.protocols import semisupervised as ft
 from bow_jax.tasks import finetune as finetune_task
 from bow_jax.lib import checkpoint
 from bow_jax.lib.state import TrainState

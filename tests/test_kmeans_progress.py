@@ -90,7 +90,7 @@ def test_build_vocabulary_shows_progress_and_equals_the_one_shot_kmeans(points, 
 
 
 def test_dense_feature_pass_shows_progress(log_lines, capsys):
-    from bow_jax.evaluate import features
+    from bow_jax.protocols import features
     images = np.random.default_rng(0).integers(0, 256, (40, 4, 4, 3), np.uint8)
 
     def encode(x):

@@ -13,7 +13,7 @@ LAYERS = {
     "lib": 0,
     "models": 1, "bow": 1, "data": 1,
     "methods": 2,
-    "evaluate": 3, "export": 3, "train": 3,
+    "protocols": 3, "export": 3, "pretrain": 3,
     "tasks": 4,
     "config": 5,
     "main": 6,
@@ -99,7 +99,7 @@ def test_no_import_of_ours_inside_a_function():
 
 @pytest.mark.parametrize("source, expected", [
     ("from bow_jax.tasks import common\n", ["lib.x imports bow_jax.tasks"]),
-    ("from bow_jax import train\n", ["lib.x imports bow_jax.train"]),
+    ("from bow_jax import pretrain\n", ["lib.x imports bow_jax.pretrain"]),
     ("def f():\n    from bow_jax.lib import files\n", []),
 ])
 def test_the_checker_sees_upward_imports(source, expected):

@@ -1,4 +1,4 @@
-"""The k-NN monitor during training (evaluate/monitor.py): logged every config.eval.every_steps
+"""The k-NN monitor during training (protocols/monitor.py): logged every config.eval.every_steps
 and at the end, equal to a numpy weighted k-NN on the same state's features, compiled once per
 run, bad settings named before training. Real images: scikit-learn's digits, 8 CPU devices."""
 import os
@@ -8,7 +8,7 @@ import pytest
 
 from bow_jax.data import datasets, eval_input
 from bow_jax.data.splits import load_split
-from bow_jax.evaluate import features, monitor
+from bow_jax.protocols import features, monitor
 from bow_jax.lib import sharding, writers
 from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task

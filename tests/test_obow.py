@@ -19,8 +19,8 @@ from bow_jax.bow import vocabulary as voc
 from bow_jax.data import host_views
 from bow_jax.data.splits import load_split
 from bow_jax.lib import schedules, sharding
-from bow_jax.methods import DataInfo, common, create_method, data_info_for, obow
-from bow_jax.tasks import common as task_common
+from bow_jax.methods import DataInfo, interface, create_method, data_info_for, obow
+from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,7 +120,7 @@ def one_step():
 def _student_groups_and_teacher(s, config):
     """The step's network inputs, by numpy (no photometric augmentation in this config):
     normalised views, crop groups flattened image-major; and the step's word-sampling key."""
-    mean, std = (np.asarray(v, np.float32) for v in common.normalization(config))
+    mean, std = (np.asarray(v, np.float32) for v in interface.normalization(config))
     norm = lambda v: ((v.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
     views = s["views"]
     groups = [norm(views[k]).reshape((-1,) + views[k].shape[2:]) for k in ("crops", "patches")]
@@ -133,7 +133,7 @@ def test_step_matches_numpy(one_step):
     s = one_step
     config, cfg = s["config"], s["config"].obow
     state, new, metrics = s["state"], s["new_state"], s["metrics"]
-    backbone = common.backbone_from_config(config)
+    backbone = interface.backbone_from_config(config)
     levels = cfg.bow_levels
     total = worker.TOTAL_STEPS
     t = int(state.step)
@@ -297,7 +297,7 @@ def test_two_processes_match_one(one_step, tmp_path):
 
 
 def _run_dir(config, workdir):
-    run = task_common.restore(config, workdir)
+    run = common.restore(config, workdir)
     run.close()
     return jax.device_get(run.state)
 
@@ -353,7 +353,7 @@ def test_checkpoint_of_another_state_shape_names_the_differing_fields(tmp_path):
     train_task.run(config, str(tmp_path))
     config.obow.monitor, config.obow.num_classes = True, 10
     with pytest.raises(ValueError, match=r"another shape.*config\.obow\.monitor: False -> True"):
-        task_common.restore(config, str(tmp_path))
+        common.restore(config, str(tmp_path))
 
 
 def _run_dir_after_training(config, workdir):
@@ -366,7 +366,7 @@ def _setup_error(tmp_path, **overrides):
     config.update_from_flattened_dict(overrides)
     start = time.time()
     with pytest.raises(ValueError) as err:
-        task_common.restore(config, str(tmp_path))
+        common.restore(config, str(tmp_path))
     assert time.time() - start < 20
     assert not os.path.exists(tmp_path / "checkpoints" / "0")
     return str(err.value)
@@ -408,7 +408,7 @@ def test_recipe_configs_build_and_carry_the_paper_numbers():
     # then a cosine stepped per epoch that never reaches end_lr.
     spe = 5004
     info = DataInfo((224, 224, 3), spe * 256, spe, spe * 200)
-    _, lr = common.optimizer_from_config(r50, info)
+    _, lr = interface.optimizer_from_config(r50, info)
     cos = lambda e: 3e-5 + (0.03 - 3e-5) * 0.5 * (1 + math.cos(math.pi * (e - 10) / 190))
     for step, want in ((0, 0.0), (spe, 0.003), (10 * spe - 1, 0.03 * (10 * spe - 1) / (10 * spe)),
                        (10 * spe, 0.03), (11 * spe - 1, cos(10)), (11 * spe, cos(11)),
@@ -438,7 +438,7 @@ def test_imagenet_config_without_data_says_how_to_prepare(tmp_path):
     config.data.data_dir = str(tmp_path / "tfds")
     start = time.time()
     with pytest.raises(FileNotFoundError, match=r"imagenet2012.*tfds build imagenet2012"):
-        task_common.restore(config, str(tmp_path / "work"))
+        common.restore(config, str(tmp_path / "work"))
     assert time.time() - start < 30
     assert not os.path.exists(tmp_path / "work" / "checkpoints" / "0")
 
@@ -494,7 +494,7 @@ def test_host_views_are_the_device_views_in_tensorflow():
     s, p, jitter = 40, 12, 4
     rows, cols = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     coded = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
-    patches = host_views.jittered_patches(tf.constant(coded), tf.constant([1, 2], tf.int64),
+    patches = host_views.tf_jittered_patches(tf.constant(coded), tf.constant([1, 2], tf.int64),
                                           patch_size=p, jitter=jitter, keep=5).numpy()
     step = (s - p - jitter) // 2
     tops, lefts = patches[:, 0, 0, 0].astype(int), patches[:, 0, 0, 1].astype(int)

@@ -12,7 +12,7 @@ import pytest
 from bow_jax import tasks
 from bow_jax.config import base_config
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import cache, features, fewshot, runner
+from bow_jax.protocols import cache, features, fewshot, runner
 from bow_jax.lib import sharding
 from bow_jax.tasks import common
 
@@ -282,7 +282,7 @@ def test_evaluate_task_on_streamed_tfds_writes_results(tiny_tfds, tmp_path, monk
     """OBoW (tiny ResNet) on a TFDS split with config.data.in_memory=False and images of several
     sizes: the evaluate task streams both splits, caches their features (with the flip features
     of the imagenet_r18_obow protocol) and writes the results; a second run reuses the cache."""
-    from bow_jax.evaluate import checks
+    from bow_jax.protocols import checks
     # checks.py still refuses in_memory=False TFDS evaluation (a change reported to its owner).
     monkeypatch.setattr(checks, "_check_tfds_in_memory", lambda config: None, raising=False)
     import obow_multihost_worker  # tests/ is on sys.path: the tiny OBoW setting

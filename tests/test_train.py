@@ -12,7 +12,7 @@ import pytest
 from bow_jax import tasks
 from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
-from bow_jax.evaluate import runner
+from bow_jax.protocols import runner
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding, writers
 from bow_jax.config import base_config

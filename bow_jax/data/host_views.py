@@ -11,7 +11,7 @@ from __future__ import annotations
 from bow_jax.data import pipeline
 
 
-def jittered_patches(image, seed, *, patch_size: int, jitter: int, keep: int, grid: int = 3):
+def tf_jittered_patches(image, seed, *, patch_size: int, jitter: int, keep: int, grid: int = 3):
     """OBoW's CropImagePatches (github.com/valeoai/obow): `keep` of the grid x grid jittered
     patches of a square uint8 image [S, S, 3] -> [keep, patch_size, patch_size, 3].
 
@@ -33,7 +33,7 @@ def jittered_patches(image, seed, *, patch_size: int, jitter: int, keep: int, gr
                      for i in range(keep)])
 
 
-def obow_views(image, seed, *, teacher_size: int, teacher_resize: int, flip: bool,
+def tf_obow_views(image, seed, *, teacher_size: int, teacher_resize: int, flip: bool,
                num_crops: int, crop_size: int, crop_scale, num_patches: int, patch_size: int,
                patch_source_size: int, patch_source_scale, patch_jitter: int) -> dict:
     """OBoW's uint8 views of one uint8 image tensor [H, W, 3] (Gidaris et al., CVPR 2021):
@@ -58,6 +58,6 @@ def obow_views(image, seed, *, teacher_size: int, teacher_resize: int, flip: boo
         source = pipeline.tf_random_resized_crop(image, patch_source_size,
                                                  tuple(patch_source_scale), seed=seeds[1])
         source = tf.ensure_shape(source, (patch_source_size, patch_source_size, 3))
-        views["patches"] = jittered_patches(source, seeds[2], patch_size=patch_size,
+        views["patches"] = tf_jittered_patches(source, seeds[2], patch_size=patch_size,
                                             jitter=patch_jitter, keep=num_patches)
     return views

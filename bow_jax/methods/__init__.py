@@ -6,7 +6,7 @@ import jax
 
 from bow_jax.data import pipeline
 from bow_jax.lib import sharding
-from bow_jax.methods.common import DataInfo, Method
+from bow_jax.methods.interface import DataInfo, Method
 
 METHODS = ("rotnet", "bownet", "obow")
 

@@ -47,7 +47,7 @@ from bow_jax.bow import build, quantize
 from bow_jax.data import augment, geometric, photometric
 from bow_jax.lib import checkpoint
 from bow_jax.lib.state import TrainState
-from bow_jax.methods import common
+from bow_jax.methods import interface
 from bow_jax.models import check_feature_names, create_backbone, feature_dims, heads
 
 TARGET_MODES = ("histogram", "binary")
@@ -130,7 +130,7 @@ def load_teacher_variables(workdir: str, step: int) -> dict:
     finally:
         ckpt.close()
     try:
-        variables = common.backbone_variables(types.SimpleNamespace(
+        variables = interface.backbone_variables(types.SimpleNamespace(
             params=state["params"], batch_stats=state["batch_stats"]))
     except (KeyError, TypeError) as e:
         raise ValueError(f"The teacher checkpoint {workdir}/checkpoints/{step} has no 'backbone' "
@@ -176,7 +176,7 @@ class BoWNetModel(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         features = self.backbone(x, train=train)
-        z = common.pooled(features[self.feature])
+        z = interface.pooled(features[self.feature])
         if self.num_bows == 1:
             head = heads.CosineBoWHead(self.num_words, self.gamma_init, name="bow_head")
             return head(z), features
@@ -188,7 +188,7 @@ class BoWNetModel(nn.Module):
 def bow_loss(logits, targets) -> jax.Array:
     """Eq. 6: soft cross-entropy, averaged over images (and over the pyramid's BoWs)."""
     k = logits.shape[-1]
-    return common.soft_cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
+    return interface.soft_cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
 
 
 def _check_config(cfg, image_shape):
@@ -253,21 +253,21 @@ def load_frozen_inputs(cfg, image_shape):
     return teacher, load_teacher_variables(cfg.teacher_workdir, teacher_step), centroids
 
 
-def setup(config, data_info: common.DataInfo) -> Setup:
+def setup(config, data_info: interface.DataInfo) -> Setup:
     """The student, the frozen teacher and vocabulary, the optimizer; every check made before
     anything is compiled (ValueError / FileNotFoundError naming the config field)."""
     cfg = config.bownet
     _check_config(cfg, data_info.image_shape)
     teacher, teacher_variables, centroids = load_frozen_inputs(cfg, data_info.image_shape)
-    backbone = common.backbone_from_config(config)
+    backbone = interface.backbone_from_config(config)
     check_feature_names([cfg.student_feature, config.eval.feature],
                         feature_dims(backbone, (1,) + tuple(data_info.image_shape)),
                         "config.bownet.student_feature / config.eval.feature", config.model.name)
     num_bows = sum(n * n for n in PYRAMID_GRIDS) if cfg.pyramid else 1
     model = BoWNetModel(backbone=backbone, num_words=cfg.num_words, num_bows=num_bows,
                         feature=cfg.student_feature, gamma_init=cfg.gamma_init)
-    tx, lr_schedule = common.optimizer_from_config(config, data_info)
-    mean, std = common.normalization(config)
+    tx, lr_schedule = interface.optimizer_from_config(config, data_info)
+    mean, std = interface.normalization(config)
     return Setup(cfg=cfg, backbone=backbone, model=model, teacher=teacher,
                  teacher_variables=teacher_variables, vocabulary=centroids, tx=tx,
                  lr_schedule=lr_schedule, mean=mean, std=std,
@@ -311,7 +311,7 @@ def make_views(s: Setup, images, key) -> dict:
 def teacher_bows(s: Setup, state: BoWNetState, images):
     """Eq. 1-4: the frozen teacher's (eval-mode BN) BoW targets of uint8 images, [B, K] or
     [B, 5, K] with the pyramid."""
-    fmap = s.teacher.apply(state.teacher, common.to_network_input(images, s.mean, s.std),
+    fmap = s.teacher.apply(state.teacher, interface.to_network_input(images, s.mean, s.std),
                            train=False)[s.cfg.teacher_layer]
     return bow_targets(fmap.astype(jnp.float32), state.vocabulary, s.cfg)
 
@@ -361,7 +361,7 @@ def train_step(s: Setup, state: BoWNetState, batch):
 
 def encode(s: Setup, state: BoWNetState, images):
     """Frozen student features [B, D] of uint8 images: `config.eval.feature`, eval-mode BN."""
-    return common.encode_with(s.backbone, common.backbone_variables(state), images,
+    return interface.encode_with(s.backbone, interface.backbone_variables(state), images,
                               s.eval_feature, s.mean, s.std)
 
 
@@ -370,14 +370,14 @@ def pretext_scores(s: Setup, state: BoWNetState, images):
     of the words the teacher finds in the image (the whole-image BoW)?"""
     targets = teacher_bows(s, state, images)
     logits, _ = s.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              common.to_network_input(images, s.mean, s.std), train=False)
+                              interface.to_network_input(images, s.mean, s.std), train=False)
     if s.cfg.pyramid:
         targets, logits = targets[:, 0], logits[:, 0]
     hit = jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0] > 0
     return {"bow_top_word_hit": hit.astype(jnp.float32)}
 
 
-def create(config, data_info: common.DataInfo) -> common.Method:
+def create(config, data_info: interface.DataInfo) -> interface.Method:
     """BoWNet's `Method` for `config`; reads the frozen teacher and vocabulary now."""
-    return common.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
+    return interface.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
                        make_views=make_views, encode=encode, pretext_scores=pretext_scores)

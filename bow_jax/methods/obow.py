@@ -42,7 +42,7 @@ from bow_jax.bow import quantize, vocabulary
 from bow_jax.data import augment, geometric, host_views, photometric
 from bow_jax.lib import ops, schedules
 from bow_jax.lib.state import TrainState
-from bow_jax.methods import common
+from bow_jax.methods import interface
 from bow_jax.models import check_feature_names, feature_dims, heads
 
 VOCABULARIES = ("queue", "online_kmeans")
@@ -147,7 +147,7 @@ def bow_prediction_loss(logits_per_group: Sequence[Sequence[jax.Array]],
     """
     group_losses = []
     for logits, copies in zip(logits_per_group, crops_per_group):
-        per_level = [common.soft_cross_entropy(lg, expand_targets(t, copies))
+        per_level = [interface.soft_cross_entropy(lg, expand_targets(t, copies))
                      for lg, t in zip(logits, targets)]
         group_losses.append(jnp.mean(jnp.stack(per_level)))
     return sum(group_losses), group_losses
@@ -265,7 +265,7 @@ def augment_views(key, batch, cfg, mean, std):
     k_crops, k_patches = jax.random.split(key)
     recipe = dict(jitter=tuple(cfg.color_jitter), jitter_p=cfg.color_jitter_p,
                   gray_p=cfg.grayscale_p, blur_sigma=tuple(cfg.blur_sigma), flip=cfg.flip)
-    teacher = common.to_network_input(batch["teacher"], mean, std)
+    teacher = interface.to_network_input(batch["teacher"], mean, std)
     crops = batch["crops"]
     b, n = crops.shape[:2]
     flat = crops.reshape((b * n,) + crops.shape[2:])
@@ -287,7 +287,7 @@ def augment_views(key, batch, cfg, mean, std):
 # Checks made before anything is compiled.
 
 
-def check_config(config, level_shapes: dict) -> None:
+def check_obow_config(config, level_shapes: dict) -> None:
     """Clear errors for choices that would otherwise fail deep inside a compiled step."""
     cfg = config.obow
     if cfg.vocabulary not in VOCABULARIES:
@@ -374,22 +374,22 @@ def teacher_variables(state):
     return {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
 
 
-def setup(config, data_info: common.DataInfo) -> Setup:
+def setup(config, data_info: interface.DataInfo) -> Setup:
     """The networks, optimizer and sizes of `config`, checked before anything is compiled."""
     cfg = config.obow
-    backbone = common.backbone_from_config(config)
+    backbone = interface.backbone_from_config(config)
     levels = tuple(cfg.bow_levels)
     dims = feature_dims(backbone, (1, cfg.teacher_size, cfg.teacher_size, 3))
     check_feature_names(levels, dims, "config.obow.bow_levels", config.model.name)
-    check_config(config, {level: dims[level] for level in levels})
+    check_obow_config(config, {level: dims[level] for level in levels})
     if cfg.monitor:
         check_feature_names([cfg.monitor_feature], dims, "config.obow.monitor_feature",
                             config.model.name)
     head = heads.DynamicBoWHead(num_channels_out=dims["pooled"][-1], kappa=cfg.kappa,
                                 hidden_dim=cfg.hidden_dim or None, learn_kappa=cfg.learn_kappa)
     monitor = (heads.LinearClassifier(cfg.num_classes, batch_norm=True) if cfg.monitor else None)
-    tx, lr_schedule = common.optimizer_from_config(config, data_info)
-    mean, std = common.normalization(config)
+    tx, lr_schedule = interface.optimizer_from_config(config, data_info)
+    mean, std = interface.normalization(config)
     return Setup(cfg=cfg, backbone=backbone, head=head, monitor=monitor, tx=tx,
                  lr_schedule=lr_schedule, dims=dims, mean=mean, std=std,
                  total_steps=data_info.total_steps, eval_feature=config.eval.feature)
@@ -480,7 +480,7 @@ def make_views(cfg, images, key) -> dict:
 
 def tf_views(cfg, image, seed) -> dict:
     """The same views on the host with TensorFlow (streamed TFDS data, e.g. ImageNet)."""
-    return host_views.obow_views(
+    return host_views.tf_obow_views(
         image, seed, teacher_size=cfg.teacher_size, teacher_resize=cfg.teacher_resize,
         flip=cfg.flip, num_crops=cfg.num_crops, crop_size=cfg.crop_size,
         crop_scale=tuple(cfg.crop_scale), num_patches=cfg.num_patches,
@@ -521,7 +521,7 @@ def monitor_loss(s: Setup, params, batch_stats, feats, labels):
     logits, updates = s.monitor.apply({"params": params, "batch_stats": batch_stats},
                                       feats[s.cfg.monitor_feature], train=True,
                                       mutable=["batch_stats"])
-    loss = common.cross_entropy(logits, labels)
+    loss = interface.cross_entropy(logits, labels)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, updates["batch_stats"], {"monitor_loss": loss, "monitor_accuracy": accuracy}
 
@@ -579,14 +579,14 @@ def train_step(s: Setup, state: OBoWState, batch):
 def encode(s: Setup, state: OBoWState, images):
     """Frozen features of uint8 images [B, H, W, 3] -> [B, D]: the student backbone's
     `config.eval.feature`, eval-mode BatchNorm, pooled."""
-    return common.encode_with(s.backbone, common.backbone_variables(state), images,
+    return interface.encode_with(s.backbone, interface.backbone_variables(state), images,
                               s.eval_feature, s.mean, s.std)
 
 
-def create(config, data_info: common.DataInfo) -> common.Method:
+def create(config, data_info: interface.DataInfo) -> interface.Method:
     """OBoW's `Method` for `config` (ValueError naming the field for a bad config)."""
     s = setup(config, data_info)
-    return common.Method(init_state=functools.partial(init_state, s),
+    return interface.Method(init_state=functools.partial(init_state, s),
                          train_step=functools.partial(train_step, s),
                          make_views=functools.partial(make_views, s.cfg),
                          encode=functools.partial(encode, s),

@@ -17,7 +17,7 @@ import optax
 
 from bow_jax.data import geometric
 from bow_jax.lib.state import TrainState
-from bow_jax.methods import common
+from bow_jax.methods import interface
 from bow_jax.models import heads
 from bow_jax.models.norm import BatchNorm
 
@@ -81,16 +81,16 @@ class Setup:
     eval_feature: str  # config.eval.feature
 
 
-def setup(config, data_info: common.DataInfo) -> Setup:
+def setup(config, data_info: interface.DataInfo) -> Setup:
     """The network, optimizer and sizes of `config`; ValueError naming a bad field."""
     cfg = config.rotnet
     if cfg.head not in ("linear", "residual"):
         raise ValueError(f"config.rotnet.head={cfg.head!r}; expected 'linear' or 'residual'.")
-    backbone = common.backbone_from_config(config)
+    backbone = interface.backbone_from_config(config)
     model = RotNetModel(backbone=backbone, head=cfg.head, head_feature=cfg.head_feature,
                         name=None)
-    tx, lr_schedule = common.optimizer_from_config(config, data_info)
-    mean, std = common.normalization(config)
+    tx, lr_schedule = interface.optimizer_from_config(config, data_info)
+    mean, std = interface.normalization(config)
     height = data_info.image_shape[0]
     return Setup(cfg=cfg, backbone=backbone, model=model, tx=tx, lr_schedule=lr_schedule,
                  mean=mean, std=std, height=height, crop=cfg.crop_size or height,
@@ -128,12 +128,12 @@ def rotation_loss(s: Setup, params, batch_stats, inputs, labels):
     Returns (loss, (new batch_stats, logits))."""
     (logits, _), updates = s.model.apply({"params": params, "batch_stats": batch_stats}, inputs,
                                          train=True, mutable=["batch_stats"])
-    return common.cross_entropy(logits, labels), (updates["batch_stats"], logits)
+    return interface.cross_entropy(logits, labels), (updates["batch_stats"], logits)
 
 
 def train_step(s: Setup, state: TrainState, batch):
     """One SGD step on all 4 rotations of every image of batch['image'] (uint8 [B, H, H, 3])."""
-    inputs, labels = geometric.rotate4(common.to_network_input(batch["image"], s.mean, s.std))
+    inputs, labels = geometric.rotate4(interface.to_network_input(batch["image"], s.mean, s.std))
     loss_fn = functools.partial(rotation_loss, s, batch_stats=state.batch_stats, inputs=inputs,
                                 labels=labels)
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -146,20 +146,20 @@ def train_step(s: Setup, state: TrainState, batch):
 
 def encode(s: Setup, state: TrainState, images):
     """Frozen features [B, D] of uint8 images: `config.eval.feature`, eval-mode BN, pooled."""
-    return common.encode_with(s.backbone, common.backbone_variables(state), images,
+    return interface.encode_with(s.backbone, interface.backbone_variables(state), images,
                               s.eval_feature, s.mean, s.std)
 
 
 def pretext_scores(s: Setup, state: TrainState, images):
     """Rotation accuracy per image (mean over its 4 rotations), eval-mode BatchNorm."""
-    inputs, labels = geometric.rotate4(common.to_network_input(images, s.mean, s.std))
+    inputs, labels = geometric.rotate4(interface.to_network_input(images, s.mean, s.std))
     logits, _ = s.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                               inputs, train=False)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {"rotation_accuracy": correct.reshape(-1, 4).mean(axis=1)}
 
 
-def create(config, data_info: common.DataInfo) -> common.Method:
+def create(config, data_info: interface.DataInfo) -> interface.Method:
     """RotNet's `Method` for `config`."""
-    return common.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
+    return interface.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
                        make_views=make_views, encode=encode, pretext_scores=pretext_scores)

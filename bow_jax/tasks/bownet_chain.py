@@ -41,11 +41,11 @@ from jax.experimental import multihost_utils
 
 from bow_jax.bow import build
 from bow_jax.data.splits import load_split
-from bow_jax.evaluate import features, runner
+from bow_jax.protocols import features, runner
 from bow_jax.lib import checkpoint, files, logs, sharding
-from bow_jax.methods import bownet, common, data_info_for
+from bow_jax.methods import bownet, interface, data_info_for
 from bow_jax.models import feature_dims
-from bow_jax.tasks import common as task_common
+from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
 
 READS_RUN = False
@@ -80,7 +80,7 @@ def rotnet_config(config) -> ml_collections.ConfigDict:
     block = config.bownet.rotnet
     if "method" not in block or block.method != "rotnet":
         raise ValueError("config.bownet.rotnet must be a full RotNet config (base_config("
-                         "'rotnet'), e.g. loaded with bow_jax.config.load_config_file); got "
+                         "'rotnet'), e.g. loaded with bow_jax.config.get_recipe); got "
                          f"{sorted(block.keys()) or 'an empty block'}.")
     return _share_chain_fields(_copy(block), config)
 
@@ -149,7 +149,7 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
     index), so only the kept vectors travel to the host and memory stays O(cap).
     """
     cfg = config.bownet
-    mean, std = common.normalization(config)
+    mean, std = interface.normalization(config)
     batch = config.eval.batch_size
     sharding.check_divisible(batch, mesh.size, "config.eval.batch_size", "the number of devices")
     shape = feature_dims(teacher, (1,) + images.shape[1:])[cfg.teacher_layer]
@@ -157,7 +157,7 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
     keep = build.locations_per_image(cfg.vocab_max_vectors, len(images), locations)
 
     def sample(variables, x, key):
-        out = teacher.apply(variables, common.to_network_input(x, mean, std), train=False)
+        out = teacher.apply(variables, interface.to_network_input(x, mean, std), train=False)
         return build.keep_locations(key, build.dense_vectors(out[cfg.teacher_layer], cfg.border),
                                     keep)
 
@@ -166,7 +166,7 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
     return kept.reshape(-1, kept.shape[-1])
 
 
-def build_vocabulary(config, teacher_workdir: str, path: str) -> dict:
+def build_stage_vocabulary(config, teacher_workdir: str, path: str) -> dict:
     """k-means vocabulary of the frozen teacher in `teacher_workdir` → `path` (npz, atomic).
 
     Returns the metadata stored beside the centroids: teacher checkpoint and step, layer, border,
@@ -215,7 +215,7 @@ def vocabulary_stage(config, teacher_workdir: str, path: str) -> str:
                                layer=cfg.teacher_layer, border=cfg.border,
                                num_words=cfg.num_words, channels=channels, path=path)
         return "reused"
-    build_vocabulary(config, teacher_workdir, path)
+    build_stage_vocabulary(config, teacher_workdir, path)
     return "ran"
 
 
@@ -236,12 +236,12 @@ def _read_json(path: str) -> Optional[dict]:
 
 def _encode(backbone, feature, mean, std, variables, images):
     """Frozen backbone features of one named output (pooled); `variables` = backbone variables."""
-    return common.encode_with(backbone, variables, images, feature, mean, std)
+    return interface.encode_with(backbone, variables, images, feature, mean, std)
 
 
 def _encode_state(backbone, feature, mean, std, state, images):
     """The same from a RotNet or BoWNet training state (its 'backbone' sub-tree)."""
-    variables = common.backbone_variables(state)
+    variables = interface.backbone_variables(state)
     return _encode(backbone, feature, mean, std, variables, images)
 
 
@@ -269,11 +269,11 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
     missing = [f for f in features if f not in have]
     if not missing:
         return have, "reused"
-    with task_common.restore(config, workdir) as run_:
+    with common.restore(config, workdir) as run_:
         train_data, method, mesh, state = run_.train_data, run_.method, run_.mesh, run_.state
     test_data = load_split(config, "test")
-    backbone = common.backbone_from_config(config)
-    mean, std = common.normalization(config)
+    backbone = interface.backbone_from_config(config)
+    mean, std = interface.normalization(config)
     pretext = None
     for feature in missing:
         # The method with its encoder pointed at `feature`; its pretext task is scored once.
@@ -297,13 +297,13 @@ def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
     missing = [f for f in features if f not in have]
     if missing:
         train_data, test_data = load_split(config, "train"), load_split(config, "test")
-        backbone = common.backbone_from_config(config)
-        mean, std = common.normalization(config)
+        backbone = interface.backbone_from_config(config)
+        mean, std = interface.normalization(config)
         variables = backbone.init(jax.random.key(config.seed),
                                   np.zeros((1,) + train_data.image_shape, np.float32), train=False)
         mesh = sharding.make_mesh()
         for feature in missing:
-            scoring = common.Method(init_state=None, train_step=None, make_views=None,
+            scoring = interface.Method(init_state=None, train_step=None, make_views=None,
                                     encode=functools.partial(_encode, backbone, feature, mean, std))
             scored = runner.score(scoring, variables, train_data, test_data, config, mesh)
             have[feature] = {"settings": settings, **scored}

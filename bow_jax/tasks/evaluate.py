@@ -8,7 +8,7 @@ folders; arrays), sharded over the processes, and their features cached in
 import ml_collections
 
 from bow_jax.data import fields
-from bow_jax.evaluate import checks, runner
+from bow_jax.protocols import checks, runner
 from bow_jax.lib import checkpoint
 from bow_jax.tasks import common
 
@@ -43,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     e.knn = True
     e.knn_k = 20  # neighbours of the weighted k-NN (cosine, exp(s / 0.07) weights)
     e.every_steps = 0  # > 0: k-NN monitor during training every N steps and at the end
-    #                    (evaluate/monitor.py; logged as knn_top1); 0 = off
+    #                    (protocols/monitor.py; logged as knn_top1); 0 = off
     e.monitor_memory = 10_000  # its memory: the first N training images
     e.monitor_queries = 5_000  # its queries: the first N test images
     e.test_limit = 0  # evaluate on the first N test images (0 = all)

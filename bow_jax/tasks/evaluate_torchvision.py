@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from bow_jax.data.splits import load_split
-from bow_jax.evaluate import runner
+from bow_jax.protocols import runner
 from bow_jax.export import torchvision
 from bow_jax.lib import sharding
-from bow_jax.methods import common
+from bow_jax.methods import interface
 
 READS_RUN = False
 SECTION = None  # reads config.export.path, config.model and config.eval
@@ -28,13 +28,13 @@ def run(config, workdir: str, path: str = "") -> dict:
         raise ValueError("config.export.path: set the .pth file to evaluate.")
     backbone, variables = torchvision.encode_torchvision_checkpoint(
         path, config.model.name, config.model.kwargs.to_dict())
-    mean, std = common.normalization(config)
+    mean, std = interface.normalization(config)
 
     def encode(v, x):
-        return common.encode_with(backbone, v, x, config.eval.feature, mean, std)
+        return interface.encode_with(backbone, v, x, config.eval.feature, mean, std)
 
     # runner.score reads a method's encoder (a torchvision file has no pretext task to score).
-    scorer = common.Method(init_state=None, train_step=None, make_views=None, encode=encode)
+    scorer = interface.Method(init_state=None, train_step=None, make_views=None, encode=encode)
     mesh = sharding.make_mesh()
     train, test = load_split(config, "train"), load_split(config, "test")
     results = {f"torchvision {os.path.basename(path)}":

@@ -6,7 +6,7 @@ The fine-tuning is checkpointed at the end of every epoch in
 <workdir>/eval/finetune/<network>/<subset name>/checkpoints (network: e.g. 'obow_step_200';
 subset name: '1%', '10%' or the subset file's name; the last 2 kept) and resumed from there by
 the same command after a stop (SIGTERM / SIGINT save the current step and raise
-`finetune.FinetuneStopped`) or a crash; once finished, a rerun reads the result from its last
+`semisupervised.FinetuneStopped`) or a crash; once finished, a rerun reads the result from its last
 checkpoint. Another seed or recipe for the same network and subset is refused (ValueError naming
 what differs): remove that folder first."""
 import json
@@ -20,10 +20,10 @@ from bow_jax.lib import logs
 from bow_jax.data import datasets
 from bow_jax.data.eval_input import evaluation_data_field, evaluation_input
 from bow_jax.data.splits import load_split
-from bow_jax.evaluate import finetune
+from bow_jax.protocols import semisupervised
 from bow_jax.export import torchvision
 from bow_jax.lib import files
-from bow_jax.methods import common as method_common
+from bow_jax.methods import interface
 from bow_jax.tasks import common
 
 READS_RUN = False
@@ -31,7 +31,7 @@ SECTION = "finetune"
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """config.finetune; the defaults are the OBoW recipe (evaluate/finetune.py)."""
+    """config.finetune; the defaults are the OBoW recipe (protocols/semisupervised.py)."""
     f = ml_collections.ConfigDict()
     f.preset = "1percent"  # '1percent' | '10percent': percent, epochs and milestones
     f.percent = 0.0  # > 0 overrides the preset's percentage of labels
@@ -72,7 +72,8 @@ def results_table(results: dict) -> str:
 
 
 def write_finetune_results(workdir: str, network: str, name: str, result: dict) -> dict:
-    """Adds result under results[network][name] in <workdir>/eval/finetune.json (+ .md), atomic."""
+    """Adds result under results[network][name] in <workdir>/eval/finetune.json (+ .md),
+    atomic."""
     out_dir = os.path.join(workdir, "eval")
     path = os.path.join(out_dir, "finetune.json")
     results = {}
@@ -97,11 +98,11 @@ def pretrained_backbone(config, workdir: str):
         return backbone, variables, f"torchvision {os.path.basename(path)}"
     with common.restore_trained(config, workdir, "fine-tune") as run_:
         variables = jax.device_get(run_.method.backbone_variables(run_.state))
-    return (method_common.backbone_from_config(config), variables,
+    return (interface.backbone_from_config(config), variables,
             f"{config.method} step {run_.restored_step}")
 
 
-def labelled_subset(config, train):
+def subset_indices(config, train):
     """Indices of the labelled subset from config.finetune.subset_file (image folders: file names
     or indices), or None (then `finetune` draws a class-balanced subset with a seed)."""
     cfg = config.finetune
@@ -109,13 +110,13 @@ def labelled_subset(config, train):
         return None
     # Image folders: the names of the examples actually loaded, in order.
     names = list(train.filenames) if config.data.source == "image_folder" else None
-    return finetune.read_subset_file(cfg.subset_file, len(train), names)
+    return semisupervised.read_subset_file(cfg.subset_file, len(train), names)
 
 
 def streamed_positions(config, train):
     """The labelled subset's positions in a streamed TFDS split, read (and checked: a name the
     split lacks is a ValueError naming config.finetune.subset_file) before anything is loaded."""
-    return finetune.tfds_subset_positions(train, finetune.recipe(config.finetune), logs.say)
+    return semisupervised.tfds_subset_positions(train, semisupervised.recipe(config.finetune), logs.say)
 
 
 def finetune_test_input(config):
@@ -133,7 +134,7 @@ def subset_name(cfg) -> str:
     percentage) or the basename of config.finetune.subset_file."""
     if cfg.subset_file:
         return os.path.basename(cfg.subset_file)
-    return f"{finetune.recipe(cfg)['percent']:g}%"
+    return f"{semisupervised.recipe(cfg)['percent']:g}%"
 
 
 def run(config, workdir: str) -> dict:
@@ -142,27 +143,27 @@ def run(config, workdir: str) -> dict:
     resume: see the module docstring.
 
     A streamed TFDS training split (config.data.in_memory=False, ImageNet) is fine-tuned by
-    `finetune.finetune_streamed` with the test split read by `evaluation_input`; other data are
-    loaded into memory (`finetune.finetune`)."""
+    `semisupervised.finetune_streamed` with the test split read by `evaluation_input`; other data are
+    loaded into memory (`semisupervised.finetune`)."""
     cfg = config.finetune
     backbone, variables, network = pretrained_backbone(config, workdir)  # torch before TF
     train = load_split(config, "train")
     streamed = isinstance(train, datasets.TfdsSource)
     positions = streamed_positions(config, train) if streamed else None  # checked before training
-    mean, std = method_common.normalization(config)
+    mean, std = interface.normalization(config)
     name = subset_name(cfg)
     checkpoints = os.path.join(workdir, "eval", "finetune", re.sub(r"[^\w.%-]+", "_", network),
                                name, "checkpoints")
     if streamed:
-        result = finetune.finetune_streamed(
+        result = semisupervised.finetune_streamed(
             backbone, variables, train, finetune_test_input(config), cfg, mean, std,
             seed=config.seed, positions=positions, log=logs.say,
             cache_dir=os.path.join(workdir, "finetune_cache") if cfg.cache_subset else None,
             checkpoint_dir=checkpoints)
     else:
-        result = finetune.finetune(backbone, variables, train, load_split(config, "test"), cfg,
+        result = semisupervised.finetune(backbone, variables, train, load_split(config, "test"), cfg,
                                    mean, std, seed=config.seed,
-                                   subset=labelled_subset(config, train), log=logs.say,
+                                   subset=subset_indices(config, train), log=logs.say,
                                    checkpoint_dir=checkpoints)
     write_finetune_results(workdir, network, name, result)
     logs.say(f"Fine-tuning ({name} of the labels): test top-1 {100 * result['top1']:.2f}%, "

@@ -2,9 +2,9 @@
 from typing import Callable, Iterable, Optional
 
 
-from bow_jax import train
+from bow_jax import pretrain
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import checks, monitor
+from bow_jax.protocols import checks, monitor
 from bow_jax.lib import files, logs
 from bow_jax.tasks import common, evaluate
 
@@ -16,7 +16,7 @@ def default_config():
     return None
 
 
-def knn_monitor(run_: common.Run):
+def training_monitor(run_: common.Run):
     """The k-NN monitor of config.eval.every_steps (None when 0), on the evaluation's data
     (config.eval.data when set); an in-memory training split of that data is reused as its
     memory."""
@@ -39,7 +39,7 @@ def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Op
         files.write_config_json(workdir, config)
         if run_.restored_step is not None:
             logs.say(f"resumed from {run_.checkpointer.directory} at step {run_.restored_step}")
-        state = train.train(run_, hooks, knn_monitor(run_))
+        state = pretrain.train(run_, hooks, training_monitor(run_))
     if state is None or not config.eval.after_training:
         return None
     return evaluate.score_states(run_, [state])

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import augmented_linear, fewshot, linear
+from bow_jax.protocols import augmented_linear, fewshot, linear
 
 
 class MissingSplitError(FileNotFoundError, ValueError):
@@ -207,7 +207,7 @@ def check_evaluation_data(config) -> None:
     if ev.linear:
         _check_linear(ev, train)
         if linear.PROTOCOLS[ev.linear_protocol].get("augment"):  # trained on images: batch, source
-            augmented_linear.check_config(config, train.num_examples)
+            augmented_linear.check_probe_config(config, train.num_examples)
     if ev.knn:
         _check_knn(ev, train)
     if ev.fewshot:

@@ -22,7 +22,7 @@ from bow_jax.lib import sharding, writers
 Encode = Callable[[jax.Array], jax.Array]
 
 
-def hflip(images: jax.Array) -> jax.Array:
+def hflip_batch(images: jax.Array) -> jax.Array:
     """Horizontal flip of NHWC images (the width axis)."""
     return images[:, :, ::-1, :]
 
@@ -58,7 +58,7 @@ def _jit_views(encode: Encode, mesh: Mesh, flip: bool):
     def views(variables, x, batch_key):
         f = encode if variables is None else functools.partial(encode, variables)
         f = f if batch_key is None else functools.partial(f, key=batch_key)
-        return (f(x), f(hflip(x))) if flip else f(x)
+        return (f(x), f(hflip_batch(x))) if flip else f(x)
 
     layout, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
     return jax.jit(views, in_shardings=(replicated, layout, replicated), out_shardings=layout)

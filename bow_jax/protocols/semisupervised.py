@@ -48,7 +48,7 @@ import optax
 
 from bow_jax.lib import logs
 from bow_jax.data import augment, datasets, eval_input, pipeline
-from bow_jax.evaluate import cache, features
+from bow_jax.protocols import cache, features
 from bow_jax.lib import checkpoint, schedules, sharding, stop
 from bow_jax.lib.state import TrainState
 from bow_jax.models import check_feature_names, feature_dims, heads

@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from bow_jax.data import augment, datasets, eval_input, pipeline
-from bow_jax.evaluate import cache, linear
+from bow_jax.protocols import cache, linear
 from bow_jax.lib import checkpoint, files, logs, sharding, stop, writers
 
 RUN_AHEAD_STEPS = 2  # steps the host may dispatch ahead of the device (as train.py)
@@ -471,7 +471,7 @@ def probe_for_score(config, encode: Callable, variables, train_input: eval_input
         train_feats=train_x.feats, train_labels=train_x.labels)
 
 
-def check_config(config, num_train_examples: int) -> None:
+def check_probe_config(config, num_train_examples: int) -> None:
     """Before training: the augmented probe's settings fit the devices and the data (called by
     `evaluate.checks` when the protocol has 'augment'). ValueError naming the field."""
     ev, protocol = config.eval, linear.PROTOCOLS[config.eval.linear_protocol]

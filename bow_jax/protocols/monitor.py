@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 
 from bow_jax.data import eval_input
-from bow_jax.evaluate import cache, knn
+from bow_jax.protocols import cache, knn
 from bow_jax.lib import sharding
 
 

@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bow_jax.data import datasets, eval_input
-from bow_jax.evaluate import features
+from bow_jax.protocols import features
 from bow_jax.lib import checkpoint, files, logs, sharding, writers
 
 CACHE_VERSION = 1

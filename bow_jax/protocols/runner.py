@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bow_jax.data import eval_input
-from bow_jax.evaluate import augmented_linear, cache, fewshot, knn, linear
+from bow_jax.protocols import augmented_linear, cache, fewshot, knn, linear
 from bow_jax.lib import files, logs, writers
 
 

@@ -1,1 +1,0 @@
-"""bow_jax.evaluate."""

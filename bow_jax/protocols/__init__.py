@@ -1,0 +1,1 @@
+"""bow_jax.protocols."""
