@@ -48,6 +48,10 @@ def shared_fields(method: str) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.keep_every_steps = 0  # also keep every K-th step's checkpoint (0 = none)
+    # A jax.profiler trace of steps [start, start + count) into <workdir>/profile/ (TensorBoard's
+    # profile plugin or Perfetto); count 0 = off.
+    c.profile_start_step = 10
+    c.profile_num_steps = 0
     return c
 
 
