@@ -78,7 +78,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bow_jax.data import pipeline  # noqa: E402
+from bow_jax.data import batches, datasets, pipeline  # noqa: E402
 from bow_jax.lib import files, sharding  # noqa: E402
 from bow_jax.methods import DataInfo, create_method  # noqa: E402
 from bow_jax.methods import interface  # noqa: E402
@@ -469,23 +469,22 @@ def write_result(path: str, rows, pipeline_rows, failed, cost_rows, complete: bo
 
 
 def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, n: int = 2048):
-    """Images/s of the in-memory path: gather a batch from the on-device dataset + make_views."""
-    from bow_jax import pretrain  # pylint: disable=import-outside-toplevel
+    """Images/s of the in-memory path: gather a batch from the on-device dataset + make_views
+    (the batches of `data.batches.training_batches`, as every training loop gets them)."""
     config = config.copy_and_resolve_references()
     config.batch_size = batch_size
     mesh = sharding.make_mesh()
     method = create_method(config, DataInfo((image_size, image_size, 3), n, n // batch_size,
                                             n // batch_size))
-    images = sharding.replicate(np.random.default_rng(0).integers(
-        0, 256, (n, image_size, image_size, 3), dtype=np.uint8), mesh)
-    labels = sharding.replicate(np.zeros(n, np.int32), mesh)
-    views = pretrain.compile_view_fn(method, mesh, 0)
-    index = lambda s: sharding.shard_batch(
-        np.arange(s * batch_size, (s + 1) * batch_size) % n, mesh)
-    jax.block_until_ready(views(images, labels, index(0), 0))
+    data = datasets.ArrayDataset(np.random.default_rng(0).integers(
+        0, 256, (n, image_size, image_size, 3), dtype=np.uint8), np.zeros(n, np.int32), 1,
+        "random")
+    source = batches.training_batches(data, batch_size=batch_size, seed=0, mesh=mesh,
+                                      start_step=0, device_views=method.make_views)
+    jax.block_until_ready(next(source))
     start = time.perf_counter()
-    for s in range(steps):
-        out = views(images, labels, index(s), s)
+    for _ in range(steps):
+        out = next(source)
     jax.block_until_ready(out)
     return batch_size * steps / (time.perf_counter() - start)
 

@@ -69,7 +69,11 @@ def main(process_id: int, port: int, workdir: str, mode: str):
     open(os.path.join(workdir, f"started_{process_id}"), "w", encoding="utf-8").close()
     from bow_jax.tasks import train as train_task  # pylint: disable=import-outside-toplevel
     config = evaluated_config() if mode == "evaluate" else tiny_config()
-    train_task.run(config, workdir, hooks=[fault_hook(process_id, mode)])
+    from bow_jax.lib import stop  # pylint: disable=import-outside-toplevel
+    try:
+        train_task.run(config, workdir, hooks=[fault_hook(process_id, mode)])
+    except stop.Stopped:  # the agreed stop: this process saved the same step as the other
+        pass
     from bow_jax.tasks import common  # pylint: disable=import-outside-toplevel
     with common.restore(config, workdir) as run:
         print(f"RESULT {process_id} {run.restored_step}", flush=True)

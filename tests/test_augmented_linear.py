@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from bow_jax import tasks
+from bow_jax.data import batches as batch_source
 from bow_jax.data import datasets, eval_input
 from bow_jax.protocols import augmented_linear as AL
 from bow_jax.protocols import checks, linear, runner
-from bow_jax.lib import sharding
+from bow_jax.lib import sharding, stop, writers
 from bow_jax.tasks import common
 
 torch = pytest.importorskip("torch")
@@ -117,12 +118,11 @@ def test_device_views_are_keyed_crops_and_flips():
     (1, 1) and a square image the crop is the whole image, so each view is it or its mirror."""
     data = _arrays(8, 2)
     key = jax.random.key(4)
-    a = AL.device_probe_views(data.images, data.labels, jnp.arange(8), key, 8)
-    b = AL.device_probe_views(data.images, data.labels, jnp.arange(8), key, 8)
+    a = batch_source.crop_flip_views(data.images, key, crop=8, scale=AL.SCALE)
+    b = batch_source.crop_flip_views(data.images, key, crop=8, scale=AL.SCALE)
     assert a["image"].shape == (8, 8, 8, 3) and a["image"].dtype == jnp.uint8
     np.testing.assert_array_equal(a["image"], b["image"])
-    whole = AL.device_probe_views(data.images, data.labels, jnp.arange(8), key, SIDE,
-                                  scale=(1.0, 1.0))["image"]
+    whole = batch_source.crop_flip_views(data.images, key, crop=SIDE, scale=(1.0, 1.0))["image"]
     flipped = [np.array_equal(v, x[:, ::-1]) for v, x in zip(np.asarray(whole), data.images)]
     same = [np.array_equal(v, x) for v, x in zip(np.asarray(whole), data.images)]
     assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
@@ -146,9 +146,12 @@ def test_resumed_probe_equals_uninterrupted(tmp_path):
     encode, variables, _ = _toy()
     data, run = _arrays(48, 5), _run()
     assert run.steps_per_epoch == 6 and run.total_steps == 12
-    through, history = AL.train_head(encode, variables, data, 48, run,
-                                     checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4)
-    assert len(history["lr"]) == 2 and history["lr"][1] < history["lr"][0]
+    through = AL.train_head(encode, variables, data, 48, run,
+                            checkpoint_dir=str(tmp_path / "a" / "checkpoints"), checkpoint_every=4)
+    # The driver's metric rows: one per epoch, in the probe's folder, the lr set per epoch.
+    rows = writers.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [6, 12] and rows[1]["lr"] < rows[0]["lr"]
+    assert {"loss", "top1", "lr"} <= set(rows[0])
 
     def stop_at_5(done):
         if done == 5:
@@ -158,9 +161,9 @@ def test_resumed_probe_equals_uninterrupted(tmp_path):
         AL.train_head(encode, variables, data, 48, run, checkpoint_dir=str(tmp_path / "b"),
                       checkpoint_every=4, hooks=[stop_at_5])
     seen = []
-    resumed, _ = AL.train_head(encode, variables, data, 48, run,
-                               checkpoint_dir=str(tmp_path / "b"), checkpoint_every=4,
-                               hooks=[seen.append])
+    resumed = AL.train_head(encode, variables, data, 48, run,
+                            checkpoint_dir=str(tmp_path / "b"), checkpoint_every=4,
+                            hooks=[seen.append])
     assert seen == list(range(5, 13))
     jax.tree.map(np.testing.assert_array_equal, resumed, through)
     # A SIGTERM after step 5: step 5 is saved (off the every-4 grid) and the rerun resumes there.
@@ -168,14 +171,14 @@ def test_resumed_probe_equals_uninterrupted(tmp_path):
         if done == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(AL.ProbeStopped, match="step 5/12"):
+    with pytest.raises(stop.Stopped, match="step 5/12, saved in .*same command resumes"):
         AL.train_head(encode, variables, data, 48, run, checkpoint_dir=str(tmp_path / "c"),
                       checkpoint_every=4, hooks=[sigterm_at_5])
     assert sorted(os.listdir(tmp_path / "c")) == ["4", "5"]
     seen.clear()
-    resumed, _ = AL.train_head(encode, variables, data, 48, run,
-                               checkpoint_dir=str(tmp_path / "c"), checkpoint_every=4,
-                               hooks=[seen.append])
+    resumed = AL.train_head(encode, variables, data, 48, run,
+                            checkpoint_dir=str(tmp_path / "c"), checkpoint_every=4,
+                            hooks=[seen.append])
     assert seen == list(range(6, 13))
     jax.tree.map(np.testing.assert_array_equal, resumed, through)
     init = AL.init_head(CLASSES, DIM, run.protocol, run.seed).variables
@@ -278,8 +281,8 @@ def test_tfds_views_are_deterministic_per_seed_and_step(tiny_tfds):
     mesh = sharding.make_mesh()
 
     def batches(start, count, seed=0):
-        it = AL.device_batches(data, n, batch_size=8, crop=8, seed=seed, mesh=mesh,
-                               start_step=start)
+        it = AL.probe_batches(data, n, batch_size=8, crop=8, seed=seed, mesh=mesh,
+                              start_step=start)
         return [jax.tree.map(np.asarray, next(it)) for _ in range(count)]
 
     full = batches(0, 4)  # 2 steps per epoch (16 of the 24 images): two epochs

@@ -16,10 +16,11 @@ from flax import traverse_util
 from PIL import Image
 
 from bow_jax.config import base_config
+from bow_jax.data import batches as batch_source
 from bow_jax.data import datasets, pipeline
 from bow_jax.protocols import semisupervised as ft
 from bow_jax.tasks import finetune as finetune_task
-from bow_jax.lib import checkpoint
+from bow_jax.lib import checkpoint, stop, writers
 from bow_jax.lib.state import TrainState
 from bow_jax.models import ResNet
 
@@ -144,8 +145,8 @@ def test_two_learning_rates_reach_the_right_parameters():
 
 def test_views_are_random_resized_crops_and_flips():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 12, 12, 3), np.uint8))
-    views = jax.jit(lambda k, x: ft.train_views(k, x, 8, (0.5, 1.0), flip=True))(
-        jax.random.key(0), images)
+    views = jax.jit(lambda k, x: batch_source.crop_flip_views(x, k, crop=8, scale=(0.5, 1.0)))(
+        jax.random.key(0), images)["image"]
     assert views.shape == (4, 8, 8, 3) and views.dtype == jnp.uint8
     full = jax.jit(lambda x: ft.eval_views(x, 8))(images)
     assert full.shape == (4, 8, 8, 3) and full.dtype == jnp.uint8
@@ -156,7 +157,7 @@ def test_views_are_random_resized_crops_and_flips():
 # A tiny real run.
 
 
-def test_tiny_finetune_on_digits_beats_chance(tmp_path):
+def test_tiny_finetune_on_digits_beats_chance(tmp_path, capsys):
     train = datasets.load_digits("train", image_size=8)
     test = datasets.load_digits("test", image_size=8)
     backbone = small_backbone((1, 1), width=8)
@@ -174,7 +175,9 @@ def test_tiny_finetune_on_digits_beats_chance(tmp_path):
                          cfg, (0.5,) * 3, (0.25,) * 3, seed=0, log=logs.append)
     assert result["num_labelled"] == len(ft.balanced_subset(train.labels, 10))
     assert 9.5 < result["percent"] < 10.5
-    assert [e for e, _, _ in result["history"]] == [5, 10] and len(logs) == 2
+    assert [e for e, _, _ in result["history"]] == [5, 10] and logs == []  # nothing resumed
+    rows = [line for line in capsys.readouterr().out.splitlines() if "test_top1=" in line]
+    assert len(rows) == 2 and all(line.startswith("finetune: step ") for line in rows)
     assert result["top5"] >= result["top1"]
     assert result["milestones"] == [6, 8]
     assert result["top1"] > 0.3, result  # chance is 0.1
@@ -218,7 +221,7 @@ def _digits_run(tmp_path):
         cfg.update({**dict(preset="10percent", epochs=2, batch_size=16, crop_scale=(0.5, 1.0),
                            eval_every=1), **changes})
         return ft.finetune(backbone, variables, train, test, cfg, (0.5,) * 3, (0.25,) * 3,
-                           seed=seed, log=lambda _: None, checkpoint_dir=str(tmp_path / folder),
+                           seed=seed, log=lambda _: None, checkpoint_dir=str(tmp_path / folder / "checkpoints"),
                            hooks=hooks)
     return run
 
@@ -232,27 +235,32 @@ def test_finetune_stopped_by_sigterm_resumes_bit_for_bit(tmp_path):
     run = _digits_run(tmp_path)
     through = run("a")
     assert through["num_labelled"] == 143 and [e for e, _, _ in through["history"]] == [1, 2]
-    assert sorted(os.listdir(tmp_path / "a")) == ["16", "8"]  # every epoch, the last 2 kept
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["16", "8"]  # the last 2 kept
+    rows = writers.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))  # a row per epoch
+    assert [r["step"] for r in rows] == [8, 16]
+    assert [[r["test_top1"], r["test_top5"]] for r in rows] == [h[1:] for h in through["history"]]
 
     def sigterm_at_11(done):
         if done == 11:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(ft.FinetuneStopped, match="step 11/16, saved in .*same command resumes"):
+    with pytest.raises(stop.Stopped, match="step 11/16, saved in .*same command resumes"):
         run("b", hooks=[sigterm_at_11])
-    assert sorted(os.listdir(tmp_path / "b")) == ["11", "8"]
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["11", "8"]
     # A damaged newest checkpoint: the rerun falls back on epoch 1's (its history with it).
     shutil.copytree(tmp_path / "b", tmp_path / "c")
-    shutil.rmtree(tmp_path / "c" / "11" / "meta")
+    shutil.rmtree(tmp_path / "c" / "checkpoints" / "11" / "meta")
     seen = []
     assert run("c", hooks=[seen.append]) == through and seen == list(range(9, 17))
     seen.clear()
     assert run("b", hooks=[seen.append]) == through
     assert seen == list(range(12, 17))
-    want = _saved_state(tmp_path / "a", 16)
-    jax.tree.map(np.testing.assert_array_equal, _saved_state(tmp_path / "b", 16), want)
+    want = _saved_state(tmp_path / "a" / "checkpoints", 16)
+    got = _saved_state(tmp_path / "b" / "checkpoints", 16)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
     # The comparison can fail: training changed the parameters.
-    assert not np.array_equal(_saved_state(tmp_path / "b", 11)["params"]["head"]["fc"]["kernel"],
+    early = _saved_state(tmp_path / "b" / "checkpoints", 11)
+    assert not np.array_equal(early["params"]["head"]["fc"]["kernel"],
                               want["params"]["head"]["fc"]["kernel"])
     seen.clear()
     assert run("b", hooks=[seen.append]) == through and seen == []  # finished: nothing to train

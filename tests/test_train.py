@@ -14,7 +14,7 @@ from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
 from bow_jax.protocols import runner
 from bow_jax.data.splits import load_split
-from bow_jax.lib import sharding, writers
+from bow_jax.lib import sharding, stop, writers
 from bow_jax.config import base_config
 from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
 
@@ -81,7 +81,8 @@ def test_resume_and_sigterm_reach_the_uninterrupted_result(tmp_path):
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert train_task.run(config, term, hooks=[sigterm_at_1]) is None
+    with pytest.raises(stop.Stopped, match="step 1/4, saved in"):
+        train_task.run(config, term, hooks=[sigterm_at_1])
     assert final_state(config, term).step == 1
     train_task.run(config, term)
 

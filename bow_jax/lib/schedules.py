@@ -10,6 +10,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import optax
 
+from bow_jax.lib import errors
+
 
 def step_lr(base_lr: float, milestones: Sequence[int], decay: float, steps_per_epoch: int):
     """lr = base_lr · decay^(number of milestone epochs passed). RotNet/BoWNet step schedules."""
@@ -56,16 +58,23 @@ def make_lr_schedule(optim, steps_per_epoch: int, num_epochs: int):
                                        steps_per_epoch)
     if optim.schedule == "constant":
         return lambda step: jnp.asarray(optim.lr, jnp.float32)
-    raise ValueError(f"config.optim.schedule={optim.schedule!r}; expected 'step', 'cosine' or "
-                     "'constant'.")
+    raise errors.InputError(f"config.optim.schedule={optim.schedule!r}; expected 'step', "
+                            "'cosine' or 'constant'.")
+
+
+def torch_sgd(learning_rate, *, momentum: float = 0.9, nesterov: bool = False,
+              weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """PyTorch's SGD (torch.optim.SGD): weight decay added to the gradient of every parameter
+    (BN and biases too, as in the reference code), then momentum (optionally Nesterov), then the
+    learning rate (a float or a schedule of the step). The one SGD of every loop: pre-training,
+    the linear probes and fine-tuning."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
 
 
 def make_optimizer(optim, lr_schedule) -> optax.GradientTransformation:
-    """PyTorch-style SGD: weight decay added to the gradient of every parameter (BN and biases
-    too, as in the reference code), then momentum (optionally Nesterov), then the learning rate."""
+    """`torch_sgd` of config.optim (InputError naming config.optim.name for anything else)."""
     if optim.name != "sgd":
-        raise ValueError(f"config.optim.name={optim.name!r}; only 'sgd' is implemented.")
-    return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay),
-        optax.sgd(lr_schedule, momentum=optim.momentum, nesterov=optim.nesterov),
-    )
+        raise errors.InputError(f"config.optim.name={optim.name!r}; only 'sgd' is implemented.")
+    return torch_sgd(lr_schedule, momentum=optim.momentum, nesterov=optim.nesterov,
+                     weight_decay=optim.weight_decay)

@@ -42,12 +42,12 @@ def _import_tensorboardx():
 tensorboardX = _import_tensorboardx()
 
 
-def format_scalars(step: int, scalars: Mapping[str, float]) -> str:
+def format_scalars(step: int, scalars: Mapping[str, float], title: str = "") -> str:
     """One stdout line: 'step 20: loss=1.2345, lr=0.1 | 3.1 steps/s, 198 images/s, ETA 4 min'
-    (metrics sorted by name; the `Progress` figures last)."""
+    (metrics sorted by name; the `Progress` figures last), after '<title>: ' when given."""
     metrics = ", ".join(f"{k}={v:.5g}" for k, v in sorted(scalars.items())
                         if k not in PROGRESS_KEYS)
-    line = f"step {int(step)}: {metrics}"
+    line = f"{title + ': ' if title else ''}step {int(step)}: {metrics}"
     if "steps_per_s" in scalars:
         line += (f" | {scalars['steps_per_s']:.3g} steps/s, {scalars['images_per_s']:.4g} "
                  f"images/s, ETA {format_duration(60 * scalars['eta_min'])}")
@@ -67,16 +67,20 @@ def format_duration(seconds: float) -> str:
 
 class MetricWriter:
     """Writes scalars on process 0 only (stdout line, `<workdir>/<filename>` JSON lines, TensorBoard
-    event files in `workdir` when `tensorboard`); other processes get a silent writer."""
+    event files in `workdir` when `tensorboard`; workdir None: stdout only); other processes get a
+    silent writer."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl",
-                 start_step: Optional[int] = None):
+    def __init__(self, workdir: Optional[str], tensorboard: bool = True,
+                 filename: str = "metrics.jsonl", start_step: Optional[int] = None,
+                 title: str = ""):
         """`start_step`: the step training resumes from; JSON rows logged after it (by a run that
-        crashed after its last checkpoint) are dropped, so each step appears once in the file."""
+        crashed after its last checkpoint) are dropped, so each step appears once in the file.
+        `title`: what each stdout line starts with (e.g. 'linear probe step_4')."""
         self.active = jax.process_index() == 0
+        self.title = title
         self._jsonl = None
         self._tb = None
-        if self.active:
+        if self.active and workdir is not None:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, filename)
             if start_step is not None:
@@ -91,9 +95,10 @@ class MetricWriter:
         if not self.active:
             return
         scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        logs.say(format_scalars(step, scalars))
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        self._jsonl.flush()
+        logs.say(format_scalars(step, scalars, self.title))
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             for name, value in scalars.items():
                 self._tb.add_scalar(name, value, int(step))

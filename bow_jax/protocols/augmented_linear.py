@@ -10,12 +10,12 @@ PyTorch SGD with momentum and weight decay). The learning rate is set once per e
 donated step, data parallel over the mesh: the head state is replicated, the batch sharded on
 'data', so the gradient is the global mean.
 
-Data (`training_data`):
-* TFDS (`data.eval_input.TfdsInput`): streamed by `data.pipeline.tfds_train_views` with the
-  stateless tf.data crop + flip of `tf_probe_views` (host side, uint8 views).
+Data (`training_data`), from the one batch source (`data.batches.training_batches`):
+* TFDS (`data.eval_input.TfdsInput`): streamed by tf.data with the stateless crop + flip of
+  `batches.tf_crop_flip_views` (host side, uint8 views).
 * In-memory arrays (`ArraysInput`: npz, digits): the split lives on every device; the host
-  produces `pipeline.IndexLoader` indices and the device gathers, crops and flips
-  (`data.augment`), keyed by (seed, step).
+  produces the batch indices and the device gathers, crops and flips
+  (`batches.crop_flip_views`), keyed by (seed, step).
 * Image folders raise `UnsupportedSourceError` (not implemented yet: use TFDS, e.g.
   `tfds.ImageFolder`, or a precached protocol).
 Either way the views of step s are a function of (seed, s) only, so a resumed run sees the
@@ -24,25 +24,26 @@ batches an uninterrupted one would have seen.
 Epoch = num_examples // batch steps: the last, smaller batch is dropped (the official PyTorch
 DataLoader keeps it, so an official epoch has one more, smaller step when batch does not divide
 the split). Test input: the cached centre-crop test features (Resize 256 + CenterCrop 224 on
-ImageNet, `evaluate.cache.split_features`).
+ImageNet, `protocols.cache.split_features`).
 
-Resume: the head state (step, params, batch statistics, optimizer state) is checkpointed with
-`lib.checkpoint.Checkpointer` under `<workdir>/eval/linear/<tag>/checkpoints` every
-`config.eval.linear_checkpoint_every_steps` steps and at the end; a start restores the newest
-intact one and continues from its step. A SIGTERM / SIGINT (agreed by every process,
-`lib.stop`) saves the current step and raises `ProbeStopped`. The finished probe's result goes to
+The steps run on the step driver (`lib.loop`): the head state (step, params, batch statistics,
+optimizer state) is checkpointed under `<workdir>/eval/linear/<tag>/checkpoints` every
+`config.eval.linear_checkpoint_every_steps` steps and at the end, a row per epoch goes to
+`<workdir>/eval/linear/<tag>/metrics.jsonl` (and TensorBoard); a start restores the newest
+intact checkpoint and continues from its step. A SIGTERM / SIGINT (agreed by every process)
+saves the current step and raises `stop.Stopped`. The finished probe's result goes to
 `<workdir>/eval/linear/<tag>/result.json`, and a rerun with the same settings reads it instead of
 training. Checkpoints or a result written under other settings (epochs, batch, crop, another
 backbone state, ...) are refused with a ValueError naming what differs.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax
 import jax
@@ -50,21 +51,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bow_jax.data import augment, datasets, eval_input, pipeline
+from bow_jax.data import batches as batch_source
+from bow_jax.data import eval_input
 from bow_jax.protocols import cache, linear
-from bow_jax.lib import checkpoint, files, logs, sharding, stop, writers
+from bow_jax.lib import checkpoint, errors, files, logs, loop, schedules, sharding
 
-RUN_AHEAD_STEPS = 2  # steps the host may dispatch ahead of the device (as train.py)
 SCALE = (0.08, 1.0)  # RandomResizedCrop's area range in the official linear-probe transform
 _PROBE_STREAM = 0x1_1AE5  # separates the probe's data seed from the pre-training's
 
 
-class UnsupportedSourceError(NotImplementedError, ValueError):
+class UnsupportedSourceError(NotImplementedError, errors.InputError):
     """The augmented probe cannot stream this source yet (image folders)."""
-
-
-class ProbeStopped(stop.Stopped):
-    """A stop signal ended the probe; its step was checkpointed (with a workdir)."""
 
 
 @flax.struct.dataclass
@@ -89,10 +86,10 @@ def step_learning_rate(step: int, steps_per_epoch: int, protocol: dict) -> float
 
 
 def optimizer(lr, protocol: dict) -> optax.GradientTransformation:
-    """PyTorch SGD as in `linear`: d = g + wd·p on every parameter, then momentum, then lr."""
-    return optax.chain(optax.add_decayed_weights(protocol.get("weight_decay", 0.0)),
-                       optax.sgd(lr, momentum=protocol.get("momentum", 0.9),
-                                 nesterov=protocol.get("nesterov", False)))
+    """The protocol's PyTorch SGD (`schedules.torch_sgd`)."""
+    return schedules.torch_sgd(lr, momentum=protocol.get("momentum", 0.9),
+                               nesterov=protocol.get("nesterov", False),
+                               weight_decay=protocol.get("weight_decay", 0.0))
 
 
 def data_seed(seed: int) -> int:
@@ -125,61 +122,26 @@ def probe_crop(image_size: int, protocol: dict, train_input: eval_input.EvalInpu
         return int(protocol.get("crop") or train_input.transform.crop)
     height, width = train_input.image_shape[:2]
     if height != width:
-        raise ValueError(f"{train_input.name}: images are {height}x{width}; the probe's square "
-                         f"crops need config.eval.image_size.")
+        raise errors.InputError(
+            f"{train_input.name}: images are {height}x{width}; the probe's square "
+            f"crops need config.eval.image_size.")
     return int(height)
 
 
-# --------------------------------------------------------------------------------------- views
+# ------------------------------------------------------------------------------------- batches
 
 
-def tf_probe_views(crop: int, scale=SCALE) -> Callable:
-    """`view_fn(image, seed)` for `pipeline.tfds_train_views`: {'image': uint8 [crop, crop, 3]},
-    torchvision RandomResizedCrop(crop, scale) then RandomHorizontalFlip, stateless per seed."""
-    def view_fn(image, seed):
-        tf = pipeline.import_tensorflow()
-        crop_seed, flip_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2))
-        view = pipeline.tf_random_resized_crop(image, crop, scale, seed=crop_seed)
-        return {"image": pipeline.tf_flip(view, flip_seed)}
-    return view_fn
-
-
-def device_probe_views(images, labels, index, key, crop: int, scale=SCALE) -> dict:
-    """The same views on the device: gather images[index] (uint8 [B, H, W, 3]), one
-    RandomResizedCrop + flip per image from `key`; {'image': uint8 [B, crop, crop, 3], 'label'}.
-    The crop is rounded back to uint8, as PIL hands it to ToTensor."""
-    crop_key, flip_key = jax.random.split(key)
-    views = augment.random_resized_crop_batch(crop_key, images[index], crop, scale)
-    views = augment.random_flip_batch(flip_key, augment.to_uint8(views))
-    return {"image": views, "label": labels[index]}
-
-
-def device_batches(data, num_examples: int, *, batch_size: int, crop: int, seed: int, mesh,
-                   start_step: int) -> Iterator[dict]:
+def probe_batches(data, num_examples: int, *, batch_size: int, crop: int, seed: int, mesh,
+                  start_step: int):
     """Global batches {'image' uint8 [batch, crop, crop, 3], 'label' int32 [batch]} sharded on
-    'data', for steps start_step, start_step + 1, ... (see the module docstring)."""
+    'data', for steps start_step, start_step + 1, ...: RandomResizedCrop(crop, SCALE) + flip of
+    the first `num_examples` examples (`data.batches`; see the module docstring)."""
     seed = data_seed(seed)
-    if isinstance(data, datasets.TfdsSource):
-        split = data.split if num_examples >= data.num_examples else \
-            f"{data.split}[:{num_examples}]"
-        host = pipeline.tfds_train_views(
-            data.builder, split, global_batch=batch_size, seed=seed,
-            view_fn=tf_probe_views(crop), start_step=start_step, num_examples=num_examples)
-        for batch in host:
-            yield sharding.shard_batch(batch, mesh)
-        return
-    images = sharding.replicate(data.images[:num_examples], mesh)
-    labels = sharding.replicate(data.labels[:num_examples], mesh)
-    loader = pipeline.IndexLoader(num_examples, batch_size, seed, start_step=start_step)
-    views = jax.jit(device_probe_views, static_argnames=("crop",),
-                    out_shardings=sharding.batch_sharded(mesh))
-    view_key = jax.random.key(seed)
-    step = start_step
-    for batch in loader:
-        index = sharding.shard_batch(batch["index"], mesh)
-        yield views(images, labels, index, jax.random.fold_in(view_key, step), crop=crop)
-        step += 1
+    return batch_source.training_batches(
+        data, batch_size=batch_size, seed=seed, mesh=mesh, start_step=start_step,
+        device_views=functools.partial(batch_source.crop_flip_views, crop=crop, scale=SCALE),
+        host_views=batch_source.tf_crop_flip_views(crop, SCALE),
+        view_key=jax.random.key(seed), limit=num_examples)
 
 
 # ---------------------------------------------------------------------------------- head, step
@@ -197,7 +159,8 @@ def init_head(num_classes: int, feature_dim: int, protocol: dict, seed: int) -> 
 
 def head_update(state: HeadState, feats, labels, lr, *, num_classes: int, protocol: dict):
     """One SGD step of the head on features [B, D] (float32) and labels int32 [B]: mean
-    softmax cross-entropy, BatchNorm (if any) in train mode. Returns (state, {'loss', 'top1'})."""
+    softmax cross-entropy, BatchNorm (if any) in train mode. Returns (state, {'loss', 'top1',
+    'lr'})."""
     model = linear.LinearHead(num_classes, bool(protocol.get("batch_norm", False)))
     tx = optimizer(lr, protocol)
     variables = state.variables
@@ -214,7 +177,8 @@ def head_update(state: HeadState, feats, labels, lr, *, num_classes: int, protoc
     variables = {**variables, **updates,
                  "params": optax.apply_updates(variables["params"], deltas)}
     top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return HeadState(state.step + 1, variables, opt_state), {"loss": loss, "top1": top1}
+    metrics = {"loss": loss, "top1": top1, "lr": jnp.asarray(lr, jnp.float32)}
+    return HeadState(state.step + 1, variables, opt_state), metrics
 
 
 def compile_train_step(encode: Callable, num_classes: int, protocol: dict, mesh):
@@ -281,68 +245,38 @@ def _title(tag: str) -> str:
     return f"linear probe {tag}" if tag else "linear probe"
 
 
-def _log_checkpoint(run: ProbeRun, step: int, loss: float, where: str, tag: str) -> None:
-    epoch = step / run.steps_per_epoch
-    logs.say(f"{_title(tag)}: step {step}/{run.total_steps} (epoch "
-             f"{epoch:.2f}/{run.protocol['epochs']}), loss {loss:.4f}; checkpoint {where}")
+def probe_loop(run: ProbeRun, state: HeadState, encode: Callable, variables, data,
+               num_examples: int, mesh, checkpointer, checkpoint_every: int, hooks,
+               tag: str) -> loop.Loop:
+    """The `lib.loop.Loop` of the probe from `state.step`: one row per epoch (mean loss, top-1,
+    lr) into the probe's folder (the checkpoints' parent) when checkpointed."""
+    step_fn = compile_train_step(encode, run.num_classes, run.protocol, mesh)
 
+    def step(state, batch, index):
+        lr = step_learning_rate(index, run.steps_per_epoch, run.protocol)
+        return step_fn(state, variables, batch, jnp.float32(lr))
 
-def _epoch_steps(run: ProbeRun, epoch: int, start: int) -> range:
-    return range(max(start, epoch * run.steps_per_epoch), (epoch + 1) * run.steps_per_epoch)
-
-
-def _after_step(run: ProbeRun, done: int, state: HeadState, metrics: dict, checkpointer,
-                every: int, hooks, stopper: stop.AgreedStop, tag: str) -> None:
-    """Checkpoint when due, the hooks, then a stop signal (SIGTERM / SIGINT, agreed by every
-    process): the step is saved and ProbeStopped raised (a rerun resumes there)."""
-    due = done % every == 0 or done == run.total_steps
-    if checkpointer is not None and due:
-        checkpointer.save(done, state, run.settings)
-        _log_checkpoint(run, done, float(metrics["loss"]), checkpointer.folder(done), tag)
-    for hook in hooks:
-        hook(done)
-    if stopper.should_stop(done) and done < run.total_steps:
-        where = "not saved (no workdir)"
-        if checkpointer is not None:
-            if not due:
-                checkpointer.save(done, state, run.settings)
-            where = f"saved in {checkpointer.folder(done)}"
-        raise ProbeStopped(f"{_title(tag)} stopped by a signal at step {done}/"
-                           f"{run.total_steps}, {where}; the same command resumes it.")
-
-
-def _train_steps(run: ProbeRun, state: HeadState, step_fn, variables, batches: Iterator,
-                 checkpointer, every: int, hooks, tag: str, stopper: stop.AgreedStop):
-    """Runs the steps from `state.step` to `run.total_steps`; returns (state, history)."""
-    start = int(state.step)
-    history, in_flight = {"lr": [], "loss": []}, collections.deque()
-    first_epoch = start // run.steps_per_epoch
-    epochs = range(first_epoch, run.protocol["epochs"])
-    for epoch in writers.progress(epochs, len(epochs), _title(tag), "epoch"):
-        lr = step_learning_rate(epoch * run.steps_per_epoch, run.steps_per_epoch, run.protocol)
-        loss_sum, count = jnp.zeros(()), 0
-        for step in _epoch_steps(run, epoch, start):
-            if len(in_flight) >= RUN_AHEAD_STEPS:  # bound the views queued on the device
-                jax.block_until_ready(in_flight.popleft())
-            state, metrics = step_fn(state, variables, next(batches), jnp.float32(lr))
-            in_flight.append(metrics["loss"])
-            loss_sum, count = loss_sum + metrics["loss"], count + 1
-            _after_step(run, step + 1, state, metrics, checkpointer, every, hooks, stopper, tag)
-        history["lr"].append(lr)
-        history["loss"].append(float(loss_sum) / max(count, 1))
-    return state, history
+    return loop.Loop(
+        step=step, total_steps=run.total_steps, images_per_step=run.batch_size,
+        batches=probe_batches(data, num_examples, batch_size=run.batch_size, crop=run.crop,
+                              seed=run.seed, mesh=mesh, start_step=int(state.step)),
+        title=_title(tag), log_every=run.steps_per_epoch, checkpointer=checkpointer,
+        workdir=None if checkpointer is None else os.path.dirname(checkpointer.directory),
+        checkpoint_every=checkpoint_every, settings=run.settings, hooks=tuple(hooks),
+        advice="Lower config.eval.linear_lr, or check the frozen features.")
 
 
 def train_head(encode: Callable, variables, data, num_examples: int, run: ProbeRun, mesh=None,
                checkpoint_dir: Optional[str] = None, checkpoint_every: int = 1000,
                hooks: Iterable[Callable[[int], None]] = (), tag: str = ""):
     """Trains the head of `run` on augmented views of `data` (a `TfdsSource` or `ArrayDataset`,
-    its first `num_examples` examples) through the frozen `encode(variables, uint8 images)`.
+    its first `num_examples` examples) through the frozen `encode(variables, uint8 images)`, on
+    the step driver (`lib.loop`); returns the head variables {'params'[, 'batch_stats']}.
 
-    With `checkpoint_dir`, resumes from its newest checkpoint and saves every `checkpoint_every`
-    steps and at the end; a stop signal saves the current step and raises ProbeStopped.
-    `hooks`: called with the number of steps done after each step (and its checkpoint). Returns (head variables {'params'[, 'batch_stats']},
-    history {'lr': per epoch run here, 'loss': mean training loss per epoch run here}).
+    With `checkpoint_dir`, resumes from its newest checkpoint, saves every `checkpoint_every`
+    steps and at the end, and writes a metrics row per epoch to the folder above it
+    (metrics.jsonl, TensorBoard). A stop signal saves the current step and raises stop.Stopped.
+    `hooks`: called with the number of steps done after each step.
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     dim = _feature_dim(encode, variables, run.crop)
@@ -356,19 +290,12 @@ def train_head(encode: Callable, variables, data, num_examples: int, run: ProbeR
             if start:
                 logs.say(f"{_title(tag)}: resuming at step {start}/{run.total_steps} from "
                          f"{checkpointer.folder(start)}")
-            batches = device_batches(data, num_examples, batch_size=run.batch_size,
-                                     crop=run.crop, seed=run.seed, mesh=mesh, start_step=start)
-            step_fn = compile_train_step(encode, run.num_classes, run.protocol, mesh)
-            with stop.AgreedStop() as stopper:
-                state, history = _train_steps(run, state, step_fn, variables, batches,
-                                              checkpointer, checkpoint_every, tuple(hooks), tag,
-                                              stopper)
-        else:
-            history = {"lr": [], "loss": []}
+            state = loop.run(probe_loop(run, state, encode, variables, data, num_examples, mesh,
+                                        checkpointer, checkpoint_every, hooks, tag), state)
     finally:
         if checkpointer is not None:
             checkpointer.close()
-    return jax.device_get(state.variables), history
+    return jax.device_get(state.variables)
 
 
 # ----------------------------------------------------------------------------------- the probe
@@ -385,8 +312,9 @@ def probe_run(protocol: dict, num_classes: int, num_examples: int, *, crop: int,
         raise ValueError(f"batch_size={batch}, epochs={epochs}, crop={crop}: expected >= 1 "
                          f"(config.eval.linear_batch_size, linear_epochs, image_size).")
     if num_examples < batch:
-        raise ValueError(f"config.eval.linear_batch_size: a batch of {batch} is more than the "
-                         f"{num_examples} training examples (the last partial batch is dropped).")
+        raise errors.InputError(
+            f"config.eval.linear_batch_size: a batch of {batch} is more than the "
+            f"{num_examples} training examples (the last partial batch is dropped).")
     spe = num_examples // batch
     settings = dict(protocol=protocol, num_classes=int(num_classes), batch_size=batch,
                     crop=int(crop), seed=int(seed), num_examples=int(num_examples),
@@ -434,7 +362,7 @@ def augmented_linear_probe(encode: Callable, variables, train_input: eval_input.
     if saved is not None:
         logs.say(f"{_title(tag)}: result of the finished run read from {result_path}")
         return saved
-    head, _ = train_head(encode, variables, data, num_examples, run, mesh,
+    head = train_head(encode, variables, data, num_examples, run, mesh,
                          None if folder is None else os.path.join(folder, "checkpoints"),
                          checkpoint_every, hooks, tag)
     result = {"top1": linear.evaluate_linear_probe(head, test_feats, test_labels)}
@@ -459,10 +387,11 @@ def probe_for_score(config, encode: Callable, variables, train_input: eval_input
     ev = config.eval
     crop = probe_crop(int(getattr(ev, "image_size", 0) or 0), protocol, train_input)
     if tuple(train_input.image_shape[:2]) != (crop, crop):
-        raise ValueError(f"config.eval.image_size: the augmented linear probe trains on {crop}x"
-                         f"{crop} crops, but the evaluation reads {train_input.name} images of "
-                         f"{train_input.image_shape[0]}x{train_input.image_shape[1]}; set "
-                         f"config.eval.image_size to match (in-memory data: its image size).")
+        raise errors.InputError(
+            f"config.eval.image_size: the augmented linear probe trains on {crop}x"
+            f"{crop} crops, but the evaluation reads {train_input.name} images of "
+            f"{train_input.image_shape[0]}x{train_input.image_shape[1]}; set "
+            f"config.eval.image_size to match (in-memory data: its image size).")
     return augmented_linear_probe(
         encode, variables, train_input, test_x.feats, test_x.labels, protocol=protocol,
         seed=config.seed,
@@ -479,10 +408,11 @@ def check_probe_config(config, num_train_examples: int) -> None:
     sharding.check_divisible(batch, jax.device_count(), "config.eval.linear_batch_size "
                              "(0: the protocol's batch)", "the number of devices")
     if num_train_examples and batch > num_train_examples:
-        raise ValueError(f"config.eval.linear_batch_size: a batch of {batch} is more than the "
-                         f"{num_train_examples} training examples of the linear probe.")
+        raise errors.InputError(
+            f"config.eval.linear_batch_size: a batch of {batch} is more than the "
+            f"{num_train_examples} training examples of the linear probe.")
     if int(getattr(ev, "linear_checkpoint_every_steps", 1000)) < 1:
-        raise ValueError(f"config.eval.linear_checkpoint_every_steps="
+        raise errors.InputError(f"config.eval.linear_checkpoint_every_steps="
                          f"{ev.linear_checkpoint_every_steps}; expected >= 1.")
     if getattr(eval_input.evaluation_data(config), "source", None) == "image_folder":
         raise UnsupportedSourceError(

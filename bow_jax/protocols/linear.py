@@ -82,12 +82,6 @@ def epoch_learning_rate(epoch: int, *, lr: float, epochs: int, schedule: str,
     raise ValueError(f"schedule={schedule!r}; expected 'step' or 'cosine'.")
 
 
-def _optimizer(lr, momentum: float, nesterov: bool, weight_decay: float):
-    """PyTorch SGD: d = g + wd·p on every parameter (the bias too), then momentum, then lr."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(lr, momentum=momentum, nesterov=nesterov))
-
-
 def _check_features(feats, labels, name: str):
     feats = jnp.asarray(feats, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
@@ -118,7 +112,8 @@ def _train_epoch(state, key, lr, feats, flip_feats, labels, *, num_classes: int,
     learning rate is an argument, so all epochs of a run (and runs alike) share the compile.
     """
     model = LinearHead(num_classes, batch_norm)
-    tx = _optimizer(lr, momentum, nesterov, weight_decay)
+    tx = schedules.torch_sgd(lr, momentum=momentum, nesterov=nesterov,
+                             weight_decay=weight_decay)
     n = feats.shape[0]
     order_key, view_key = jax.random.split(key)
     order, valid = _epoch_batches(order_key, n, batch_size)
@@ -189,7 +184,8 @@ def train_linear_probe(train_feats, train_labels, num_classes: int, *, epochs: i
     init_key, data_key = jax.random.split(jax.random.key(seed))
     variables = model.init(init_key, feats[:1], train=False)
     # The optimizer state's structure does not depend on the learning rate.
-    opt_state = _optimizer(0.0, momentum, nesterov, weight_decay).init(variables["params"])
+    opt_state = schedules.torch_sgd(0.0, momentum=momentum, nesterov=nesterov,
+                                    weight_decay=weight_decay).init(variables["params"])
     state = (variables["params"], variables.get("batch_stats", {}), opt_state)
 
     settings = dict(num_classes=num_classes, batch_norm=batch_norm, batch_size=batch_size,

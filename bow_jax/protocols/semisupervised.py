@@ -12,31 +12,34 @@ line; here a line is an integer index into the training split, a file name of an
 dataset, or a TFDS `file_name` such as imagenet2012's `n01440764_10026.JPEG`) or drawn with a
 seed: a class-balanced random `percent` of every class.
 
-Small data are in memory (`finetune`, `ArrayDataset`): the subset lives on every device and only
-the batch indices cross from the host each step, as in `train.py`. A streamed TFDS training split
-(`finetune_streamed`, ImageNet: 10% decoded at 224 would be 19 GB) is never loaded: the subset's
-positions are found once (file names or labels read without decoding images), each epoch streams
-the split's records, keeps the subset, and tf.data decodes and crops only those
-(`pipeline.tfds_subset_views`); the test split is scored from `eval_input` batches. Either way the
-step is one jitted, donated function over the 'data' mesh. Accuracies are fractions in [0, 1].
+Both kinds of data come from the one batch source (`data.batches.training_batches`): small
+data in memory (`finetune`, `ArrayDataset`: the subset lives on every device, only the batch
+indices cross from the host each step, the device cuts RandomResizedCrop + flip); a streamed TFDS
+training split (`finetune_streamed`, ImageNet: 10% decoded at 224 would be 19 GB) is never
+loaded: the subset's positions are found once (file names or labels read without decoding
+images), each epoch streams the split's records, keeps the subset, and tf.data decodes and crops
+only those; the test split is scored from `eval_input` batches. Either way the step is one jitted,
+donated function over the 'data' mesh. Accuracies are fractions in [0, 1].
 
-Resume (`FinetuneCheckpoints`): given a checkpoint folder (the task's is
-<workdir>/eval/finetune/<subset name>/checkpoints), the whole fine-tuning `TrainState` (step,
-params, batch statistics, optimizer state, key) is saved with `lib.checkpoint.Checkpointer` at the
-end of every epoch (the last 2 kept), with the test scores recorded so far in its meta
-('history'). A start restores the newest intact checkpoint and continues from its step: the
-batches of step s are a function of (seed, s) on both paths (`pipeline.IndexLoader` and
-`pipeline.tfds_subset_views` from a start step, views keyed by the step), so a resumed run ends
-with the parameters and results of an uninterrupted one, bit for bit; a finished run's folder
-gives its result back without training. A SIGTERM / SIGINT (agreed by every process,
-`lib.stop`) saves the current step and raises `FinetuneStopped`; the same command resumes. A
-checkpoint of other settings (config.finetune, config.seed, the pre-trained network, the
-labelled subset, ...; `run_settings`) is refused with a ValueError naming what differs.
+The steps run on the step driver (`lib.loop`). Given a checkpoint folder (the task's is
+<workdir>/eval/finetune/<network>/<subset name>/checkpoints), the whole fine-tuning `TrainState`
+(step, params, batch statistics, optimizer state, key) is saved at the end of every epoch (the
+last 2 kept), with the test scores recorded so far in its meta ('history'), and a metrics row per
+epoch goes to metrics.jsonl beside it. A start restores the newest intact checkpoint and continues
+from its step: the batches of step s are a function of (seed, s) on both paths, so a resumed run
+ends with the parameters and results of an uninterrupted one, bit for bit; a finished run's folder
+gives its result back without training. A SIGTERM / SIGINT (agreed by every process) saves the
+current step and raises `stop.Stopped`; the same command resumes. A checkpoint of other settings
+(config.finetune, config.seed, the pre-trained network, the labelled subset, ...; `run_settings`)
+is refused with a ValueError naming what differs.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
@@ -46,12 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bow_jax.lib import logs
 from bow_jax.data import augment, datasets, eval_input, pipeline
-from bow_jax.protocols import cache, features
-from bow_jax.lib import checkpoint, schedules, sharding, stop
+from bow_jax.data import batches as batch_source
+from bow_jax.lib import checkpoint, errors, logs, loop, schedules, sharding
 from bow_jax.lib.state import TrainState
+from bow_jax.methods import interface
 from bow_jax.models import check_feature_names, feature_dims, heads
+from bow_jax.protocols import cache, features
 
 # The README's two recipes; the other hyper-parameters are shared (`default_config`).
 PRESETS = {
@@ -64,7 +68,7 @@ TRUNK, HEAD = "trunk", "head"
 def recipe(cfg) -> dict:
     """`cfg` (config.finetune) with the preset filled in: percent, epochs, milestones, ..."""
     if cfg.preset not in PRESETS:
-        raise ValueError(f"config.finetune.preset={cfg.preset!r}; expected one of "
+        raise errors.InputError(f"config.finetune.preset={cfg.preset!r}; expected one of "
                          f"{sorted(PRESETS)}.")
     preset = PRESETS[cfg.preset]
     epochs = cfg.epochs or preset["epochs"]
@@ -73,7 +77,7 @@ def recipe(cfg) -> dict:
     out = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     out.update(percent=cfg.percent or preset["percent"], epochs=epochs, milestones=milestones)
     if not 0 < out["percent"] <= 100:
-        raise ValueError(f"config.finetune.percent={out['percent']}; expected (0, 100].")
+        raise errors.InputError(f"config.finetune.percent={out['percent']}; expected (0, 100].")
     return out
 
 
@@ -101,13 +105,14 @@ def balanced_subset(labels: np.ndarray, percent: float, seed: int = 0) -> np.nda
 def _subset_lines(path) -> list[tuple[int, str]]:
     """(line number, entry) of the non-blank lines of a subset file; ValueError when none."""
     if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"config.finetune.subset_file={path}: no such file (expected one "
-                                f"index or image file name per line, e.g. SimCLR's 1percent.txt).")
+        raise errors.MissingInputError(
+            f"config.finetune.subset_file={path}: no such file (expected one "
+            f"index or image file name per line, e.g. SimCLR's 1percent.txt).")
     lines = [(i + 1, line.strip()) for i, line in
              enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines())]
     lines = [(n, s) for n, s in lines if s]
     if not lines:
-        raise ValueError(f"config.finetune.subset_file={path}: the file lists no examples.")
+        raise errors.InputError(f"config.finetune.subset_file={path}: the file lists no examples.")
     return lines
 
 
@@ -137,7 +142,7 @@ def read_subset_file(path, num_examples: int, filenames: Optional[Sequence[str]]
         if is_index_entry(entry):
             index = int(entry)
             if not 0 <= index < num_examples:
-                raise ValueError(f"config.finetune.subset_file={path}: line {number}: index "
+                raise errors.InputError(f"config.finetune.subset_file={path}: line {number}: index "
                                  f"{index} is outside the training split [0, {num_examples}).")
             indices.append(index)
         elif entry in by_name:
@@ -149,12 +154,13 @@ def read_subset_file(path, num_examples: int, filenames: Optional[Sequence[str]]
                 "not an integer index (file names need an image-folder dataset or a TFDS split "
                 "with a 'file_name' feature)")
         shown = "; ".join(f"{path}:{n}: {e!r} is {what}" for n, e in missing[:5])
-        raise ValueError(f"config.finetune.subset_file={path}: {len(missing)} of {len(lines)} "
-                         f"entries are not in the training split (first {min(5, len(missing))}): "
-                         f"{shown}.")
+        raise errors.InputError(
+            f"config.finetune.subset_file={path}: {len(missing)} of {len(lines)} "
+            f"entries are not in the training split (first {min(5, len(missing))}): "
+            f"{shown}.")
     indices = np.asarray(indices, np.int64)
     if len(np.unique(indices)) != len(indices):
-        raise ValueError(f"{path}: some examples are listed twice.")
+        raise errors.InputError(f"{path}: some examples are listed twice.")
     return indices
 
 
@@ -183,8 +189,9 @@ class FinetuneNet(nn.Module):
     def __call__(self, x, train: bool):
         outputs = self.backbone(x, train=train)
         if self.feature not in outputs:
-            raise ValueError(f"config.finetune.feature={self.feature!r} is not a backbone output; "
-                             f"available: {sorted(outputs)}.")
+            raise errors.InputError(
+                f"config.finetune.feature={self.feature!r} is not a backbone output; "
+                f"available: {sorted(outputs)}.")
         return heads.LinearClassifier(self.num_classes, batch_norm=False,
                                       name="head")(outputs[self.feature])
 
@@ -197,11 +204,10 @@ def param_groups(params) -> Any:
 
 def finetune_optimizer(lr_trunk, lr_head, momentum: float = 0.9,
                        weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """PyTorch SGD with two parameter groups: weight decay added to the gradient, momentum, then
-    the group's learning rate (a float or a schedule of the step)."""
+    """PyTorch SGD (`schedules.torch_sgd`) with two parameter groups, each with its learning
+    rate (a float or a schedule of the step)."""
     def sgd(lr):
-        return optax.chain(optax.add_decayed_weights(weight_decay),
-                           optax.sgd(lr, momentum=momentum))
+        return schedules.torch_sgd(lr, momentum=momentum, weight_decay=weight_decay)
 
     return optax.multi_transform({TRUNK: sgd(lr_trunk), HEAD: sgd(lr_head)}, param_groups)
 
@@ -221,17 +227,6 @@ def finetune_update(model: nn.Module, tx, state: TrainState, inputs, labels):
     return state.apply_gradients(grads, tx, batch_stats=batch_stats), metrics
 
 
-def train_views(key, images, crop_size: int, scale: Sequence[float], flip: bool):
-    """RandomResizedCrop(crop_size, scale) + horizontal flip of uint8 [B, H, W, 3] -> uint8."""
-    def one(k, image):
-        crop_key, flip_key = jax.random.split(k)
-        view = augment.random_resized_crop(crop_key, image, crop_size, scale=tuple(scale))
-        view = augment.to_uint8(view)  # as PIL hands torch a uint8
-        return augment.random_flip(flip_key, view) if flip else view
-
-    return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
-
-
 def eval_views(images, crop_size: int):
     """Test images at the training resolution: unchanged when they already are, otherwise
     Resize(shorter side) + CenterCrop(crop_size)."""
@@ -242,10 +237,6 @@ def eval_views(images, crop_size: int):
         return augment.center_crop(augment.to_uint8(augment.resize(image, crop_size)), crop_size)
 
     return jax.vmap(one)(images)
-
-
-def _network_input(images_uint8, mean, std):
-    return augment.normalize(augment.to_float(images_uint8), mean, std)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +257,8 @@ def top1_top5(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 def accuracy(model, variables, images, labels, *, crop_size, mean, std, batch_size, mesh):
     """(top-1, top-5) accuracy of the eval-mode network on uint8 images."""
     def logits(v, x):
-        return model.apply(v, _network_input(eval_views(x, crop_size), mean, std), train=False)
+        inputs = interface.to_network_input(eval_views(x, crop_size), mean, std)
+        return model.apply(v, inputs, train=False)
 
     out = features.extract_features(logits, images, batch_size, mesh, variables=variables)
     return top1_top5(out, labels)
@@ -278,7 +270,7 @@ def check_batch(r: dict, num_labelled: int) -> None:
     sharding.check_divisible(r["batch_size"], jax.device_count(), "config.finetune.batch_size",
                              "the number of devices")
     if num_labelled < r["batch_size"]:
-        raise ValueError(f"config.finetune.batch_size={r['batch_size']} is larger than the "
+        raise errors.InputError(f"config.finetune.batch_size={r['batch_size']} is larger than the "
                          f"{num_labelled} labelled examples; lower it.")
 
 
@@ -325,11 +317,6 @@ def _model_and_state(backbone, variables, num_classes, r, crop, steps_per_epoch,
 # Checkpoints and resume.
 
 
-class FinetuneStopped(stop.Stopped):
-    """A stop signal (SIGTERM / SIGINT) ended the fine-tuning; its step was checkpointed (when it
-    has a checkpoint folder) and the same command resumes it."""
-
-
 def run_settings(r: dict, *, seed: int, num_classes: int, crop: int, subset, num_examples: int,
                  variables, streamed: bool) -> dict:
     """What identifies a fine-tuning run in its checkpoints (JSON; keys name the config field
@@ -348,100 +335,84 @@ def run_settings(r: dict, *, seed: int, num_classes: int, crop: int, subset, num
         "views": "tf.data, streamed TFDS" if streamed else "on the device, in memory"}))
 
 
-class FinetuneCheckpoints:
-    """The fine-tuning `TrainState` checkpointed in `directory` (None: not at all, a stop loses
-    the run) with `checkpoint.Checkpointer` (Orbax; integrity, newest-intact fallback), the last
-    2 kept. Each records `settings` (a checkpoint of others is refused, naming them) and, in its
-    meta 'history', the test scores [[epoch, top1, top5], ...] recorded up to its step."""
-
-    def __init__(self, directory: Optional[str], settings: dict, total_steps: int):
-        self.settings, self.total_steps, self.saved = settings, int(total_steps), None
-        self.checkpointer = (None if directory is None else
-                             checkpoint.Checkpointer(directory, max_to_keep=2))
-
-    def restore(self, init: TrainState, log: Callable[[str], None]) -> tuple[TrainState, list]:
-        """(the newest intact state, its history), or (init, []) when there is none. ValueError
-        naming the settings that differ."""
-        if self.checkpointer is None:
-            return init, []
-        state, meta = checkpoint.restore_matching(self.checkpointer, init, self._check)
-        if meta is None:
-            return init, []
-        self.saved = int(state.step)
-        log(f"finetune: resuming at step {self.saved}/{self.total_steps} from "
-            f"{self.checkpointer.folder(self.saved)}")
-        return state, [list(entry) for entry in meta.get("history", [])]
-
-    def _check(self, saved: dict, where: str) -> None:
-        checkpoint.refuse_other_settings(
-            saved, self.settings, where, "a fine-tuning",
-            f"Remove {self.checkpointer.directory} to fine-tune with these settings, or use the "
-            f"saved ones (config.finetune, config.seed, the same pre-trained network).")
-
-    def save(self, step: int, state: TrainState, history: list) -> None:
-        """Starts an asynchronous save of `state` (it may be donated right after)."""
-        if self.checkpointer is not None:
-            history = [list(entry) for entry in history]  # written later, by Orbax's thread
-            self.checkpointer.save(step, state, self.settings, extra_meta={"history": history})
-            self.saved = step
-
-    def stopped(self, step: int, state: TrainState, history: list) -> FinetuneStopped:
-        """Saves `step` (unless it just was) and returns the error that ends the run."""
-        where = "not saved (no checkpoint folder)"
-        if self.checkpointer is not None:
-            if self.saved != step:
-                self.save(step, state, history)
-            where = f"saved in {self.checkpointer.folder(step)}"
-        return FinetuneStopped(f"Fine-tuning stopped by a signal at step {step}/"
-                               f"{self.total_steps}, {where}; the same command resumes it.")
-
-    def close(self) -> None:
-        """Waits for the pending save."""
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-
-
 def _scored(r: dict, epoch: int) -> bool:
     return epoch == r["epochs"] or bool(r["eval_every"] and epoch % r["eval_every"] == 0)
 
 
-def _train_epochs(r: dict, steps_per_epoch: int, state, run_step, score, log,
-                  ckpt: FinetuneCheckpoints, history: list, hooks: Sequence[Callable]) -> list:
-    """The recipe's steps from `state.step` on, `run_step(state) -> (state, metrics)`; at the end
-    of each epoch `score(state)` ((test top-1, top-5)) when due (every config.finetune.eval_every
-    epochs and the last) and a checkpoint; then `hooks(steps done)`; then a stop signal (agreed
-    by every process, `lib.stop`) saves the step and raises FinetuneStopped. Returns `history`
-    [[epoch, top1, top5], ...] extended by the epochs run here."""
-    total = r["epochs"] * steps_per_epoch
-    with stop.AgreedStop() as stopper:
-        for done in range(int(state.step) + 1, total + 1):
-            state, metrics = run_step(state)
-            epoch, rest = divmod(done, steps_per_epoch)
-            if rest == 0:
-                if _scored(r, epoch):
-                    history.append([epoch, *score(state)])
-                    log(f"finetune epoch {epoch}/{r['epochs']}: loss "
-                        f"{float(metrics['loss']):.4f}, test top-1 {100 * history[-1][1]:.2f}%, "
-                        f"top-5 {100 * history[-1][2]:.2f}%")
-                ckpt.save(done, state, history)
-            for hook in hooks:
-                hook(done)
-            if done < total and stopper.should_stop(done):
-                raise ckpt.stopped(done, state, history)
-    return history
+def _check_settings(settings: dict, directory: str):
+    """`check(saved settings, where)` for `checkpoint.restore_matching`: a ValueError naming
+    the settings that differ."""
+    def check(saved: dict, where: str) -> None:
+        checkpoint.refuse_other_settings(
+            saved, settings, where, "a fine-tuning",
+            f"Remove {directory} to fine-tune with these settings, or use the saved ones "
+            f"(config.finetune, config.seed, the same pre-trained network).")
+    return check
 
 
-def _resumed_run(r: dict, steps_per_epoch: int, init: TrainState, make_run_step, score, log,
-                 ckpt: FinetuneCheckpoints, hooks: Sequence[Callable]) -> list:
-    """Restores the newest checkpoint (else starts from `init`), trains the remaining steps with
-    `make_run_step(start step)` and returns the whole history; a finished run trains nothing."""
+def _restore(checkpointer, init: TrainState, settings: dict, total: int, log) -> tuple:
+    """(the newest intact state, its test-score history), or (init, []) when there is none."""
+    if checkpointer is None:
+        return init, []
+    state, meta = checkpoint.restore_matching(checkpointer, init,
+                                              _check_settings(settings, checkpointer.directory))
+    if meta is None:
+        return init, []
+    log(f"finetune: resuming at step {int(state.step)}/{total} from "
+        f"{checkpointer.folder(int(state.step))}")
+    return state, [list(entry) for entry in meta.get("history", [])]
+
+
+@dataclasses.dataclass
+class FinetuneRun:
+    """One fine-tuning run, whatever its data: `step(state, batch) -> (state, metrics)` (jitted,
+    donated), `batches(start step)` (from `data.batches.training_batches`), `score(state) ->
+    (test top-1, top-5)`, the recipe `r`, its `steps_per_epoch` and the `settings` its
+    checkpoints record."""
+    r: dict
+    steps_per_epoch: int
+    step: Callable
+    batches: Callable[[int], Any]
+    score: Callable
+    settings: dict
+
+
+def _epoch_scores(run: FinetuneRun, history: list):
+    """`Loop.scalars`: the test scores at the end of each scored epoch, kept in `history`."""
+    def scalars(state, done: int) -> dict:
+        epoch, rest = divmod(done, run.steps_per_epoch)
+        if rest or not _scored(run.r, epoch):
+            return {}
+        history.append([epoch, *run.score(state)])
+        return {"test_top1": history[-1][1], "test_top5": history[-1][2]}
+    return scalars
+
+
+def _train(run: FinetuneRun, init: TrainState, checkpoint_dir: Optional[str],
+           hooks: Sequence[Callable], log) -> list:
+    """Restores the newest checkpoint of `checkpoint_dir` (else starts from `init`), runs the
+    remaining steps on the step driver (`lib.loop`: a checkpoint and a metrics row per epoch,
+    with the test scores of the scored epochs) and returns the whole history [[epoch, top1,
+    top5], ...]; a finished run trains nothing."""
+    total = run.r["epochs"] * run.steps_per_epoch
+    checkpointer = (None if checkpoint_dir is None else
+                    checkpoint.Checkpointer(checkpoint_dir, max_to_keep=2))
     try:
-        state, history = ckpt.restore(init, log)
-        if int(state.step) < ckpt.total_steps:
-            history = _train_epochs(r, steps_per_epoch, state, make_run_step(int(state.step)),
-                                    score, log, ckpt, history, hooks)
+        state, history = _restore(checkpointer, init, run.settings, total, log)
+        start = int(state.step)
+        if start < total:
+            loop.run(loop.Loop(
+                step=lambda s, batch, index: run.step(s, batch), batches=run.batches(start),
+                total_steps=total, images_per_step=run.r["batch_size"], title="finetune",
+                workdir=None if checkpoint_dir is None else os.path.dirname(checkpoint_dir),
+                log_every=run.steps_per_epoch, checkpointer=checkpointer,
+                checkpoint_every=run.steps_per_epoch, settings=run.settings,
+                checkpoint_meta=lambda: {"history": [list(entry) for entry in history]},
+                scalars=_epoch_scores(run, history), hooks=tuple(hooks),
+                advice="Lower config.finetune.lr_trunk / lr_head."), state)
     finally:
-        ckpt.close()
+        if checkpointer is not None:
+            checkpointer.close()
     return history
 
 
@@ -455,6 +426,43 @@ def _variables(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+def _compile_step(model, tx, mean, std, mesh):
+    """`step(state, batch) -> (state, metrics)`, jitted once, the state donated: one SGD step on
+    batch['image'] (uint8 views, normalised here) and batch['label']."""
+    def step(state, batch):
+        inputs = interface.to_network_input(batch["image"], mean, std)
+        return finetune_update(model, tx, state, inputs, batch["label"])
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
+
+
+def _finetune_run(backbone, variables, data, positions, num_classes: int, crop: int, r: dict,
+                  mean, std, seed: int, mesh, score_fn, cache_dir=None):
+    """(FinetuneRun, initial state) of fine-tuning on the examples at `positions` of `data` (an
+    `ArrayDataset` or a streamed `TfdsSource`): RandomResizedCrop + flip views from the one batch
+    source, the step, and `score_fn(model, variables) -> (top1, top5)` for the test split."""
+    steps_per_epoch = pipeline.steps_per_epoch(len(positions), r["batch_size"])
+    model, tx, state = _model_and_state(backbone, variables, num_classes, r, crop,
+                                        steps_per_epoch, seed, mesh)
+    streamed = isinstance(data, datasets.TfdsSource)
+    settings = run_settings(r, seed=seed, num_classes=num_classes, crop=crop,
+                            subset=np.unique(positions) if streamed else positions,
+                            num_examples=len(data), variables=variables, streamed=streamed)
+    views = dict(crop=crop, scale=r["crop_scale"], flip=r["flip"])
+
+    def batches(start: int):
+        return batch_source.training_batches(
+            data, batch_size=r["batch_size"], seed=seed, mesh=mesh, start_step=start,
+            device_views=functools.partial(batch_source.crop_flip_views, **views),
+            host_views=batch_source.tf_crop_flip_views(**views), positions=positions,
+            cache_dir=cache_dir)
+
+    run = FinetuneRun(r, steps_per_epoch, _compile_step(model, tx, mean, std, mesh), batches,
+                      lambda s: score_fn(model, _variables(s)), settings)
+    return run, state
+
+
 def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
              test: datasets.ArrayDataset, cfg, mean, std, *, seed: int = 0,
              subset: Optional[np.ndarray] = None, mesh=None,
@@ -464,42 +472,25 @@ def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
 
     cfg: config.finetune (defaults in bow_jax/tasks/finetune.py); subset: indices into `train`
     (default: from cfg.subset_file / cfg.percent + cfg.subset_seed). With `checkpoint_dir`:
-    resumes from its newest checkpoint, saves at every epoch's end (`FinetuneCheckpoints`); a
-    stop signal saves the step and raises FinetuneStopped. `hooks`: called with the steps done
-    after each step. Returns {'top1', 'top5', 'num_labelled', 'percent', 'epochs',
-    'milestones', 'history': [[epoch, top1, top5], ...]}. ValueError: batch larger than the
-    subset or not divisible by the devices, a checkpoint of other settings.
+    resumes from its newest checkpoint, saves at every epoch's end and writes a metrics row per
+    epoch to the folder above it; a stop signal saves the step and raises stop.Stopped. `hooks`:
+    called with the steps done after each step. Returns {'top1', 'top5', 'num_labelled',
+    'percent', 'epochs', 'milestones', 'history': [[epoch, top1, top5], ...]}. ValueError: batch
+    larger than the subset or not divisible by the devices, a checkpoint of other settings.
     """
     r = recipe(cfg)
     mesh = sharding.make_mesh() if mesh is None else mesh
-    labelled, indices = labelled_split(train, r, subset)
-    steps_per_epoch = pipeline.steps_per_epoch(len(labelled), r["batch_size"])
+    _, indices = labelled_split(train, r, subset)
     crop = r["crop_size"] or train.image_shape[0]
-    ckpt = FinetuneCheckpoints(checkpoint_dir, run_settings(
-        r, seed=seed, num_classes=train.num_classes, crop=crop, subset=indices,
-        num_examples=len(train), variables=variables, streamed=False),
-        r["epochs"] * steps_per_epoch)
-    model, tx, state = _model_and_state(backbone, variables, train.num_classes, r, crop,
-                                        steps_per_epoch, seed, mesh)
 
-    def step_fn(state, images, labels, index):
-        views = train_views(state.step_key(), images[index], crop, r["crop_scale"], r["flip"])
-        return finetune_update(model, tx, state, _network_input(views, mean, std), labels[index])
+    def score(model, variables):
+        return accuracy(model, variables, test.images, test.labels, crop_size=crop, mean=mean,
+                        std=std, batch_size=r["batch_size"], mesh=mesh)
 
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(replicated, replicated))
-    images = sharding.replicate(labelled.images, mesh)
-    labels = sharding.replicate(labelled.labels, mesh)
-
-    def make_run_step(start: int):  # batches of steps start, start + 1, ... as (seed, step) say
-        loader = pipeline.IndexLoader(len(labelled), r["batch_size"], seed, start_step=start)
-        return lambda s: train_step(s, images, labels,
-                                    sharding.shard_batch(next(loader)["index"], mesh))
-
-    score = lambda s: accuracy(model, _variables(s), test.images, test.labels, crop_size=crop,
-                               mean=mean, std=std, batch_size=r["batch_size"], mesh=mesh)
-    history = _resumed_run(r, steps_per_epoch, state, make_run_step, score, log, ckpt, hooks)
-    return _result(r, history, len(labelled), len(train))
+    run, state = _finetune_run(backbone, variables, train, indices, train.num_classes, crop, r,
+                               mean, std, seed, mesh, score)
+    history = _train(run, state, checkpoint_dir, hooks, log)
+    return _result(r, history, len(indices), len(train))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,27 +511,15 @@ def tfds_subset_positions(source: datasets.TfdsSource, r: dict,
     split = f"{source.name} split {source.split!r}"
     if path:
         if "file_name" not in source.builder.info.features:
-            raise ValueError(f"config.finetune.subset_file={path} lists file names, but {split} "
-                             f"has no 'file_name' feature; list integer indices instead.")
+            raise errors.InputError(
+                f"config.finetune.subset_file={path} lists file names, but {split} "
+                f"has no 'file_name' feature; list integer indices instead.")
         log(f"finetune: reading the file names of {split} (one pass, no image decoded)")
         names = pipeline.tfds_feature_values(source.builder, source.split, "file_name")
         return read_subset_file(path, len(source), list(names), names_of=split)
     log(f"finetune: reading the labels of {split} (one pass, no image decoded)")
     labels = pipeline.tfds_feature_values(source.builder, source.split, "label")
     return balanced_subset(labels, r["percent"], r["subset_seed"])
-
-
-def tf_train_views(crop_size: int, scale: Sequence[float], flip: bool):
-    """view_fn(image uint8 [H,W,3] tf.Tensor, seed [2]) -> {'image': uint8 [crop,crop,3]}:
-    torchvision RandomResizedCrop(crop_size, scale) + RandomHorizontalFlip on the host, what
-    `train_views` does on the device for in-memory data."""
-    def views(image, seed):
-        tf = pipeline.import_tensorflow()
-        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-        view = pipeline.tf_random_resized_crop(image, crop_size, tuple(scale), seed=seeds[0])
-        return {"image": pipeline.tf_flip(view, seeds[1]) if flip else view}
-
-    return views
 
 
 def streamed_accuracy(logits_fn, variables, test: eval_input.EvalInput, batch_size: int,
@@ -570,34 +549,15 @@ def finetune_streamed(backbone: nn.Module, variables, train: datasets.TfdsSource
     mesh = sharding.make_mesh() if mesh is None else mesh
     positions = tfds_subset_positions(train, r, log) if positions is None else positions
     check_batch(r, len(positions))
-    steps_per_epoch = pipeline.steps_per_epoch(len(positions), r["batch_size"])
     crop = r["crop_size"] or test.image_shape[0]
-    ckpt = FinetuneCheckpoints(checkpoint_dir, run_settings(
-        r, seed=seed, num_classes=train.num_classes, crop=crop, subset=np.unique(positions),
-        num_examples=len(train), variables=variables, streamed=True),
-        r["epochs"] * steps_per_epoch)
-    model, tx, state = _model_and_state(backbone, variables, train.num_classes, r, crop,
-                                        steps_per_epoch, seed, mesh)
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(
-        lambda s, x, y: finetune_update(model, tx, s, _network_input(x, mean, std), y),
-        donate_argnums=0, out_shardings=(replicated, replicated))
 
-    def make_run_step(start: int):  # the batches of steps start, start + 1, ...
-        batches = pipeline.tfds_subset_views(
-            train.builder, train.split, positions, global_batch=r["batch_size"], seed=seed,
-            view_fn=tf_train_views(crop, r["crop_scale"], r["flip"]), start_step=start,
-            cache_dir=cache_dir)
+    def score(model, variables):
+        def logits(v, x):
+            return model.apply(v, interface.to_network_input(eval_views(x, crop), mean, std),
+                               train=False)
+        return streamed_accuracy(logits, variables, test, r["batch_size"], mesh)
 
-        def run_step(state):
-            batch = next(batches)
-            return train_step(state,
-                              *sharding.shard_batch((batch["image"], batch["label"]), mesh))
-        return run_step
-
-    def logits(v, x):
-        return model.apply(v, _network_input(eval_views(x, crop), mean, std), train=False)
-
-    score = lambda s: streamed_accuracy(logits, _variables(s), test, r["batch_size"], mesh)
-    history = _resumed_run(r, steps_per_epoch, state, make_run_step, score, log, ckpt, hooks)
+    run, state = _finetune_run(backbone, variables, train, positions, train.num_classes, crop, r,
+                               mean, std, seed, mesh, score, cache_dir)
+    history = _train(run, state, checkpoint_dir, hooks, log)
     return _result(r, history, len(positions), len(train))

@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from bow_jax.bow import build
 from bow_jax.data.splits import load_split
 from bow_jax.protocols import features, runner
-from bow_jax.lib import checkpoint, files, logs, sharding
+from bow_jax.lib import checkpoint, errors, files, logs, sharding, stop
 from bow_jax.methods import bownet, interface, data_info_for
 from bow_jax.models import feature_dims
 from bow_jax.tasks import common
@@ -79,7 +79,7 @@ def rotnet_config(config) -> ml_collections.ConfigDict:
     """The RotNet stage's config: `config.bownet.rotnet` with the chain's data, seed and eval."""
     block = config.bownet.rotnet
     if "method" not in block or block.method != "rotnet":
-        raise ValueError("config.bownet.rotnet must be a full RotNet config (base_config("
+        raise errors.InputError("config.bownet.rotnet must be a full RotNet config (base_config("
                          "'rotnet'), e.g. loaded with bow_jax.config.get_recipe); got "
                          f"{sorted(block.keys()) or 'an empty block'}.")
     return _share_chain_fields(_copy(block), config)
@@ -128,12 +128,12 @@ def finished_step(config, workdir: str) -> Optional[int]:
 
 
 def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> str:
-    """Trains the stage unless finished; returns 'reused', 'ran' or 'interrupted'."""
-    total = total_steps(config)
-    if (finished_step(config, workdir) or 0) >= total:
+    """Trains the stage unless finished; returns 'reused' or 'ran'. A signal's stop.Stopped
+    (its step saved) goes up to the chain (`StageRecord.timed` records it)."""
+    if (finished_step(config, workdir) or 0) >= total_steps(config):
         return "reused"
     train_task.run(config, workdir, hooks=hooks)
-    return "ran" if (finished_step(config, workdir) or 0) >= total else "interrupted"
+    return "ran"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,32 +330,37 @@ class StageRecord:
         self.workdir, self.stages = workdir, []
 
     def timed(self, name: str, fn, *args) -> str:
+        """`fn(*args)`'s status, recorded with its time; a stage stopped by a signal is recorded
+        'interrupted' and its stop.Stopped raised again."""
         start = time.time()
-        status = fn(*args)
-        seconds = time.time() - start
+        try:
+            status = fn(*args)
+        except stop.Stopped:
+            self._record(name, "interrupted", time.time() - start)
+            raise
+        self._record(name, status, time.time() - start)
+        return status
+
+    def _record(self, name: str, status: str, seconds: float) -> None:
         self.stages.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
         if jax.process_index() == 0:
             files.atomic_write_text(os.path.join(self.workdir, "chain.json"),
                                     json.dumps({"stages": self.stages}, indent=2))
         logs.say(f"chain stage {name}: {status} in {seconds:.1f} s")
-        return status
 
 
-def train_stages(config, workdir: str, record: StageRecord, stage_hooks) -> Optional[list]:
+def train_stages(config, workdir: str, record: StageRecord, stage_hooks) -> list:
     """RotNet, then per round its vocabulary and BoWNet: [(stage name, stage config), ...] of
-    the trained stages, or None when one was interrupted."""
+    the trained stages. stop.Stopped when a signal stopped one (its step saved)."""
     stages = [("rotnet", rotnet_config(config))]
-    if record.timed("rotnet", train_stage, stages[0][1], stage_dir(workdir, "rotnet"),
-                    stage_hooks.get("rotnet", ())) == "interrupted":
-        return None
+    record.timed("rotnet", train_stage, stages[0][1], stage_dir(workdir, "rotnet"),
+                 stage_hooks.get("rotnet", ()))
     for r in range(1, config.bownet.rounds + 1):
         stage = bownet_config(config, r, workdir)
         record.timed(f"vocab_{r}", vocabulary_stage, stage, stage.bownet.teacher_workdir,
                      stage.bownet.vocabulary)
         name = f"bownet_{r}"
-        if record.timed(name, train_stage, stage, stage_dir(workdir, name),
-                        stage_hooks.get(name, ())) == "interrupted":
-            return None
+        record.timed(name, train_stage, stage, stage_dir(workdir, name), stage_hooks.get(name, ()))
         stages.append((name, stage))
     return stages
 
@@ -380,20 +385,19 @@ def evaluate_stages(config, workdir: str, stages: list, results: dict) -> str:
 def run(config, workdir: str,
         stage_hooks: Optional[Dict[str, Sequence[Callable[[int], None]]]] = None
         ) -> Optional[dict]:
-    """Runs (or resumes) every stage; returns the evaluation results, or None when a training
-    stage was interrupted (SIGTERM) — run the same command again to continue.
+    """Runs (or resumes) every stage; returns the evaluation results. Raises stop.Stopped when a
+    signal stopped a training stage (its step saved; chain.json records it 'interrupted'): run
+    the same command again to continue.
 
     `stage_hooks` maps a stage name ('rotnet', 'bownet_1', ...) to step hooks for its training
     loop (tests use them to interrupt a stage).
     """
     if config.bownet.rounds < 1:
-        raise ValueError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
+        raise errors.InputError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
     os.makedirs(workdir, exist_ok=True)
     files.write_config_json(workdir, config)
     record = StageRecord(workdir)
     stages = train_stages(config, workdir, record, stage_hooks or {})
-    if stages is None:
-        return None
     if not config.eval.after_training:
         return {}
     results = {}

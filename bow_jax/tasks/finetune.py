@@ -6,7 +6,7 @@ The fine-tuning is checkpointed at the end of every epoch in
 <workdir>/eval/finetune/<network>/<subset name>/checkpoints (network: e.g. 'obow_step_200';
 subset name: '1%', '10%' or the subset file's name; the last 2 kept) and resumed from there by
 the same command after a stop (SIGTERM / SIGINT save the current step and raise
-`semisupervised.FinetuneStopped`) or a crash; once finished, a rerun reads the result from its last
+`stop.Stopped`) or a crash; once finished, a rerun reads the result from its last
 checkpoint. Another seed or recipe for the same network and subset is refused (ValueError naming
 what differs): remove that folder first."""
 import json
@@ -116,7 +116,8 @@ def subset_indices(config, train):
 def streamed_positions(config, train):
     """The labelled subset's positions in a streamed TFDS split, read (and checked: a name the
     split lacks is a ValueError naming config.finetune.subset_file) before anything is loaded."""
-    return semisupervised.tfds_subset_positions(train, semisupervised.recipe(config.finetune), logs.say)
+    return semisupervised.tfds_subset_positions(train, semisupervised.recipe(config.finetune),
+                                                logs.say)
 
 
 def finetune_test_input(config):
@@ -143,8 +144,8 @@ def run(config, workdir: str) -> dict:
     resume: see the module docstring.
 
     A streamed TFDS training split (config.data.in_memory=False, ImageNet) is fine-tuned by
-    `semisupervised.finetune_streamed` with the test split read by `evaluation_input`; other data are
-    loaded into memory (`semisupervised.finetune`)."""
+    `semisupervised.finetune_streamed` with the test split read by `evaluation_input`; other
+    data are loaded into memory (`semisupervised.finetune`)."""
     cfg = config.finetune
     backbone, variables, network = pretrained_backbone(config, workdir)  # torch before TF
     train = load_split(config, "train")
@@ -161,10 +162,10 @@ def run(config, workdir: str) -> dict:
             cache_dir=os.path.join(workdir, "finetune_cache") if cfg.cache_subset else None,
             checkpoint_dir=checkpoints)
     else:
-        result = semisupervised.finetune(backbone, variables, train, load_split(config, "test"), cfg,
-                                   mean, std, seed=config.seed,
-                                   subset=subset_indices(config, train), log=logs.say,
-                                   checkpoint_dir=checkpoints)
+        result = semisupervised.finetune(
+            backbone, variables, train, load_split(config, "test"), cfg, mean, std,
+            seed=config.seed, subset=subset_indices(config, train), log=logs.say,
+            checkpoint_dir=checkpoints)
     write_finetune_results(workdir, network, name, result)
     logs.say(f"Fine-tuning ({name} of the labels): test top-1 {100 * result['top1']:.2f}%, "
              f"top-5 {100 * result['top5']:.2f}%; results in "

@@ -29,9 +29,9 @@ def training_monitor(run_: common.Run):
 def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Optional[dict]:
     """Trains `config` in `workdir`, then scores the result if `config.eval.after_training`.
 
-    Returns the evaluation results; None when stopped early by a signal (a checkpoint was saved:
-    the same command resumes) or when evaluation is off. `hooks` are called with the step number
-    after each step (tests use them to send signals)."""
+    Returns the evaluation results (None when evaluation is off). Raises stop.Stopped when a
+    signal stopped training (a checkpoint was saved: the same command resumes). `hooks` are
+    called with the step number after each step (tests use them to send signals)."""
     monitor.check_monitor(config)  # a bad setting fails now, not after the first steps
     if config.eval.after_training:
         checks.check_evaluation_data(config)  # ... or after training
@@ -40,6 +40,6 @@ def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Op
         if run_.restored_step is not None:
             logs.say(f"resumed from {run_.checkpointer.directory} at step {run_.restored_step}")
         state = pretrain.train(run_, hooks, training_monitor(run_))
-    if state is None or not config.eval.after_training:
+    if not config.eval.after_training:
         return None
     return evaluate.score_states(run_, [state])
