@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from bow_jax.lib import extras
+from bow_jax.lib.errors import InputError, MissingInputError
 
 SOURCES = ("npz", "jpeg_npz", "digits", "image_folder", "tfds")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pbm",
@@ -64,16 +65,16 @@ class ArrayDataset:
     def __post_init__(self):
         images, labels = self.images, self.labels
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"ArrayDataset {self.name!r}: images must be uint8 [N,H,W,3], "
+            raise InputError(f"ArrayDataset {self.name!r}: images must be uint8 [N,H,W,3], "
                              f"got {images.dtype} {images.shape}.")
         if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-            raise ValueError(f"ArrayDataset {self.name!r}: labels must be int32 [{len(images)}], "
+            raise InputError(f"ArrayDataset {self.name!r}: labels must be int32 [{len(images)}], "
                              f"got {labels.dtype} {labels.shape}.")
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"ArrayDataset {self.name!r}: labels must lie in "
+            raise InputError(f"ArrayDataset {self.name!r}: labels must lie in "
                              f"[0, {self.num_classes}), got [{labels.min()}, {labels.max()}].")
         if self.filenames is not None and len(self.filenames) != len(labels):
-            raise ValueError(f"ArrayDataset {self.name!r}: {len(self.filenames)} filenames for "
+            raise InputError(f"ArrayDataset {self.name!r}: {len(self.filenames)} filenames for "
                              f"{len(labels)} examples.")
 
     def __len__(self) -> int:
@@ -112,7 +113,7 @@ class TfdsSource:
 def _as_labels(labels: np.ndarray, what: str) -> np.ndarray:
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what}: labels must be integers, got {labels.dtype}.")
+        raise InputError(f"{what}: labels must be integers, got {labels.dtype}.")
     return labels.astype(np.int32)
 
 
@@ -124,11 +125,11 @@ def load_npz(path, num_classes: int | None = None, name: str | None = None) -> A
     """An npz with `images` uint8 [N,H,W,3] (or [N,H,W] greyscale) and `labels` [N]."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected {CIFAR_NPZ_LAYOUT}.")
+        raise MissingInputError(f"{path} does not exist; expected {CIFAR_NPZ_LAYOUT}.")
     with np.load(path) as data:
         missing = {"images", "labels"} - set(data.files)
         if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}; "
+            raise InputError(f"{path}: missing arrays {sorted(missing)}; "
                              f"expected {CIFAR_NPZ_LAYOUT}.")
         images, labels = data["images"], _as_labels(data["labels"], str(path))
     if images.ndim == 3:  # grayscale [N,H,W]: repeat to RGB so every model sees 3 channels
@@ -136,7 +137,7 @@ def load_npz(path, num_classes: int | None = None, name: str | None = None) -> A
     return ArrayDataset(images, labels, _num_classes(labels, num_classes), name or path.stem)
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(InputError):
     """An image file (or encoded image) that Pillow cannot decode; the message names it."""
 
 
@@ -243,16 +244,16 @@ def load_jpeg_npz(path, split: str = "train", limit: int | None = None,
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected {JPEG_NPZ_LAYOUT}.")
+        raise MissingInputError(f"{path} does not exist; expected {JPEG_NPZ_LAYOUT}.")
     keys = [f"{split}_jpeg", f"{split}_offsets", f"{split}_labels"]
     with np.load(path) as data:
         missing = [k for k in keys if k not in data.files]
         if missing:
-            raise ValueError(f"{path}: split {split!r} needs arrays {missing}; has {data.files}.")
+            raise InputError(f"{path}: split {split!r} needs arrays {missing}; has {data.files}.")
         blob, offsets, labels = (data[k] for k in keys)
     count = len(labels) if limit is None else min(int(limit), len(labels))
     if len(offsets) != len(labels) + 1:
-        raise ValueError(f"{path}: {split}_offsets must have N+1={len(labels) + 1} entries, "
+        raise InputError(f"{path}: {split}_offsets must have N+1={len(labels) + 1} entries, "
                          f"got {len(offsets)}.")
     images, kept = decode_all([f"{path}:{split}[{i}]" for i in range(count)],
                               lambda i: blob[offsets[i]:offsets[i + 1]].tobytes(),
@@ -274,7 +275,7 @@ def digits_split(labels: np.ndarray, split: str, test_every: int = 5) -> np.ndar
     """Indices of a fixed stratified split: within each class, every `test_every`-th image
     (positions test_every-1, 2*test_every-1, ... in dataset order) is test, the rest train."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}.")
     position = np.zeros(len(labels), np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -326,12 +327,64 @@ def is_image_name(name: str) -> bool:
     return is_data_name(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _image_files(folder: pathlib.Path, first_only: bool = False) -> list[pathlib.Path]:
+class SymlinkSkippedWarning(UserWarning):
+    """A symbolic link to a folder was not followed: it leads back into the tree being listed or
+    to a folder already walked (a loop would multiply and mislabel the images)."""
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies inside it (both real, absolute paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(target: str, here: str, tree: str, walked: set) -> str | None:
+    """Why a link to the real folder `target`, found in the real folder `here` while listing
+    the real folder `tree`, must not be followed; None when it leads to new images."""
+    if _within(here, target) or _within(tree, target):
+        return "it leads to a folder that contains it (a loop)"
+    if _within(target, tree):
+        return "it leads back into the image folder (its images would count twice)"
+    if any(_within(target, w) for w in walked):
+        return "it leads to a folder already walked (its images would count twice)"
+    if any(_within(w, target) for w in walked):
+        return "it leads to a folder that holds one already walked (its images would count twice)"
+    return None
+
+
+def _followed_dirs(dirpath: str, dirnames: list, tree: str, walked: set) -> list:
+    """The subfolders of `dirpath` to walk: data names only, and links to folders only when
+    `_link_problem` finds none (else skipped with a `SymlinkSkippedWarning` naming the link).
+    A followed link's target joins `walked` at once: two links to one folder count it once."""
+    keep = []
+    for name in sorted(d for d in dirnames if is_data_name(d)):
+        path = os.path.join(dirpath, name)
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            problem = _link_problem(target, os.path.realpath(dirpath), tree, walked)
+            if problem:
+                warnings.warn(f"{path} -> {target}: symbolic link not followed: {problem}.",
+                              SymlinkSkippedWarning, stacklevel=2)  # one location: shown once
+                continue
+            walked.add(target)
+        keep.append(name)
+    return keep
+
+
+def _image_files(folder: pathlib.Path, first_only: bool = False,
+                 tree: pathlib.Path | None = None) -> list[pathlib.Path]:
     """Image files under `folder`, subfolders included (as torchvision's ImageFolder walks),
-    hidden and metadata entries pruned; sorted by their relative path."""
-    found = []
+    hidden and metadata entries pruned; sorted by their relative path.
+
+    Links to folders are followed (a class folder may live on another disk), except those that
+    lead back into `tree` (the split folder being listed; default `folder`), to a folder that
+    contains them, or to a folder already walked: those are skipped with a
+    `SymlinkSkippedWarning` naming the link, where torchvision's ImageFolder recurses until
+    the system refuses, multiplying the images and labelling other classes' as this one."""
+    found, walked = [], set()
+    tree_real = os.path.realpath(tree if tree is not None else folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if is_data_name(d)]
+        walked.add(os.path.realpath(dirpath))
+        dirnames[:] = _followed_dirs(dirpath, dirnames, tree_real, walked)
         found.extend(pathlib.Path(dirpath, f) for f in filenames if is_image_name(f))
         if first_only and found:
             return found
@@ -340,7 +393,7 @@ def _image_files(folder: pathlib.Path, first_only: bool = False) -> list[pathlib
 
 def _class_folders(root: pathlib.Path) -> list[str]:
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder; expected root/<class>/<image files>.")
+        raise MissingInputError(f"{root} is not a folder; expected root/<class>/<image files>.")
     return sorted(e.name for e in os.scandir(root)
                   if is_data_name(e.name) and e.is_dir(follow_symlinks=True))
 
@@ -349,17 +402,17 @@ def image_folder_classes(root) -> tuple[str, ...]:
     """The class index an image folder (a training split) defines: its sorted class folders.
 
     Cheap (stops at the first image of each class). A class folder without any image file is a
-    ValueError naming it, as in torchvision's ImageFolder: its label would silently exist with no
+    InputError naming it, as in torchvision's ImageFolder: its label would silently exist with no
     example.
     """
     root = pathlib.Path(root)
     classes = _class_folders(root)
-    empty = [c for c in classes if not _image_files(root / c, first_only=True)]
+    empty = [c for c in classes if not _image_files(root / c, first_only=True, tree=root)]
     if empty:
-        raise ValueError(f"{root}: class folders {empty} hold no image files "
+        raise InputError(f"{root}: class folders {empty} hold no image files "
                          f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images.")
     if not classes:
-        raise FileNotFoundError(f"{root}: no class folders; expected root/<class>/<image files>.")
+        raise MissingInputError(f"{root}: no class folders; expected root/<class>/<image files>.")
     return tuple(classes)
 
 
@@ -388,16 +441,16 @@ def list_image_folder(root, classes: Sequence[str] | None = None) -> ImageFolder
     classes: the class index to label with, i.e. the training split's (`image_folder_classes`);
     None: `root` is the training split and defines it. Hidden entries, OS metadata and files
     without an image extension are neither classes nor images. A class folder of `root` absent
-    from `classes` is a ValueError naming it; a class of `classes` absent from `root` is fine.
+    from `classes` is an InputError naming it; a class of `classes` absent from `root` is fine.
     """
     root = pathlib.Path(root)
     index = image_folder_classes(root) if classes is None else tuple(classes)
     label_of = {c: i for i, c in enumerate(index)}
-    per_class = {c: _image_files(root / c) for c in _class_folders(root)}
+    per_class = {c: _image_files(root / c, tree=root) for c in _class_folders(root)}
     per_class = {c: files for c, files in per_class.items() if files}
     unknown = sorted(set(per_class) - set(label_of))
     if unknown:
-        raise ValueError(f"{root}: classes {unknown} are not classes of the training split, "
+        raise InputError(f"{root}: classes {unknown} are not classes of the training split, "
                          f"whose class index is {list(index)}; every split must use the "
                          f"training split's classes (config.data.path: the image folder).")
     loose = [e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name)]
@@ -410,7 +463,7 @@ def list_image_folder(root, classes: Sequence[str] | None = None) -> ImageFolder
         paths.extend(per_class[cls])
         labels.extend([label_of[cls]] * len(per_class[cls]))
     if not paths:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found under "
+        raise MissingInputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found under "
                                 f"root/<class>/; class folders seen: {sorted(per_class)}.")
     return ImageFolderListing(root, index, tuple(paths), np.asarray(labels, np.int32))
 
@@ -439,18 +492,18 @@ def image_folder_split_root(path, split: str) -> pathlib.Path:
     """The folder of `split` in an image-folder dataset at `path` (config.data.path):
     `path/<split>`, or for 'train' `path` itself when it holds class folders directly.
 
-    FileNotFoundError naming config.data.path when the split has no folder; ValueError when
+    MissingInputError naming config.data.path when the split has no folder; InputError when
     `path` mixes class folders with split folders (their names would become classes).
     """
     path = pathlib.Path(path).expanduser()
     if (path / split).is_dir():
         return path / split
     if split != "train" or not path.is_dir():
-        raise FileNotFoundError(f"config.data.path: neither {path / split} nor (for 'train') "
+        raise MissingInputError(f"config.data.path: neither {path / split} nor (for 'train') "
                                 f"{path} is a folder; expected <path>/[<split>/]<class>/<image>.")
     splits = [d for d in SPLIT_FOLDER_NAMES if (path / d).is_dir()]
     if splits:
-        raise ValueError(f"config.data.path={path} holds split folders {splits} but no train/: "
+        raise InputError(f"config.data.path={path} holds split folders {splits} but no train/: "
                          f"its class folders and {splits} would all become classes; put the "
                          f"training classes under {path / 'train'}.")
     return path
@@ -483,7 +536,7 @@ def _tfds_howto(name: str, data_dir: str, manual_dir: str | None) -> str:
 def tfds_builder(name: str, data_dir: str | None = None, manual_dir: str | None = None):
     """The prepared TFDS builder for `name` in `data_dir`; never downloads.
 
-    Raises FileNotFoundError within a second, saying how to prepare the data, when `name` has not
+    Raises MissingInputError within a second, saying how to prepare the data, when `name` has not
     been built into `data_dir` (tfds.load without download=False would hang for minutes offline).
     Under `tfds.testing.mock_data` the builder is returned as is.
     """
@@ -493,7 +546,7 @@ def tfds_builder(name: str, data_dir: str | None = None, manual_dir: str | None 
     except tfds.core.registered.DatasetNotFoundError as e:
         # The library's message lists every catalog dataset: too long to be useful here.
         del e
-        raise ValueError(f"config.data.name: TFDS has no dataset {name!r} (neither in its "
+        raise InputError(f"config.data.name: TFDS has no dataset {name!r} (neither in its "
                          f"catalog nor prepared in config.data.data_dir={data_dir}).") from None
     if builder.is_prepared():
         return builder
@@ -504,7 +557,7 @@ def tfds_builder(name: str, data_dir: str | None = None, manual_dir: str | None 
         return builder
     except AssertionError:
         data_dir = data_dir or str(pathlib.Path(builder.data_dir).parents[1])
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"config.data.name={name!r}: TFDS dataset not prepared in config.data.data_dir="
             f"{data_dir} (download is disabled). {_tfds_howto(name, data_dir, manual_dir)}"
         ) from None
@@ -539,13 +592,13 @@ def tfds_source(name: str, split: str, data_dir: str | None = None,
     splits = builder.info.splits
     if splits:
         if tfds_split not in splits:
-            raise ValueError(f"split {split!r} -> {tfds_split!r} not in {name}'s splits "
+            raise InputError(f"split {split!r} -> {tfds_split!r} not in {name}'s splits "
                              f"{sorted(splits)}.")
         count = splits[tfds_split].num_examples
     else:
         count = num_examples.get(split) if isinstance(num_examples, Mapping) else num_examples
         if count is None:
-            raise ValueError(f"config.data.num_examples: {name} reports no split sizes (mock "
+            raise InputError(f"config.data.num_examples: {name} reports no split sizes (mock "
                              f"data?); give the number of {split!r} examples.")
     label = builder.info.features["label"] if "label" in builder.info.features else None
     num_classes = int(getattr(label, "num_classes", 0) or 0)
@@ -559,7 +612,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None,
 def _require_path(data_config, field: str = "path") -> pathlib.Path:
     value = _config_get(data_config, field)
     if not value:
-        raise ValueError(f"config.data.{field} must be set for source "
+        raise InputError(f"config.data.{field} must be set for source "
                          f"{_config_get(data_config, 'source')!r}.")
     return pathlib.Path(value).expanduser()
 
@@ -572,7 +625,7 @@ def _npz_split_path(path: pathlib.Path, split: str) -> pathlib.Path:
     if path.is_dir():
         return path / f"{split}.npz"
     if path.suffix == ".npz" and split != "train" and path.stem != split:
-        raise ValueError(f"config.data.path={path} is one file but split {split!r} was asked; "
+        raise InputError(f"config.data.path={path} is one file but split {split!r} was asked; "
                          f"give the folder holding <split>.npz or a pattern with '{{split}}'.")
     return path
 
@@ -580,7 +633,7 @@ def _npz_split_path(path: pathlib.Path, split: str) -> pathlib.Path:
 def _max_unreadable_fraction(data_config) -> float:
     value = float(_config_get(data_config, "max_unreadable_fraction", MAX_UNREADABLE_FRACTION))
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"config.data.max_unreadable_fraction={value}; expected a fraction in "
+        raise InputError(f"config.data.max_unreadable_fraction={value}; expected a fraction in "
                          f"[0, 1) of the files that may be skipped when they cannot be decoded.")
     return value
 
@@ -600,7 +653,7 @@ def _load_image_folder_split(data_config, split: str) -> ArrayDataset:
     listing = image_folder_split(data_config, split)
     image_size = _config_get(data_config, "image_size")
     if not image_size:
-        raise ValueError("config.data.image_size must be set for source 'image_folder'.")
+        raise InputError("config.data.image_size must be set for source 'image_folder'.")
     return load_image_folder(listing.root, int(image_size),
                              name=f"{listing.root.parent.name}_{split}", classes=listing.classes,
                              max_unreadable_fraction=_max_unreadable_fraction(data_config))
@@ -619,14 +672,14 @@ def load_dataset(data_config, split: str = "train") -> ArrayDataset | TfdsSource
     if source == "npz":
         path = _npz_split_path(_require_path(data_config), split)
         if not path.is_file():
-            raise FileNotFoundError(f"config.data.path: {path} does not exist; expected "
+            raise MissingInputError(f"config.data.path: {path} does not exist; expected "
                                     f"{CIFAR_NPZ_LAYOUT}.")
         return load_npz(path, num_classes, name=f"{path.parent.name}_{split}")
     if source == "jpeg_npz":
         path = _require_path(data_config)
         path = path / "jpeg.npz" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"config.data.path: {path} does not exist; expected "
+            raise MissingInputError(f"config.data.path: {path} does not exist; expected "
                                     f"{JPEG_NPZ_LAYOUT}.")
         return load_jpeg_npz(path, split, limit=_config_get(data_config, "limit"),
                              num_classes=num_classes, name=f"{path.parent.name}_{split}",
@@ -638,13 +691,13 @@ def load_dataset(data_config, split: str = "train") -> ArrayDataset | TfdsSource
     if source == "tfds":
         name = _config_get(data_config, "name")
         if not name:
-            raise ValueError("config.data.name must name a TFDS dataset (e.g. 'cifar10', "
+            raise InputError("config.data.name must name a TFDS dataset (e.g. 'cifar10', "
                              "'imagenet2012') for source 'tfds'.")
         return tfds_source(name, split, _config_get(data_config, "data_dir"),
                            _config_get(data_config, "manual_dir"),
                            _config_get(data_config, "num_examples"),
                            _config_get(data_config, "split_names"))
-    raise ValueError(f"config.data.source={source!r} is not a known source; valid: {SOURCES}.")
+    raise InputError(f"config.data.source={source!r} is not a known source; valid: {SOURCES}.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -668,11 +721,11 @@ class SplitSummary:
 def _npz_members(path: pathlib.Path, needed: Sequence[str], layout: str) -> dict:
     """Arrays `needed[1:]` of an npz (only those are read), after checking `needed` exist."""
     if not path.is_file():
-        raise FileNotFoundError(f"config.data.path: {path} does not exist; expected {layout}.")
+        raise MissingInputError(f"config.data.path: {path} does not exist; expected {layout}.")
     with np.load(path) as data:
         missing = [k for k in needed if k not in data.files]
         if missing:
-            raise ValueError(f"config.data.path: {path} lacks arrays {missing}; expected "
+            raise InputError(f"config.data.path: {path} lacks arrays {missing}; expected "
                              f"{layout}.")
         return {k: data[k] for k in needed[1:]}
 
@@ -682,8 +735,8 @@ def describe_split(data_config, split: str) -> SplitSummary:
     cheaply: npz files open only their label arrays, image folders are listed, TFDS builders
     report their split sizes (or config.data.num_examples under mock data).
 
-    Raises what `load_dataset` raises for a missing split, file or field (FileNotFoundError /
-    ValueError naming the config field), and a ValueError for an image folder without
+    Raises what `load_dataset` raises for a missing split, file or field (MissingInputError /
+    InputError naming the config field), and an InputError for an image folder without
     config.data.image_size.
     """
     source = _config_get(data_config, "source")
@@ -704,7 +757,7 @@ def describe_split(data_config, split: str) -> SplitSummary:
         path, labels, num_classes = "scikit-learn digits", target[digits_split(target, split)], 10
     elif source == "image_folder":
         if not _config_get(data_config, "image_size"):
-            raise ValueError("config.data.image_size must be set for source 'image_folder'.")
+            raise InputError("config.data.image_size must be set for source 'image_folder'.")
         listing = image_folder_split(data_config, split)
         return SplitSummary(len(listing), listing.labels, len(listing.classes),
                             str(listing.root))

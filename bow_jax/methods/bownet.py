@@ -45,7 +45,8 @@ import optax
 
 from bow_jax.bow import build, quantize
 from bow_jax.data import augment, geometric, photometric
-from bow_jax.lib import checkpoint
+from bow_jax.lib import checkpoint, config_checks
+from bow_jax.lib.errors import InputError, MissingInputError
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import interface
 from bow_jax.models import check_feature_names, create_backbone, feature_dims, heads
@@ -103,18 +104,19 @@ class BoWNetState(TrainState):
 
 
 def teacher_checkpoint(workdir: str, field: str = "config.bownet.teacher_workdir"):
-    """(step, config dict) of the latest checkpoint of the teacher run in `workdir`."""
+    """(step, config dict) of the latest checkpoint of the teacher run in `workdir`; InputError
+    when `workdir` is empty, MissingInputError naming `field` when it holds no checkpoint."""
     if not workdir:
-        raise ValueError(f"{field} is empty: BoWNet needs the workdir of a trained teacher "
+        raise InputError(f"{field} is empty: BoWNet needs the workdir of a trained teacher "
                          "(RotNet or a previous BoWNet round).")
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{field}={workdir!r}: no checkpoints folder {directory}.")
+        raise MissingInputError(f"{field}={workdir!r}: no checkpoints folder {directory}.")
     ckpt = checkpoint.Checkpointer(directory)
     try:
         step = ckpt.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{field}={workdir!r}: no checkpoint in {directory}.")
+            raise MissingInputError(f"{field}={workdir!r}: no checkpoint in {directory}.")
         return step, ckpt.read_meta(step)["config"]
     finally:
         ckpt.close()
@@ -123,7 +125,7 @@ def teacher_checkpoint(workdir: str, field: str = "config.bownet.teacher_workdir
 def load_teacher_variables(workdir: str, step: int) -> dict:
     """The teacher backbone's variables {'params', 'batch_stats'} at `step`, as numpy (restored
     without a target tree, so any method's state works: RotNet and BoWNet both keep their
-    backbone under 'backbone'). ValueError when the checkpoint has no backbone."""
+    backbone under 'backbone'). InputError when the checkpoint has no backbone."""
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         state = ckpt.restore(None, step=step)
@@ -133,7 +135,7 @@ def load_teacher_variables(workdir: str, step: int) -> dict:
         variables = interface.backbone_variables(types.SimpleNamespace(
             params=state["params"], batch_stats=state["batch_stats"]))
     except (KeyError, TypeError) as e:
-        raise ValueError(f"The teacher checkpoint {workdir}/checkpoints/{step} has no 'backbone' "
+        raise InputError(f"The teacher checkpoint {workdir}/checkpoints/{step} has no 'backbone' "
                          "variables; expected a RotNet or BoWNet run.") from e
     return jax.tree.map(np.asarray, variables)
 
@@ -191,19 +193,36 @@ def bow_loss(logits, targets) -> jax.Array:
     return interface.soft_cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
 
 
-def _check_config(cfg, image_shape):
+def check_bownet_config(cfg, image_shape, training: bool = True) -> None:
+    """InputError naming the config.bownet field: the targets' settings and the in-memory data
+    always (they shape the state and the teacher's map); the student's perturbations (tuple
+    fields checked for length and range, probabilities) when `training`."""
     if cfg.target not in TARGET_MODES:
-        raise ValueError(f"config.bownet.target={cfg.target!r}; expected one of {TARGET_MODES}.")
+        raise InputError(f"config.bownet.target={cfg.target!r}; expected one of {TARGET_MODES}.")
     if cfg.border < 0:
-        raise ValueError(f"config.bownet.border={cfg.border}; expected >= 0.")
+        raise InputError(f"config.bownet.border={cfg.border}; expected >= 0.")
     if cfg.num_words < 2:
-        raise ValueError(f"config.bownet.num_words={cfg.num_words}; expected >= 2.")
-    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        raise ValueError(f"config.bownet.crop_scale={tuple(cfg.crop_scale)}; expected "
-                         "0 < min <= max <= 1.")
+        raise InputError(f"config.bownet.num_words={cfg.num_words}; expected >= 2.")
     if image_shape is None:
-        raise ValueError("BoWNet trains from in-memory data (config.data.in_memory=True): its "
+        raise InputError("BoWNet trains from in-memory data (config.data.in_memory=True): its "
                          "views are made on the device.")
+    if training:
+        check_bownet_views(cfg)
+
+
+def check_bownet_views(cfg) -> None:
+    """The student's perturbations g(.): crop scale and ratio ranges, colour jitter strengths,
+    probabilities, the CutMix beta; InputError naming the field."""
+    config_checks.interval(cfg.crop_scale, "config.bownet.crop_scale", 0.0, 1.0,
+                           "(min, max) area fraction of the random resized crop")
+    config_checks.interval(cfg.crop_ratio, "config.bownet.crop_ratio", 0.0, None,
+                           "(min, max) aspect ratio of the random resized crop")
+    config_checks.color_jitter(cfg.jitter, "config.bownet.jitter")
+    for field in ("jitter_p", "gray_p"):
+        config_checks.probability(cfg[field], f"config.bownet.{field}")
+    if cfg.cutmix and not cfg.cutmix_beta > 0:
+        raise InputError(f"config.bownet.cutmix_beta={cfg.cutmix_beta!r}; expected > 0 (the "
+                         "Beta(beta, beta) of CutMix's area).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,17 +244,17 @@ class Setup:
 
 
 def teacher_map_shape(cfg, teacher: nn.Module, teacher_config: dict, image_shape) -> tuple:
-    """[1, h, w, C] of the teacher's `teacher_layer` on one image; ValueError naming
+    """[1, h, w, C] of the teacher's `teacher_layer` on one image; InputError naming
     config.bownet.teacher_layer (or pyramid) when it is not a map BoWNet can quantise."""
     dims = feature_dims(teacher, (1,) + tuple(image_shape))
     check_feature_names([cfg.teacher_layer], dims, "config.bownet.teacher_layer",
                         teacher_config["model"]["name"])
     shape = dims[cfg.teacher_layer]
     if len(shape) != 4:
-        raise ValueError(f"config.bownet.teacher_layer={cfg.teacher_layer!r} is not a feature "
+        raise InputError(f"config.bownet.teacher_layer={cfg.teacher_layer!r} is not a feature "
                          f"map (shape {shape}); choose a convolutional layer.")
     if cfg.pyramid and min(shape[1:3]) - 2 * cfg.border < 2:
-        raise ValueError("config.bownet.pyramid needs a teacher map of at least 2x2 locations "
+        raise InputError("config.bownet.pyramid needs a teacher map of at least 2x2 locations "
                          "after the border.")
     return shape
 
@@ -253,11 +272,12 @@ def load_frozen_inputs(cfg, image_shape):
     return teacher, load_teacher_variables(cfg.teacher_workdir, teacher_step), centroids
 
 
-def setup(config, data_info: interface.DataInfo) -> Setup:
+def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup:
     """The student, the frozen teacher and vocabulary, the optimizer; every check made before
-    anything is compiled (ValueError / FileNotFoundError naming the config field)."""
+    anything is compiled (InputError / MissingInputError naming the config field; `training`
+    False skips the perturbations' checks)."""
     cfg = config.bownet
-    _check_config(cfg, data_info.image_shape)
+    check_bownet_config(cfg, data_info.image_shape, training)
     teacher, teacher_variables, centroids = load_frozen_inputs(cfg, data_info.image_shape)
     backbone = interface.backbone_from_config(config)
     check_feature_names([cfg.student_feature, config.eval.feature],
@@ -377,7 +397,9 @@ def pretext_scores(s: Setup, state: BoWNetState, images):
     return {"bow_top_word_hit": hit.astype(jnp.float32)}
 
 
-def create(config, data_info: interface.DataInfo) -> interface.Method:
-    """BoWNet's `Method` for `config`; reads the frozen teacher and vocabulary now."""
-    return interface.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
-                       make_views=make_views, encode=encode, pretext_scores=pretext_scores)
+def create(config, data_info: interface.DataInfo, training: bool = True) -> interface.Method:
+    """BoWNet's `Method` for `config`; reads the frozen teacher and vocabulary now (errors: see
+    `setup`)."""
+    return interface.bind(setup(config, data_info, training), init_state=init_state,
+                          train_step=train_step, make_views=make_views, encode=encode,
+                          pretext_scores=pretext_scores)

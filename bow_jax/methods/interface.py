@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from bow_jax.data import augment
 from bow_jax.lib import schedules
+from bow_jax.lib.errors import InputError
 from bow_jax.models import create_backbone
 
 
@@ -57,13 +58,13 @@ def bind(setup: Any, **functions: Callable) -> Method:
 
 
 def normalization(config):
-    """(mean, std) of `config.data.normalization`: 'imagenet' or 'cifar'."""
+    """(mean, std) of `config.data.normalization`: 'imagenet' or 'cifar' (else InputError)."""
     name = config.data.normalization
     if name == "imagenet":
         return augment.IMAGENET_MEAN, augment.IMAGENET_STD
     if name == "cifar":
         return augment.CIFAR_MEAN, augment.CIFAR_STD
-    raise ValueError(f"config.data.normalization={name!r}; expected 'imagenet' or 'cifar'.")
+    raise InputError(f"config.data.normalization={name!r}; expected 'imagenet' or 'cifar'.")
 
 
 def to_network_input(images_uint8, mean, std):
@@ -87,10 +88,11 @@ def pooled(feature) -> jax.Array:
 
 
 def encode_with(backbone, variables: Any, images_uint8, feature_name: str, mean, std):
-    """Frozen features of `images_uint8`: eval-mode backbone, the named output, pooled."""
+    """Frozen features of `images_uint8`: eval-mode backbone, the named output, pooled
+    (InputError naming config.eval.feature when the backbone has no such output)."""
     features = backbone.apply(variables, to_network_input(images_uint8, mean, std), train=False)
     if feature_name not in features:
-        raise ValueError(f"config.eval.feature={feature_name!r} is not an output of "
+        raise InputError(f"config.eval.feature={feature_name!r} is not an output of "
                          f"{type(backbone).__name__}; available: {sorted(features)}.")
     return pooled(features[feature_name]).astype(jnp.float32)
 

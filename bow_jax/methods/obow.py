@@ -40,7 +40,8 @@ import optax
 
 from bow_jax.bow import quantize, vocabulary
 from bow_jax.data import augment, geometric, host_views, photometric
-from bow_jax.lib import ops, schedules
+from bow_jax.lib import config_checks, ops, schedules
+from bow_jax.lib.errors import InputError
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import interface
 from bow_jax.models import check_feature_names, feature_dims, heads
@@ -287,52 +288,74 @@ def augment_views(key, batch, cfg, mean, std):
 # Checks made before anything is compiled.
 
 
-def check_obow_config(config, level_shapes: dict) -> None:
-    """Clear errors for choices that would otherwise fail deep inside a compiled step."""
+def check_obow_config(config, level_shapes: dict, training: bool = True) -> None:
+    """Clear errors for choices that would otherwise fail deep inside a compiled step: InputError
+    naming the field, its value and what is expected.
+
+    `training` False (evaluate, export, fine-tune): only what defines the state and the
+    teacher's maps; True adds the views' settings and the global batch's (queue writes)."""
     cfg = config.obow
-    if cfg.vocabulary not in VOCABULARIES:
-        raise ValueError(f"config.obow.vocabulary={cfg.vocabulary!r}; expected one of "
-                         f"{list(VOCABULARIES)}.")
-    if cfg.kmeans_assignment not in KMEANS_ASSIGNMENTS:
-        raise ValueError(f"config.obow.kmeans_assignment={cfg.kmeans_assignment!r}; expected one "
-                         f"of {list(KMEANS_ASSIGNMENTS)}.")
-    if cfg.word_sampling not in vocabulary.SAMPLE_MODES:
-        raise ValueError(f"config.obow.word_sampling={cfg.word_sampling!r}; expected one of "
-                         f"{list(vocabulary.SAMPLE_MODES)}.")
-    if cfg.teacher_distance not in ("l2", "cosine"):
-        raise ValueError(f"config.obow.teacher_distance={cfg.teacher_distance!r}; expected 'l2' "
-                         "or 'cosine'.")
-    if cfg.bow_pool not in ("max", "avg"):
-        raise ValueError(f"config.obow.bow_pool={cfg.bow_pool!r}; expected 'max' or 'avg'.")
-    if not cfg.bow_levels:
-        raise ValueError("config.obow.bow_levels is empty; name at least one backbone map.")
+    check_obow_choices(cfg)
+    if training:
+        check_obow_views(cfg)
+        if cfg.vocabulary == "queue":
+            vocabulary.check_queue_divisible(cfg.num_words, config.batch_size)
+    check_level_shapes(cfg, level_shapes)
+
+
+def _check_choice(cfg, field: str, choices) -> None:
+    value = cfg[field]
+    if value not in choices:
+        raise InputError(f"config.obow.{field}={value!r}; expected one of {list(choices)}.")
+
+
+def check_obow_choices(cfg) -> None:
+    """The named choices of config.obow (vocabulary, assignment, sampling, distance, pooling)
+    and the monitor; InputError naming the field."""
+    _check_choice(cfg, "vocabulary", VOCABULARIES)
+    _check_choice(cfg, "kmeans_assignment", KMEANS_ASSIGNMENTS)
+    _check_choice(cfg, "word_sampling", vocabulary.SAMPLE_MODES)
+    _check_choice(cfg, "teacher_distance", ("l2", "cosine"))
+    _check_choice(cfg, "bow_pool", ("max", "avg"))
+    if cfg.monitor and cfg.num_classes <= 0:
+        raise InputError("config.obow.monitor=True needs config.obow.num_classes > 0.")
+
+
+def check_obow_views(cfg) -> None:
+    """The student's views: crop counts and sizes, the tuple-valued sampling ranges (length and
+    range) and the augmentation probabilities; InputError naming the field."""
     if cfg.num_crops < 1:
-        raise ValueError(f"config.obow.num_crops={cfg.num_crops}; at least 1 crop is needed.")
-    if cfg.num_patches > 9:
-        raise ValueError(f"config.obow.num_patches={cfg.num_patches}; at most 9 (3x3 grid).")
+        raise InputError(f"config.obow.num_crops={cfg.num_crops}; at least 1 crop is needed.")
+    if not 0 <= cfg.num_patches <= 9:
+        raise InputError(f"config.obow.num_patches={cfg.num_patches}; expected 0 to 9 (3x3 "
+                         "grid).")
     if cfg.num_patches > 0 and cfg.patch_size + cfg.patch_jitter > cfg.patch_source_size:
-        raise ValueError(
+        raise InputError(
             f"config.obow.patch_size + patch_jitter = {cfg.patch_size}+{cfg.patch_jitter} does "
             f"not fit config.obow.patch_source_size={cfg.patch_source_size}.")
-    if cfg.monitor and cfg.num_classes <= 0:
-        raise ValueError("config.obow.monitor=True needs config.obow.num_classes > 0.")
-    if cfg.vocabulary == "queue":
-        vocabulary.check_queue_divisible(cfg.num_words, config.batch_size)
-    check_level_shapes(cfg, level_shapes)
+    config_checks.interval(cfg.crop_scale, "config.obow.crop_scale", 0.0, 1.0,
+                           "(min, max) area fraction of the crops")
+    config_checks.interval(cfg.patch_source_scale, "config.obow.patch_source_scale", 0.0, 1.0,
+                           "(min, max) area fraction of the patches' source crop")
+    config_checks.interval(cfg.blur_sigma, "config.obow.blur_sigma", 0.0, None,
+                           "(min, max) Gaussian blur sigma")
+    config_checks.color_jitter(cfg.color_jitter, "config.obow.color_jitter")
+    for field in ("color_jitter_p", "grayscale_p", "blur_p"):
+        config_checks.probability(cfg[field], f"config.obow.{field}")
 
 
 def check_level_shapes(cfg, level_shapes: dict) -> None:
     """Every BoW level must be a spatial map [B, h, w, C] big enough for the border skip and the
-    word sampling; ValueError naming config.obow.bow_levels otherwise."""
+    word sampling; InputError naming config.obow.bow_levels otherwise."""
     need = 2 * cfg.border + (3 if cfg.vocabulary == "queue"
                              and cfg.word_sampling == "local_average" else 1)
     for level, shape in level_shapes.items():
         if len(shape) != 4:
-            raise ValueError(f"config.obow.bow_levels: {level!r} is not a spatial feature map "
+            raise InputError(f"config.obow.bow_levels: {level!r} is not a spatial feature map "
                              f"(shape {shape}); BoW levels must be [B, h, w, C] maps.")
         h, w = shape[1:3]
         if h < need or w < need:
-            raise ValueError(
+            raise InputError(
                 f"config.obow.bow_levels: level {level!r} is {h}x{w} for a "
                 f"{cfg.teacher_size}x{cfg.teacher_size} teacher input "
                 f"(config.obow.teacher_size), but OBoW needs at least {need}x{need} (a "
@@ -374,14 +397,16 @@ def teacher_variables(state):
     return {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
 
 
-def setup(config, data_info: interface.DataInfo) -> Setup:
-    """The networks, optimizer and sizes of `config`, checked before anything is compiled."""
+def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup:
+    """The networks, optimizer and sizes of `config`, checked before anything is compiled
+    (InputError naming the field; `training` False skips the views' and the batch's checks,
+    see `check_obow_config`)."""
     cfg = config.obow
     backbone = interface.backbone_from_config(config)
-    levels = tuple(cfg.bow_levels)
+    levels = config_checks.names(cfg.bow_levels, "config.obow.bow_levels", "backbone feature maps")
     dims = feature_dims(backbone, (1, cfg.teacher_size, cfg.teacher_size, 3))
     check_feature_names(levels, dims, "config.obow.bow_levels", config.model.name)
-    check_obow_config(config, {level: dims[level] for level in levels})
+    check_obow_config(config, {level: dims[level] for level in levels}, training)
     if cfg.monitor:
         check_feature_names([cfg.monitor_feature], dims, "config.obow.monitor_feature",
                             config.model.name)
@@ -552,7 +577,7 @@ def train_step(s: Setup, state: OBoWState, batch):
     k_augment, k_words = jax.random.split(state.step_key())
     teacher_x, groups, copies = augment_views(k_augment, batch, s.cfg, s.mean, s.std)
     if s.monitor is not None and "label" not in batch:
-        raise ValueError("config.obow.monitor=True needs 'label' in the batch (a labelled "
+        raise InputError("config.obow.monitor=True needs 'label' in the batch (a labelled "
                          "training split); set it to False.")
     # 3. Teacher: EMA with the pre-step student params, then a train-mode forward.
     momentum = schedules.teacher_momentum(state.step, s.total_steps, s.cfg.teacher_momentum)
@@ -583,9 +608,10 @@ def encode(s: Setup, state: OBoWState, images):
                               s.eval_feature, s.mean, s.std)
 
 
-def create(config, data_info: interface.DataInfo) -> interface.Method:
-    """OBoW's `Method` for `config` (ValueError naming the field for a bad config)."""
-    s = setup(config, data_info)
+def create(config, data_info: interface.DataInfo, training: bool = True) -> interface.Method:
+    """OBoW's `Method` for `config` (InputError naming the field for a bad config; `training`
+    False: only the checks that a trained state's use needs, see `check_obow_config`)."""
+    s = setup(config, data_info, training)
     return interface.Method(init_state=functools.partial(init_state, s),
                          train_step=functools.partial(train_step, s),
                          make_views=functools.partial(make_views, s.cfg),

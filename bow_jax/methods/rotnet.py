@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from bow_jax.data import geometric
+from bow_jax.lib.errors import InputError
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import interface
 from bow_jax.models import heads
@@ -81,11 +82,22 @@ class Setup:
     eval_feature: str  # config.eval.feature
 
 
-def setup(config, data_info: interface.DataInfo) -> Setup:
-    """The network, optimizer and sizes of `config`; ValueError naming a bad field."""
-    cfg = config.rotnet
+def check_rotnet_config(cfg, training: bool = True) -> None:
+    """InputError naming the config.rotnet field: the head always (it shapes the state), the
+    view's crop and padding when `training`."""
     if cfg.head not in ("linear", "residual"):
-        raise ValueError(f"config.rotnet.head={cfg.head!r}; expected 'linear' or 'residual'.")
+        raise InputError(f"config.rotnet.head={cfg.head!r}; expected 'linear' or 'residual'.")
+    if training and (cfg.crop_size < 0 or cfg.crop_padding < 0):
+        raise InputError(f"config.rotnet.crop_size={cfg.crop_size}, crop_padding="
+                         f"{cfg.crop_padding}; expected both >= 0 (crop_size 0: the stored "
+                         "image size).")
+
+
+def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup:
+    """The network, optimizer and sizes of `config`; InputError naming a bad field (`training`
+    False: only the fields that shape the state)."""
+    cfg = config.rotnet
+    check_rotnet_config(cfg, training)
     backbone = interface.backbone_from_config(config)
     model = RotNetModel(backbone=backbone, head=cfg.head, head_feature=cfg.head_feature,
                         name=None)
@@ -159,7 +171,9 @@ def pretext_scores(s: Setup, state: TrainState, images):
     return {"rotation_accuracy": correct.reshape(-1, 4).mean(axis=1)}
 
 
-def create(config, data_info: interface.DataInfo) -> interface.Method:
-    """RotNet's `Method` for `config`."""
-    return interface.bind(setup(config, data_info), init_state=init_state, train_step=train_step,
-                       make_views=make_views, encode=encode, pretext_scores=pretext_scores)
+def create(config, data_info: interface.DataInfo, training: bool = True) -> interface.Method:
+    """RotNet's `Method` for `config` (InputError naming a bad field; `training` False: only the
+    checks that a trained state's use needs)."""
+    return interface.bind(setup(config, data_info, training), init_state=init_state,
+                          train_step=train_step, make_views=make_views, encode=encode,
+                          pretext_scores=pretext_scores)

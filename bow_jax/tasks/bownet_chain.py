@@ -269,7 +269,7 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
     missing = [f for f in features if f not in have]
     if not missing:
         return have, "reused"
-    with common.restore(config, workdir) as run_:
+    with common.restore(config, workdir, training=False) as run_:  # scores a finished stage
         train_data, method, mesh, state = run_.train_data, run_.method, run_.mesh, run_.state
     test_data = load_split(config, "test")
     backbone = interface.backbone_from_config(config)
