@@ -15,6 +15,9 @@ CORE = [
     "scikit-learn",  # ships the digits images the demo trains on; reference for k-means
     "tensorboardX>=2.6.5",  # TensorBoard event files without TensorFlow
     "tqdm>=4.70.1",  # rate and ETA of long phases on a terminal
+    # Only clu.parameter_overview (parameter counts; imports no TensorFlow, unlike clu's
+    # metric_writers / periodic_actions, which we replace with tensorboardX and jax.profiler).
+    "clu>=0.0.12",
 ]
 EXTRAS = {
     # TFDS input pipelines (in-memory training needs none of this).

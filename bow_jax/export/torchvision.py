@@ -37,9 +37,11 @@ import numpy as np
 from flax import traverse_util
 
 from bow_jax.lib import extras, files
+from bow_jax.lib.errors import InputError, MissingInputError
 from bow_jax.models import create_backbone, feature_dims
 from bow_jax.models.heads import DynamicBoWHead
-from bow_jax.models.resnet import to_torch_layout, torchvision_key
+from bow_jax.models.resnet import (from_torch_layout, to_torch_layout, torch_axes,
+                                   torchvision_key)
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 LAYOUTS = ("torchvision", "obow")
@@ -64,7 +66,7 @@ def import_torch():
 
 def check_arch(arch: str) -> None:
     if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: torchvision export/import supports {list(ARCHS)}.")
+        raise InputError(f"arch={arch!r}: torchvision export/import supports {list(ARCHS)}.")
 
 
 def _backbone(arch: str, model_kwargs: Optional[Mapping[str, Any]], num_classes: Optional[int]):
@@ -90,22 +92,8 @@ def variable_template(arch: str, model_kwargs: Optional[Mapping[str, Any]] = Non
 
 def torch_shape(flax_path: Sequence[str], shape: Sequence[int]) -> tuple:
     """The torch-layout shape of a Flax variable of `shape` (see `to_torch_layout`)."""
-    if flax_path[-1] == "kernel" and len(shape) == 4:
-        return tuple(shape[i] for i in (3, 2, 0, 1))
-    if flax_path[-1] == "kernel" and len(shape) == 2:
-        return tuple(shape[::-1])
-    return tuple(shape)
-
-
-def from_torch_layout(flax_path: Sequence[str], value) -> np.ndarray:
-    """Inverse of `to_torch_layout`: OIHW -> HWIO conv kernels, [out, in] -> [in, out] dense."""
-    value = np.asarray(value)
-    if flax_path[-1] == "kernel":
-        if value.ndim == 4:
-            return np.transpose(value, (2, 3, 1, 0))
-        if value.ndim == 2:
-            return value.T
-    return value
+    axes = torch_axes(flax_path, len(shape))
+    return tuple(shape) if axes is None else tuple(shape[i] for i in axes)
 
 
 def _bn_modules(template: dict) -> set:
@@ -122,7 +110,7 @@ def _name(path: Sequence[str]) -> str:
 
 
 def _check_same(found: dict, expected: dict, what: str, hint: str) -> None:
-    """Raise a ValueError listing missing / unexpected / mis-shaped entries."""
+    """Raise an InputError listing missing / unexpected / mis-shaped entries."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k}: {tuple(found[k])} (expected {tuple(expected[k])})"
@@ -134,7 +122,7 @@ def _check_same(found: dict, expected: dict, what: str, hint: str) -> None:
             if items:
                 shown = ", ".join(map(str, items[:6])) + (" ..." if len(items) > 6 else "")
                 parts.append(f"{len(items)} {name}: {shown}")
-        raise ValueError(f"{what} does not match: " + "; ".join(parts) + f". {hint}")
+        raise InputError(f"{what} does not match: " + "; ".join(parts) + f". {hint}")
 
 
 # torchvision's module order: stem, layers by (stage, block), fc; in a block conv1, bn1, ...,
@@ -174,13 +162,13 @@ def _fc_entries(fc, flat_params: dict, dim: int, num_classes: int, seed: int) ->
         fc = "params" if ("fc", "kernel") in flat_params else "zero"
     if isinstance(fc, str):
         if fc not in FC_MODES:
-            raise ValueError(f"fc={fc!r}; expected one of {list(FC_MODES)} or a "
+            raise InputError(f"fc={fc!r}; expected one of {list(FC_MODES)} or a "
                              "(weight [K, C], bias [K]) pair.")
         if fc == "none":
             return {}
         if fc == "params":
             if ("fc", "kernel") not in flat_params:
-                raise ValueError("fc='params' but the params have no 'fc' (the backbone was "
+                raise InputError("fc='params' but the params have no 'fc' (the backbone was "
                                  "built without num_classes).")
             weight = to_torch_layout(("fc", "kernel"), flat_params[("fc", "kernel")])
             bias = np.asarray(flat_params[("fc", "bias")])
@@ -193,10 +181,10 @@ def _fc_entries(fc, flat_params: dict, dim: int, num_classes: int, seed: int) ->
         try:
             weight, bias = fc
         except (TypeError, ValueError) as e:
-            raise ValueError("fc must be a mode string or a (weight, bias) pair.") from e
+            raise InputError("fc must be a mode string or a (weight, bias) pair.") from e
         weight, bias = np.asarray(weight), np.asarray(bias)
         if weight.ndim != 2 or weight.shape[1] != dim or bias.shape != weight.shape[:1]:
-            raise ValueError(f"fc=(weight, bias): expected weight [K, {dim}] and bias [K]; got "
+            raise InputError(f"fc=(weight, bias): expected weight [K, {dim}] and bias [K]; got "
                              f"{weight.shape} and {bias.shape}.")
     return {"fc.weight": np.ascontiguousarray(weight, np.float32),
             "fc.bias": np.ascontiguousarray(bias, np.float32)}
@@ -263,13 +251,13 @@ def from_torchvision_state_dict(state_dict: Mapping[str, Any], arch: str, *,
 
     Keys may carry DDP's 'module.' prefix. `num_batches_tracked` is dropped (Flax has no counter);
     so is fc unless `with_fc` (then the backbone must be built with num_classes = fc rows).
-    Every other key must be one of `arch`'s, with the right shape: a clear ValueError otherwise.
+    Every other key must be one of `arch`'s, with the right shape: a clear InputError otherwise.
     """
     state_dict = strip_prefix(dict(state_dict))
     num_classes = None
     if with_fc:
         if "fc.weight" not in state_dict:
-            raise ValueError("with_fc=True but the state dict has no 'fc.weight'.")
+            raise InputError("with_fc=True but the state dict has no 'fc.weight'.")
         num_classes = int(np.shape(state_dict["fc.weight"])[0])
     template = variable_template(arch, model_kwargs, num_classes)
     expected = {torchvision_key(path): torch_shape(path, v.shape) for path, v in template.items()}
@@ -305,11 +293,11 @@ def obow_fc(head_variables: Mapping[str, Any], vocabularies: Sequence[Any],
     params = head_variables["params"]
     generators = sorted(k for k in params if k.startswith("generator_"))
     if len(generators) != len(vocabularies):
-        raise ValueError(f"head_variables has {len(generators)} weight generators but "
+        raise InputError(f"head_variables has {len(generators)} weight generators but "
                          f"{len(vocabularies)} vocabularies were given (one per BoW level).")
     learn_kappa = "kappa" in params
     if kappa is None and not learn_kappa:
-        raise ValueError("obow_fc: kappa is required (config.obow.kappa) when it is not learned.")
+        raise InputError("obow_fc: kappa is required (config.obow.kappa) when it is not learned.")
     hidden, channels = np.shape(params[generators[0]]["fc2"]["kernel"])
     head = DynamicBoWHead(num_channels_out=int(channels), kappa=float(kappa or 1.0),
                           hidden_dim=int(hidden), learn_kappa=learn_kappa)
@@ -337,9 +325,9 @@ def save_torchvision(path: str, state_dict: Mapping[str, Any], layout: str = "to
     (`to_torchvision_state_dict(..., fc=obow_fc(...))`).
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}; expected one of {list(LAYOUTS)}.")
+        raise InputError(f"layout={layout!r}; expected one of {list(LAYOUTS)}.")
     if layout == "obow" and "fc.weight" not in state_dict:
-        raise ValueError("layout='obow' needs fc = kappa * G(V) of the last level in the state "
+        raise InputError("layout='obow' needs fc = kappa * G(V) of the last level in the state "
                          "dict: build it with to_torchvision_state_dict(..., fc=obow_fc(...)).")
     torch = import_torch()
     # A writable copy: torch warns on (and must not alias) read-only device_get buffers.
@@ -359,7 +347,7 @@ def _unwrap(obj, path: str) -> dict:
             break
         obj = obj[keys[0]]
     if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, or one inside "
+        raise InputError(f"{path}: expected a state dict of tensors, or one inside "
                          f"{list(CONTAINER_KEYS)}; got {type(obj).__name__} with keys "
                          f"{list(obj)[:8] if isinstance(obj, Mapping) else '-'}.")
     return dict(obj)
@@ -370,20 +358,20 @@ def load_torchvision(path: str) -> StateDict:
 
     Accepts a plain state dict, {'state_dict': sd}, {'network': sd} (the OBoW release),
     {'model': sd}, and DDP's 'module.' key prefix (removed). A file whose pickle would construct
-    anything but tensors and containers (i.e. could run code) is refused with a ValueError.
+    anything but tensors and containers (i.e. could run code) is refused with an InputError.
     """
     torch = import_torch()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such .pth file.")
+        raise MissingInputError(f"{path}: no such .pth file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a plain state dict (its pickle refers to other objects, which could "
             "run code); it will not be unpickled. Re-save it as a dict of tensors "
             "(torch.save(model.state_dict(), path)).") from e
     except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable torch file ({e}).") from e
+        raise InputError(f"{path}: not a readable torch file ({e}).") from e
     state_dict = strip_prefix(_unwrap(obj, path))
     out = {}
     for k, v in state_dict.items():

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bow_jax.lib.errors import InputError
 from bow_jax.models.norm import torch_batch_norm
 # -- Initialisers and layers shared by every backbone and head (torch conventions). ---------------
 
@@ -223,12 +224,13 @@ def torchvision_key(flax_path: Sequence[str]) -> str:
     `flax_path` is the tuple of dict keys, with or without the leading collection name, e.g.
     ('params', 'layer2_0', 'downsample_conv', 'kernel') -> 'layer2.0.downsample.0.weight',
     ('batch_stats', 'bn1', 'var') -> 'bn1.running_var'.
+    Raises InputError for a path that is not a ResNet variable (no module, or an unknown leaf).
     """
     path = [str(p) for p in flax_path]
     if path and path[0] in ("params", "batch_stats"):
         path = path[1:]
     if len(path) < 2 or path[-1] not in _LEAF_TO_TORCH:
-        raise ValueError(f"flax_path={tuple(flax_path)!r} is not a ResNet variable path "
+        raise InputError(f"flax_path={tuple(flax_path)!r} is not a ResNet variable path "
                          f"(expected modules then one of {sorted(_LEAF_TO_TORCH)}).")
     parts = []
     for name in path[:-1]:
@@ -240,12 +242,25 @@ def torchvision_key(flax_path: Sequence[str]) -> str:
     return ".".join(parts + [_LEAF_TO_TORCH[path[-1]]])
 
 
+# torch's axis order of a Flax kernel, by rank: conv HWIO -> OIHW, dense [in, out] -> [out, in].
+_TORCH_KERNEL_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
+
+
+def torch_axes(flax_path: Sequence[str], ndim: int) -> Optional[tuple]:
+    """The `np.transpose` axes taking the Flax variable at `flax_path` (of rank `ndim`) to torch's
+    layout, or None where the layouts agree (everything but conv and dense kernels)."""
+    return _TORCH_KERNEL_AXES.get(ndim) if flax_path[-1] == "kernel" else None
+
+
 def to_torch_layout(flax_path: Sequence[str], value) -> np.ndarray:
     """`value` rearranged to torch's layout: conv kernels HWIO -> OIHW, dense kernels transposed."""
     value = np.asarray(value)
-    if flax_path[-1] == "kernel":
-        if value.ndim == 4:
-            return np.transpose(value, (3, 2, 0, 1))
-        if value.ndim == 2:
-            return value.T
-    return value
+    axes = torch_axes(flax_path, value.ndim)
+    return value if axes is None else np.transpose(value, axes)
+
+
+def from_torch_layout(flax_path: Sequence[str], value) -> np.ndarray:
+    """Inverse of `to_torch_layout`: OIHW -> HWIO conv kernels, [out, in] -> [in, out] dense."""
+    value = np.asarray(value)
+    axes = torch_axes(flax_path, value.ndim)
+    return value if axes is None else np.transpose(value, np.argsort(axes))

@@ -29,8 +29,34 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bow_jax.lib.errors import InputError
 from bow_jax.models.norm import torch_batch_norm
 from bow_jax.models.resnet import TorchLinear, global_average_pool, torch_conv
+
+
+def _is_identity(x, out_planes: int, stride: int) -> bool:
+    """Whether a block on `x` [B, H, W, C] keeps its shape (identity shortcut) or projects."""
+    return stride == 1 and x.shape[-1] == out_planes
+
+
+def _residual_branch(x, out_planes: int, stride: int, train: bool, dtype,
+                     dropout_rate: float = 0.0):
+    """conv1 (3x3, `stride`) -> bn2 -> ReLU -> [dropout] -> conv2 (3x3): the residual branch of
+    both WRN blocks. Called inside a block's compact `__call__`, so the block owns the submodules
+    (same names, same parameter tree). [B, H, W, C] -> [B, H/stride, W/stride, out_planes]."""
+    y = torch_conv(out_planes, 3, stride, name="conv1", dtype=dtype)(x)
+    y = nn.relu(torch_batch_norm(train, name="bn2", dtype=dtype)(y))
+    if dropout_rate > 0:
+        y = nn.Dropout(dropout_rate, deterministic=not train)(y)
+    return torch_conv(out_planes, 3, name="conv2", dtype=dtype)(y)
+
+
+def _add_shortcut(x, shortcut_in, y, out_planes: int, stride: int, dtype):
+    """`y` plus the block's shortcut: `x` itself when the block keeps its shape, else a 1x1
+    `shortcut_conv` (stride `stride`) of `shortcut_in` (the pre-activated x or x itself)."""
+    if _is_identity(x, out_planes, stride):
+        return x + y
+    return torch_conv(out_planes, 1, stride, name="shortcut_conv", dtype=dtype)(shortcut_in) + y
 
 
 class WideBasicBlock(nn.Module):
@@ -42,17 +68,10 @@ class WideBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = functools.partial(torch_conv, dtype=self.dtype)
-        norm = functools.partial(torch_batch_norm, train, dtype=self.dtype)
-        o = nn.relu(norm(name="bn1")(x))
-        y = conv(self.out_planes, 3, self.stride, name="conv1")(o)
-        y = nn.relu(norm(name="bn2")(y))
-        if self.dropout_rate > 0:
-            y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = conv(self.out_planes, 3, name="conv2")(y)
-        if self.stride == 1 and x.shape[-1] == self.out_planes:
-            return x + y
-        return conv(self.out_planes, 1, self.stride, name="shortcut_conv")(o) + y
+        o = nn.relu(torch_batch_norm(train, name="bn1", dtype=self.dtype)(x))
+        y = _residual_branch(o, self.out_planes, self.stride, train, self.dtype,
+                             self.dropout_rate)
+        return _add_shortcut(x, o, y, self.out_planes, self.stride, self.dtype)
 
 
 class WideResNet(nn.Module):
@@ -64,6 +83,8 @@ class WideResNet(nn.Module):
       dropout_rate: dropout between the two convs of a block (needs a 'dropout' rng when > 0 and train).
       num_classes: optional fc on the pooled vector ('logits').
       dtype: compute dtype; parameters and BN statistics stay float32.
+
+    Raises InputError (at the first call) for a depth that is not 6n + 4 (n >= 1).
     """
     depth: int = 28
     widen_factor: int = 10
@@ -74,7 +95,7 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError(f"WideResNet depth={self.depth} must be 6n+4 with n >= 1 (e.g. 28).")
+            raise InputError(f"WideResNet depth={self.depth} must be 6n+4 with n >= 1 (e.g. 28).")
         blocks_per_group = (self.depth - 4) // 6
         features = {}
         x = jnp.asarray(x, self.dtype)
@@ -109,17 +130,13 @@ class OBoWWideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = functools.partial(torch_conv, dtype=self.dtype)
-        norm = functools.partial(torch_batch_norm, train, dtype=self.dtype)
-        identity = self.stride == 1 and x.shape[-1] == self.out_planes
         # Identity blocks are pre-activated; projection blocks see x (already post-ReLU: the
         # stem and every group end with BN-ReLU) directly, in both branches.
-        y = nn.relu(norm(name="bn1")(x)) if identity else x
-        y = conv(self.out_planes, 3, self.stride, name="conv1")(y)
-        y = conv(self.out_planes, 3, name="conv2")(nn.relu(norm(name="bn2")(y)))
-        if identity:
-            return x + y
-        return conv(self.out_planes, 1, self.stride, name="shortcut_conv")(x) + y
+        y = x
+        if _is_identity(x, self.out_planes, self.stride):
+            y = nn.relu(torch_batch_norm(train, name="bn1", dtype=self.dtype)(x))
+        y = _residual_branch(y, self.out_planes, self.stride, train, self.dtype)
+        return _add_shortcut(x, x, y, self.out_planes, self.stride, self.dtype)
 
 
 class OBoWWideResNet(nn.Module):
@@ -148,7 +165,7 @@ class OBoWWideResNet(nn.Module):
       strides: the first block's stride of each of the three groups.
       dtype: compute dtype; parameters and BN statistics stay float32.
 
-    Raises ValueError for a depth that is not 6n + 4 (n >= 1) or strides that are not 3 ints.
+    Raises InputError for a depth that is not 6n + 4 (n >= 1) or strides that are not 3 ints.
     """
     depth: int = 16
     widen_factor: int = 2
@@ -158,10 +175,10 @@ class OBoWWideResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError(f"OBoWWideResNet depth={self.depth} must be 6n+4 with n >= 1 "
+            raise InputError(f"OBoWWideResNet depth={self.depth} must be 6n+4 with n >= 1 "
                              "(e.g. 16).")
         if len(tuple(self.strides)) != 3:
-            raise ValueError(f"OBoWWideResNet strides={self.strides!r}: expected 3 ints, one "
+            raise InputError(f"OBoWWideResNet strides={self.strides!r}: expected 3 ints, one "
                              "per group.")
         norm = functools.partial(torch_batch_norm, train, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
