@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from bow_jax.lib.errors import MissingInputError
 from bow_jax import tasks
 from bow_jax.data import fields
 from bow_jax.methods import method_module
@@ -211,7 +212,7 @@ def get_recipe(path: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(
         "_config_" + os.path.splitext(os.path.basename(path))[0], path)
     if spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist.")
+        raise MissingInputError(f"config file {path!r} does not exist.")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()

@@ -6,7 +6,9 @@
 
 Kept short on purpose: the work is in `bow_jax.tasks` (one module per `config.task`), the
 command-line diagnosis in `bow_jax.lib.cli`, the logging set-up in `bow_jax.lib.logs`.
-A command-line mistake is one line on stderr, `error: ...`, and exit status 2.
+A command-line mistake is one line on stderr, `error: ...`, and exit status 2. A fault the run
+explains (`lib/errors.ExplainedError`: bad input, a failed write, a damaged checkpoint, ...) is
+`error: <its whole message>` and exit status 1, no traceback unless --verbosity=0.
 """
 import os
 import sys
@@ -81,8 +83,8 @@ def main(argv: List[str]) -> None:
         return
     except Exception as e:  # pylint: disable=broad-except
         if not cli.is_input_error(e) or not logs.is_quiet():
-            raise
-        _exit_with(f"{cli.first_line(e)} (--verbosity=0 shows the traceback)", status=1)
+            raise  # a bug, or --verbosity=0: the traceback
+        _exit_with(cli.whole_message(e), status=1)  # every line: a list of files is the point
     outputs = ", ".join(sorted(os.listdir(workdir))) if os.path.isdir(workdir) else "nothing"
     logs.say(f"bow_jax: done; outputs in {workdir}: {outputs}")
 

@@ -221,9 +221,114 @@ def case_shape(root):
             + ("" if rc0 == 0 else f" (setup failed: {out0[-300:]})"), ok)
 
 
+def case_disk_full(root):
+    """Room for one checkpoint of the tiny run, not two (a tmpfs; needs root)."""
+    mnt = os.path.join(root, "full")
+    os.makedirs(mnt)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", mnt],
+                      capture_output=True, check=False).returncode:
+        return ("8 disk full during a checkpoint save", "(skipped: mount needs root)", "-", True)
+    try:
+        wd = os.path.join(mnt, "run")
+        rc, out, _ = run(main_cmd(wd, "--config.num_train_steps=4", "--config.checkpoint_every_steps=2"))
+        kept = steps(wd)
+        subprocess.run(["mount", "-o", "remount,size=8m", mnt], check=False)
+        rc2, _, _ = run(main_cmd(wd, "--config.num_train_steps=4", "--config.checkpoint_every_steps=2"))
+        error = [line for line in out.splitlines() if line.startswith("error:")]
+        ok = (rc == 1 and len(error) == 1 and "No space left on device" in error[0]
+              and out.rstrip().splitlines()[-1].startswith("error:") and "step 4/" not in out
+              and kept == [2] and rc2 == 0 and steps(wd) == [2, 4])
+        return ("8 disk full during a checkpoint save (tmpfs with room for one)",
+                "exit 1, one last `error:` line naming the folder and 'No space left on device'; "
+                "older step kept; resumes once there is room",
+                f"exit {rc}, {len(out.splitlines())} lines: `{line_with(out, 'error:')}`; kept "
+                f"{kept}; after room: exit {rc2}, {steps(wd)}", ok)
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+
+
+def _images(root, classes=("a", "b"), per_class=6):
+    from PIL import Image  # pylint: disable=import-outside-toplevel  # only the image cases
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
+                    os.path.join(root, split, name, f"{i}.png"))
+    return root
+
+
+IMAGES = ["--config.data.source=image_folder", "--config.data.image_size=32",
+          "--config.data.limit=0"]
+
+
+def case_multiline(root):
+    data = _images(os.path.join(root, "undecodable"))
+    bad = os.path.join(data, "train", "b", "broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    rc, out, _ = run(main_cmd(os.path.join(root, "ml"), *IMAGES, f"--config.data.path={data}"))
+    error = out[out.find("error:"):].splitlines()
+    ok = rc == 1 and "Traceback" not in out and any(bad in line for line in error[1:])
+    return ("9 1 undecodable image in 12 (a multi-line error)",
+            "exit 1, `error:` and every line of the message (the file named), no traceback",
+            f"exit {rc}, {len(error)} error lines: `{line_with(out, 'error:')}` / "
+            f"`{line_with(out, 'broken.png')}`", ok)
+
+
+def case_symlink_loop(root):
+    data = _images(os.path.join(root, "loop"))
+    os.symlink("..", os.path.join(data, "train", "a", "loop"))
+    rc, out, seconds = run(main_cmd(os.path.join(root, "loopwd"), *IMAGES,
+                                    f"--config.data.path={data}"), timeout=120)
+    ok = rc in (0, 1) and "Traceback" not in out and seconds < 60
+    return ("10 a symlink loop in an image folder (train/a/loop -> ..)",
+            "no hang, no traceback: trains or one `error:` naming the link",
+            f"exit {rc} after {seconds:.0f} s: `{line_with(out, 'loop')}`", ok)
+
+
+def case_crop_scale(root):
+    rc, out, _ = run(main_cmd(os.path.join(root, "crop"), "--config.obow.crop_scale=(0.5)"))
+    ok = rc in (1, 2) and "Traceback" not in out and "config.obow.crop_scale" in out
+    return ("11 --config.obow.crop_scale=(0.5) (a number, not a pair)",
+            "one `error:` naming config.obow.crop_scale", f"exit {rc}: "
+            f"`{line_with(out, 'crop_scale')}`", ok)
+
+
+def case_other_batch(good, root):
+    wd = copy(good, root, "batch")
+    rc, out, _ = run(main_cmd(wd, "--config.batch_size=32", "--config.num_train_steps=12"))
+    ok = rc in (0, 1) and "Traceback" not in out and (rc == 0 or "config.batch_size" in out)
+    return ("12 resume with another --config.batch_size",
+            "resumes (data position recomputed) or one `error:` naming config.batch_size",
+            f"exit {rc}: `{line_with(out, 'batch_size') if rc else line_with(out, 'resumed')}`", ok)
+
+
+def case_evaluate_3_devices(root):
+    wd = os.path.join(root, "obow128")
+    rc0, out0, _ = run([sys.executable, "-c", OBOW_SAVE.replace("'obow.num_words': 32",
+                                                                  "'obow.num_words': 128"), wd])
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "bow_jax.main", f"--workdir={wd}",
+                           "--config=configs/obow_cifar10_cpu.py", "--config.task=evaluate",
+                           "--config.data.source=digits", "--config.data.limit=256",
+                           "--config.batch_size=16", "--config.data.image_size=32",
+                           "--config.model.kwargs.width=4", "--config.obow.num_words=128"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    rc, out = done.returncode, done.stdout + done.stderr
+    ok = rc0 == 0 and "Traceback" not in out and (rc == 0 or "error:" in out)
+    return ("13 evaluate an OBoW run (num_words=128) on 3 devices",
+            "evaluates, or one `error:` naming the field that does not divide",
+            f"exit {rc} after {time.time() - start:.0f} s: `{line_with(out, 'error:' if rc else 'done')}`"
+            + ("" if rc0 == 0 else f" (setup failed: {out0[-300:]})"), ok)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="1,2,3,4,5,death,6,7",
+    parser.add_argument("--cases", default="1,2,3,4,5,death,6,7,8,9,10,11,12,13",
                         help="comma-separated subset of the cases to run")
     parser.add_argument("--keep", default="", help="folder for the runs (default: a temporary "
                         "one, removed at the end)")
@@ -239,7 +344,11 @@ def main():
     cases = {"1": lambda: case_nan(good, root), "2": lambda: case_corrupt(good, root),
              "3": lambda: case_incomplete(good, root), "4": lambda: case_lock(root),
              "5": lambda: case_agreed_stop(root), "death": lambda: case_dead_peer(root),
-             "6": lambda: case_stop_latency(root), "7": lambda: case_shape(root)}
+             "6": lambda: case_stop_latency(root), "7": lambda: case_shape(root),
+             "8": lambda: case_disk_full(root), "9": lambda: case_multiline(root),
+             "10": lambda: case_symlink_loop(root), "11": lambda: case_crop_scale(root),
+             "12": lambda: case_other_batch(good, root),
+             "13": lambda: case_evaluate_3_devices(root)}
     for name in args.cases.split(","):
         rows.append(cases[name]())
         print(f"[{time.time() - start:.0f} s] {rows[-1][0]}: {'ok' if rows[-1][3] else 'FAILED'}",

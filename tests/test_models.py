@@ -435,7 +435,9 @@ def test_remat_keeps_parameters_outputs_and_gradients(tiny_resnet):
 
     for a, b in zip(jax.tree.leaves(jax.grad(loss, argnums=1)(remat, variables["params"])),
                     jax.tree.leaves(jax.grad(loss, argnums=1)(model, variables["params"]))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        # Float32 rounding at the leaf's own scale: a recomputed forward pass may sum in
+        # another order, and an element near 0 of a leaf of magnitude ~50 differs by ~1e-5.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(np.abs(b).max()))
     ref, _ = apply(model, variables, X, train=True, mutable=["batch_stats"])
     out, _ = apply(remat, variables, X, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out["logits"], ref["logits"], rtol=1e-6, atol=1e-6)

@@ -78,9 +78,11 @@ def test_a_refused_run_leaves_the_training_record(tmp_path):
 
 
 def test_faults_and_input_errors_are_one_line_errors():
-    from bow_jax.lib import checkpoint, cli, lock
+    from bow_jax.lib import checkpoint, cli, errors, lock
     assert cli.is_input_error(checkpoint.NonFiniteError("Step 4: NaN"))
     assert cli.is_input_error(lock.WorkdirLockedError("--workdir=x is in use"))
-    assert cli.is_input_error(ValueError("The checkpoint x was written with config.method='a'"))
+    assert cli.is_input_error(errors.InputError("The checkpoint x was written with config.method"))
+    # By type, not by wording: a plain ValueError naming a field is a bug's traceback.
+    assert not cli.is_input_error(ValueError("config.method='a' is wrong"))
     assert not cli.is_input_error(ValueError("shapes (3,) and (4,) do not broadcast"))
     assert not cli.is_input_error(RuntimeError("XLA crashed"))

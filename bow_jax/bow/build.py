@@ -21,6 +21,7 @@ import numpy as np
 
 from bow_jax.bow import kmeans, quantize
 from bow_jax.lib import files, sharding
+from bow_jax.lib.errors import InputError, MissingInputError
 
 # ------------------------------------------------------------------------------------------------
 # Dense feature vectors of the teacher
@@ -72,7 +73,7 @@ def build_vocabulary(key, vectors: np.ndarray, num_words: int, *, method: str = 
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be [N, C] feature vectors, got shape {vectors.shape}.")
     if vectors.shape[0] < num_words:
-        raise ValueError(f"{field}={num_words} is more than the {vectors.shape[0]} feature "
+        raise InputError(f"{field}={num_words} is more than the {vectors.shape[0]} feature "
                          "vectors sampled (vocab_images / vocab_max_vectors).")
     mesh = sharding.make_mesh() if mesh is None else mesh
     start = time.time()
@@ -106,13 +107,13 @@ def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
     when it does not exist.
     """
     if not path:
-        raise ValueError(f"{field} is empty: BoWNet needs the vocabulary file written by the "
+        raise InputError(f"{field} is empty: BoWNet needs the vocabulary file written by the "
                          "vocabulary stage (task 'bownet_chain').")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{field}={path!r} does not exist.")
+        raise MissingInputError(f"{field}={path!r} does not exist.")
     with np.load(path) as f:
         if "centroids" not in f or "meta" not in f:
-            raise ValueError(f"{field}={path!r} is not a vocabulary file (expected arrays "
+            raise InputError(f"{field}={path!r} is not a vocabulary file (expected arrays "
                              "'centroids' and 'meta').")
         return f["centroids"].astype(np.float32), json.loads(str(f["meta"]))
 
@@ -132,11 +133,11 @@ def check_vocabulary(meta: dict, centroids_shape, *, teacher_step: int, layer: s
             "num_words": num_words}
     for key, value in want.items():
         if meta.get(key) != value:
-            raise ValueError(
+            raise InputError(
                 f"config.bownet.vocabulary={path!r} was built with {key}={meta.get(key)!r}, but "
                 f"this run has {key}={value!r} (config.bownet.teacher_workdir / teacher_layer / "
                 "border / num_words). Rebuild the vocabulary or fix the config.")
     if tuple(centroids_shape) != (num_words, channels):
-        raise ValueError(f"config.bownet.vocabulary={path!r}: centroids have shape "
+        raise InputError(f"config.bownet.vocabulary={path!r}: centroids have shape "
                          f"{tuple(centroids_shape)}, expected (num_words, channels of "
                          f"{layer!r}) = ({num_words}, {channels}).")

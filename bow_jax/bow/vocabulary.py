@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bow_jax.bow import quantize
+from bow_jax.lib import errors
 
 SAMPLE_MODES = ("local_average", "local_features", "global_average")
 
@@ -41,12 +42,12 @@ def init_pointer() -> jax.Array:
 
 
 def check_queue_divisible(num_words: int, global_batch: int) -> None:
-    """Raise a ValueError unless the global batch divides the vocabulary size.
+    """Raise an InputError (a ValueError) unless the global batch divides the vocabulary size.
 
     The FIFO writes whole batches, so the pointer must land back on 0 after K/B steps.
     """
     if global_batch <= 0 or num_words % global_batch:
-        raise ValueError(
+        raise errors.InputError(
             f"config.obow.num_words={num_words} must be divisible by config.batch_size="
             f"{global_batch} (the global batch): the vocabulary queue is written one whole batch "
             f"of words per step.")

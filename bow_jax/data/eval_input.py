@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from bow_jax.data import datasets, pipeline
+from bow_jax.lib.errors import InputError
 
 # torchvision's ImageNet evaluation: Resize(256) then CenterCrop(224).
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
@@ -53,7 +54,7 @@ class Transform:
             return (self.crop, self.crop, 3)
         shape = tuple(source_shape)
         if None in shape or len(shape) != 3:
-            raise ValueError(f"images of several sizes ({shape}) need an evaluation transform: "
+            raise InputError(f"images of several sizes ({shape}) need an evaluation transform: "
                              f"set config.eval.image_size (e.g. {IMAGENET_CROP}).")
         return shape
 
@@ -238,7 +239,7 @@ def local_batches(inp: EvalInput, local_batch: int, process_index: int | None = 
         position += len(labels)
         done += 1
     if position != stop:
-        raise ValueError(f"{inp.name} split {inp.split!r}: read {position - start} examples of "
+        raise InputError(f"{inp.name} split {inp.split!r}: read {position - start} examples of "
                          f"its shard [{start}, {stop}); the source holds fewer than "
                          f"{inp.num_examples} (config.data.num_examples?).")
     for _ in range(batches_per_process(inp.num_examples, local_batch, process_count) - done):
@@ -262,12 +263,12 @@ def eval_transform(eval_config, source_varies: bool, default: Transform) -> Tran
     crop = int(_field(eval_config, "image_size", 0))
     resize = int(_field(eval_config, "resize_shorter", 0))
     if crop < 0 or resize < 0:
-        raise ValueError(f"config.eval.image_size={crop}, config.eval.resize_shorter={resize}; "
+        raise InputError(f"config.eval.image_size={crop}, config.eval.resize_shorter={resize}; "
                          f"expected sizes >= 0 (0: automatic).")
     if crop:
         resize = resize or round(crop * IMAGENET_RESIZE / IMAGENET_CROP)
         if resize < crop:
-            raise ValueError(f"config.eval.resize_shorter={resize} is smaller than "
+            raise InputError(f"config.eval.resize_shorter={resize} is smaller than "
                              f"config.eval.image_size={crop}; the centre crop needs it >= crop.")
         return Transform("resize_center_crop", resize, crop)
     if source_varies:
@@ -321,7 +322,7 @@ def evaluation_input(config, split: str, in_memory_data=None) -> EvalInput:
         listing = datasets.image_folder_split(data_config, split)
         size = int(_field(data_config, "image_size", 0))
         if not size:
-            raise ValueError("config.data.image_size must be set for source 'image_folder'.")
+            raise InputError("config.data.image_size must be set for source 'image_folder'.")
         transform = eval_transform(config.eval, False, Transform("shorter_crop", size, size))
         return ImageFolderInput(str(listing.root), split, _limited(len(listing), limit),
                                 len(listing.classes), transform, listing=listing,

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from bow_jax.lib.errors import InputError
 from bow_jax.lib.sharding import check_divisible
 
 # ------------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
         raise ValueError(f"global_batch must be positive, got {global_batch}.")
     steps = n // global_batch
     if steps == 0:
-        raise ValueError(f"The dataset has {n} examples, fewer than one global batch "
+        raise InputError(f"The dataset has {n} examples, fewer than one global batch "
                          f"(config.batch_size={global_batch}).")
     return steps
 
@@ -292,7 +293,7 @@ def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_
     if builder.info.splits:  # the prepared dataset's own count is authoritative
         num_examples = builder.info.splits[split].num_examples
     elif num_examples is None:
-        raise ValueError(f"num_examples: {builder.name} reports no split sizes (mock data?); "
+        raise InputError(f"num_examples: {builder.name} reports no split sizes (mock data?); "
                          f"pass config.data.num_examples.")
     epoch_steps = steps_per_epoch(num_examples, global_batch)
     # drop_remainder: equal shards, so each holds >= epoch_steps * local examples.

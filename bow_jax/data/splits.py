@@ -8,6 +8,7 @@ streams (ImageNet).
 import numpy as np
 
 from bow_jax.data import datasets
+from bow_jax.lib.errors import InputError
 
 
 def tfds_to_arrays(source: datasets.TfdsSource) -> datasets.ArrayDataset:
@@ -19,7 +20,7 @@ def tfds_to_arrays(source: datasets.TfdsSource) -> datasets.ArrayDataset:
         images.append(example["image"])
         labels.append(example["label"])
     if len({im.shape for im in images}) > 1:
-        raise ValueError(f"config.data.in_memory: {source.name} has images of several sizes; "
+        raise InputError(f"config.data.in_memory: {source.name} has images of several sizes; "
                          "set config.data.in_memory=False to stream it.")
     return datasets.ArrayDataset(np.stack(images).astype(np.uint8),
                                  np.asarray(labels, np.int32), source.num_classes, source.name)

@@ -14,10 +14,19 @@ Guarantees:
   found, the damaged ones are moved aside to `<directory>/<reason>-<step>-<time>` (never deleted)
   so that Orbax's rotation does not count them and the next save of that step number does not
   collide. When no step is intact, `CorruptCheckpointError` names every folder and moves nothing.
+- A save that fails on the disk (full, read-only, permissions) raises `WriteError` naming the
+  folder and the system's reason at the next `save`, `wait` or `close`; its `message` is never
+  printed. The older steps are untouched (Orbax writes to a temporary folder first).
 """
+import errno
 import json
+import logging as py_logging
 import os
+import re
+import sys
+import threading
 import time
+import traceback
 from typing import Any, Callable, Optional
 
 import jax
@@ -28,6 +37,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from bow_jax.lib import logs
+from bow_jax.lib.errors import ExplainedError, InputError, WriteError
+
 # Config sections that decide the shape of the state: a checkpoint written under different values
 # cannot be restored into this run's state.
 STATE_DEFINING_FIELDS = ("method", "model")
@@ -35,11 +47,11 @@ FINGERPRINT_VERSION = 1
 _KNUTH = 2654435761  # odd multiplier: position weights w_i = 1 + i * _KNUTH are odd, so invertible
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(ExplainedError, RuntimeError):
     """A loss or a state holds NaN or infinity: training stops, nothing is saved."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(ExplainedError, ValueError):
     """A checkpoint folder is incomplete, unreadable, fails its fingerprint or is non-finite."""
 
 
@@ -119,18 +131,124 @@ def _is_process_0() -> bool:
     return jax.process_index() == 0
 
 
+# A failed asynchronous write ends Orbax's event loop while TensorStore still completes the other
+# writes of that save; each then reports "Event loop is closed" through sys.unraisablehook (one
+# traceback per array, ~1,000 lines). The failure itself reaches us as an exception, which the
+# Checkpointer re-raises as WriteError: these echoes say nothing more.
+def _is_loop_closed_echo(unraisable) -> bool:
+    """Also Orbax's read coroutines closed half-way through a damaged restore (each prints the
+    TensorStore spec; the restore already raised CorruptCheckpointError naming the folder)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    return ((isinstance(unraisable.exc_value, RuntimeError)
+             and str(unraisable.exc_value) == "Event loop is closed")
+            or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename))
+
+
+class _OrbaxErrorFilter(py_logging.Filter):
+    """Drops Orbax's ERROR records (each a full traceback), and asyncio's "exception was never
+    retrieved" for Orbax's abandoned writes, while library logging is quiet: every Orbax failure
+    reaches the Checkpointer as an exception that it re-raises, naming the folder and the reason.
+    `--verbosity=0` shows them."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno < py_logging.ERROR or not logs.is_quiet():
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        files = [record.pathname] + [f.filename for f in traceback.extract_tb(tb)]
+        return not any(f"{os.sep}orbax{os.sep}" in name for name in files)
+
+
+_installed = []
+_last_echo = [0.0]  # time.monotonic() of the latest "Event loop is closed" echo
+STRAGGLER_QUIET_S = 0.5  # a failed save's stragglers are done once they are this long quiet
+STRAGGLER_MAX_S = 10.0
+
+
+def _silence_orbax_teardown() -> None:
+    """Installs (once per process) the unraisable-hook and log filters above."""
+    if _installed:
+        return
+    _installed.append(True)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if _is_loop_closed_echo(unraisable):
+            _last_echo[0] = time.monotonic()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    for name in ("absl", "asyncio"):
+        py_logging.getLogger(name).addFilter(_OrbaxErrorFilter())
+
+
+def _wait_for_stragglers() -> None:
+    """After a failed save: waits until TensorStore's writes still in flight have all reported
+    (their echoes stop), at most STRAGGLER_MAX_S. One that completes while the interpreter shuts
+    down aborts the process (status 134, 'terminate called ...') after our error message."""
+    start = time.monotonic()
+    while time.monotonic() - start < STRAGGLER_MAX_S:
+        if time.monotonic() - max(_last_echo[0], start) >= STRAGGLER_QUIET_S:
+            return
+        time.sleep(0.05)
+
+
+def system_reason(error: BaseException) -> str:
+    """The operating system's words for why a write failed ('No space left on device'), from an
+    OSError or TensorStore's "[os_error_code='28']"; else the error's type and first line."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    match = re.search(r"os_error_code='?(\d+)", str(error))
+    if match:
+        return os.strerror(int(match.group(1)))
+    if "RESOURCE_EXHAUSTED" in str(error):
+        return os.strerror(errno.ENOSPC)
+    return short_reason(error)
+
+
+def short_reason(error: BaseException, limit: int = 160) -> str:
+    """'Type: first line' of the innermost cause of `error` (Orbax wraps TensorStore's words in
+    'See full TensorStore details'), without the JSON spec and the database path TensorStore
+    adds, at most `limit` characters."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    error = seen[-1]
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = re.split(r" \{|\[source", text)[0].strip()
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _with_errno(error: OSError, number: Optional[int]) -> OSError:
+    """`error` with `.errno` set: OSError(errno, text) would print as '[Errno 28] text'."""
+    error.errno = number
+    return error
+
+
 class Checkpointer:
     """Keeps the last `max_to_keep` checkpoints plus every `keep_period`-th step."""
 
     def __init__(self, directory: str, max_to_keep: int = 3, keep_period: Optional[int] = None):
         self.directory = os.path.abspath(directory)
+        _silence_orbax_teardown()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
             cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta"),
+                item_handlers={"state": ocp.StandardCheckpointHandler(),
+                               "meta": ocp.JsonCheckpointHandler()})
+        except OSError as e:
+            raise _with_errno(WriteError(f"Cannot create the checkpoint folder "
+                                         f"{self.directory}: {system_reason(e)}."), e.errno) from e
+        # (step, message or None) of the save in flight: the message is printed once, by
+        # whoever first sees the commit (the watcher thread, or `wait`/`close`/the next `save`).
+        self._pending = None
+        self._pending_lock = threading.Lock()
 
     def folder(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -141,20 +259,84 @@ class Checkpointer:
     def all_steps(self):
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, config, extra_meta: Optional[dict] = None) -> None:
-        """Starts an asynchronous save (device arrays are copied before this returns, so the
-        state may be donated right after). Raises NonFiniteError, saving nothing, when the state
-        holds NaN or infinity."""
+    def save(self, step: int, state: Any, settings, extra_meta: Optional[dict] = None,
+             message: Optional[str] = None) -> None:
+        """Starts an asynchronous save of `state` with `settings` (a config or a dict) in its
+        meta (device arrays are copied before this returns, so the state may be donated right
+        after). `message` is printed (`logs.say`) once the step is committed on disk, exactly
+        once, never for a failed save.
+
+        Raises NonFiniteError, saving nothing, when the state holds NaN or infinity; WriteError
+        (naming the folder and the system's reason) when the previous save failed or this one
+        cannot start."""
+        self._finish_previous()
         fingerprint, bad = inspect(state)
         if bad:
             raise NonFiniteError(
                 f"Step {step}: the state holds NaN or infinity in {len(bad)} leaves "
                 f"({', '.join(bad[:8])}); not saved. The newest kept checkpoint "
                 f"({self.latest_step()}) is the last good one.")
-        meta = {"config": config_to_dict(config), **(extra_meta or {}),
+        meta = {"config": config_to_dict(settings), **(extra_meta or {}),
                 "fingerprint": {"version": FINGERPRINT_VERSION, "leaves": fingerprint}}
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        existed = os.path.isdir(self.folder(step))
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # pylint: disable=broad-except  # the disk's refusal, any form
+            raise self._write_error(step, e) from None
+        self._pending = (step, message)
+        if message is not None:
+            if not existed:  # a folder already there would announce a commit that has not come
+                threading.Thread(target=self._watch, args=(step,), daemon=True,
+                                 name=f"bow_jax checkpoint {step}").start()
+
+    def _watch(self, step: int) -> None:
+        """Announces `step` as soon as Orbax has finished with it and its final folder exists
+        (Orbax renames the temporary folder only after every item is written)."""
+        while self._manager.is_saving_in_progress() and self._pending_step() == step:
+            time.sleep(0.05)
+        if os.path.isdir(self.folder(step)):
+            self._announce(step)
+
+    def _pending_step(self) -> Optional[int]:
+        pending = self._pending
+        return None if pending is None else pending[0]
+
+    def _announce(self, step: Optional[int] = None) -> None:
+        """Prints the pending message (of `step`, or whichever is pending), once."""
+        with self._pending_lock:
+            if self._pending is None or (step is not None and self._pending[0] != step):
+                return
+            _, message = self._pending
+            self._pending = None
+        if message is not None:
+            logs.say(message)
+
+    def _finish_previous(self) -> None:
+        """Waits for the save in flight; its message once committed, else WriteError."""
+        step = self._pending_step()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except  # the disk's refusal, any form
+            with self._pending_lock:
+                self._pending = None
+            _wait_for_stragglers()
+            raise self._write_error(step, e) from None
+        self._announce()
+
+    def _write_error(self, step: Optional[int], error: BaseException) -> WriteError:
+        where = self.folder(step) if step is not None else self.directory
+        number = getattr(error, "errno", None)
+        reason = system_reason(error)
+        if number is None and reason == os.strerror(errno.ENOSPC):
+            number = errno.ENOSPC
+        kept = self.latest_step()
+        return _with_errno(WriteError(f"Checkpoint {where} could not be written: {reason}. "
+                          + (f"The newest intact checkpoint is step {kept}; " if kept is not None
+                             else "No checkpoint was kept; ")
+                          + "free space (or fix the folder), then the same command resumes."),
+                           number)
+
 
     def read_meta(self, step: Optional[int] = None) -> dict:
         """The `meta` item of `step` (default latest); CorruptCheckpointError naming the folder
@@ -166,8 +348,7 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # pylint: disable=broad-except  # any failure: unreadable
             raise CorruptCheckpointError(
-                f"{self.folder(step)}: its 'meta' item cannot be read ({type(e).__name__}: "
-                f"{str(e)[:200]}).") from e
+                f"{self.folder(step)}: its 'meta' item cannot be read ({short_reason(e)}).") from e
         if not isinstance(meta, dict) or "config" not in meta:
             raise CorruptCheckpointError(f"{self.folder(step)}: its 'meta' item holds no config.")
         return meta
@@ -203,9 +384,9 @@ class Checkpointer:
                 rejected[candidate] = e
         if state is None and rejected:
             raise CorruptCheckpointError(
-                f"No intact checkpoint in {self.directory}: "
-                + "; ".join(str(e) for e in rejected.values())
-                + " Nothing was moved or deleted. Restore the folders from a backup, or move "
+                f"No intact checkpoint in {self.directory}:\n"
+                + "".join(f"  {e}\n" for e in rejected.values())
+                + "Nothing was moved or deleted. Restore the folders from a backup, or move "
                 "them out of the way to start the run from scratch (or use another --workdir).")
         self._move_aside(rejected)
         return state
@@ -222,8 +403,7 @@ class Checkpointer:
             state = self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:  # pylint: disable=broad-except  # TensorStore: damaged files
             raise CorruptCheckpointError(
-                f"{self.folder(step)}: its state cannot be read ({type(e).__name__}: "
-                f"{str(e)[:200]}).") from e
+                f"{self.folder(step)}: its state cannot be read ({short_reason(e)}).") from e
         self._verify(step, state, meta.get("fingerprint"))
         return state
 
@@ -257,8 +437,7 @@ class Checkpointer:
                      for p, x in jax.tree_util.tree_leaves_with_path(saved_tree)}
         except Exception as e:  # pylint: disable=broad-except  # unreadable metadata: damaged
             raise CorruptCheckpointError(
-                f"{self.folder(step)}: its array metadata cannot be read ({type(e).__name__}: "
-                f"{str(e)[:200]}).") from e
+                f"{self.folder(step)}: its array metadata cannot be read ({short_reason(e)}).") from e
         wanted = {leaf_name(p): _saved_shape(x)
                   for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
         differ = sorted(n for n in set(saved) | set(wanted) if saved.get(n) != wanted.get(n))
@@ -267,7 +446,7 @@ class Checkpointer:
         shapes = ", ".join(f"{n}: {saved.get(n)} -> {wanted.get(n)}" for n in differ[:4])
         fields = (config_differences(saved_config, config_to_dict(config))
                   if config is not None else [])
-        raise ValueError(
+        raise InputError(
             f"The checkpoint {self.folder(step)} holds a state of another shape than this config "
             "defines. Fields that differ from the run's config: "
             + (", ".join(_state_fields_first(fields, saved_config)[:12]) or "none found")
@@ -293,11 +472,17 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight is committed (printing its message). Raises
+        WriteError when it failed."""
+        self._finish_previous()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """`wait`, then releases Orbax's threads (also when the save failed). Raises WriteError
+        when the save in flight failed."""
+        try:
+            self._finish_previous()
+        finally:
+            self._manager.close()
 
 
 def _saved_shape(x) -> tuple:
@@ -318,7 +503,7 @@ def check_same_config(saved: dict, current: dict, where: str) -> None:
     """Refuse, with the differing field named, a checkpoint from a run whose state differs."""
     for field in STATE_DEFINING_FIELDS:
         if saved.get(field) != current.get(field):
-            raise ValueError(
+            raise InputError(
                 f"The checkpoint {where} was written with config.{field}={saved.get(field)!r}, "
                 f"but this run has config.{field}={current.get(field)!r}. Use another --workdir "
                 "or the config the checkpoint was trained with.")
@@ -345,7 +530,7 @@ def refuse_other_settings(saved: dict, settings: dict, where: str, what: str,
     in `settings`, the first six) and `remedy`."""
     differ = config_differences(saved, settings, "")
     if differ:
-        raise ValueError(f"{where} was written by {what} with other settings "
+        raise InputError(f"{where} was written by {what} with other settings "
                          f"({'; '.join(differ[:6])}{'; ...' if len(differ) > 6 else ''}). "
                          f"{remedy}")
 

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import ml_collections
 
-from bow_jax.lib import checkpoint, lock
+from bow_jax.lib import errors
 
 # `--config.a.b=1`, `--config.a.b 1`, `--noconfig.a.b` (a boolean), as config_flags reads them.
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -82,25 +82,21 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else repr(error)
 
 
-# Faults a run reports in full sentences of its own (lib/checkpoint.py, lib/lock.py): a traceback
-# would only bury the sentence.
-EXPLAINED_ERRORS = (checkpoint.NonFiniteError, checkpoint.CorruptCheckpointError,
-                    lock.WorkdirLockedError)
+def whole_message(error: BaseException) -> str:
+    """Every line of `error`'s message (trailing blanks removed), or its repr when empty."""
+    text = str(error).strip()
+    return text if text else repr(error)
 
 
 def is_input_error(error: BaseException) -> bool:
-    """Whether `error` reports bad input or a fault in this project's convention: a ValueError or
-    OSError whose message names the config field or flag it is about ('config.data.path must be
-    set ...', '--workdir=...: no checkpoint ...', 'The checkpoint ... config.method=...'), one of
-    EXPLAINED_ERRORS, or a missing optional dependency named with its pip command
-    (lib/extras.py). main.py prints those as one line, not a traceback."""
-    text = str(error)
+    """Whether `error` is one that main.py prints as `error: <its whole message>` without a
+    traceback, decided by its type, never its wording: an `errors.ExplainedError` (bad input, a
+    missing file, a failed write, a damaged checkpoint, a locked workdir, a non-finite state),
+    or an ImportError of a missing optional dependency that names its pip command
+    (lib/extras.py). Anything else is a bug and keeps its traceback."""
     if isinstance(error, ImportError):
-        return "pip install" in text
-    if isinstance(error, EXPLAINED_ERRORS):
-        return True
-    names_input = re.match(r"^(config\.|--)", text) is not None or "config." in text
-    return isinstance(error, (ValueError, OSError)) and names_input
+        return "pip install" in str(error)
+    return isinstance(error, errors.ExplainedError)
 
 
 def unknown_field(config: ml_collections.ConfigDict, path: str) -> Optional[str]:

@@ -25,12 +25,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bow_jax.lib.errors import ExplainedError
+
 LOCK_NAME = ".lock"
 _held = {}  # realpath -> [file object, depth]
 _guard = threading.Lock()
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(ExplainedError, RuntimeError):
     """Another process (group) holds the workdir."""
 
 

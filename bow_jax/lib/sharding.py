@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bow_jax.lib.errors import InputError
+
 DATA_AXIS = "data"
 
 
@@ -37,7 +39,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_divisible(value: int, divisor: int, field: str, what: str) -> None:
     """Raise a ValueError naming the config `field` unless `divisor` divides `value`."""
     if divisor <= 0 or value % divisor:
-        raise ValueError(f"{field}={value} must be divisible by {what} ({divisor}).")
+        raise InputError(f"{field}={value} must be divisible by {what} ({divisor}).")
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

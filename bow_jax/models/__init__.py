@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bow_jax.lib.errors import InputError
 from bow_jax.models.heads import (CosineBoWHead, DynamicBoWHead, LinearClassifier, RotationHead,
                                   WeightGenerator, l2_normalize)
 from bow_jax.models.nin import NIN
@@ -40,11 +41,11 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     Raises ValueError for an unknown name or an option the architecture does not have.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {sorted(BACKBONES)}.")
+        raise InputError(f"unknown backbone {name!r}; valid names: {sorted(BACKBONES)}.")
     try:
         return BACKBONES[name](**kwargs)
     except TypeError as e:  # an option the architecture does not have
-        raise ValueError(f"backbone {name!r} does not accept options {sorted(kwargs)}: {e}") from e
+        raise InputError(f"backbone {name!r} does not accept options {sorted(kwargs)}: {e}") from e
 
 
 def feature_dims(module: nn.Module, input_shape: Sequence[int]) -> Dict[str, Tuple[int, ...]]:
@@ -66,7 +67,7 @@ def check_feature_names(names: Iterable[str], available: Iterable[str], field: s
     available = list(available.keys() if isinstance(available, Mapping) else available)
     for name in names:
         if name not in available:
-            raise ValueError(f"{field}: {name!r} is not a feature map of {model_name}; "
+            raise InputError(f"{field}: {name!r} is not a feature map of {model_name}; "
                              f"available: {available}")
 
 

@@ -309,8 +309,9 @@ def probe_run(protocol: dict, num_classes: int, num_examples: int, *, crop: int,
     training split, the backbone's fingerprint)."""
     batch, epochs = int(protocol["batch_size"]), int(protocol["epochs"])
     if batch < 1 or epochs < 1 or crop < 1:
-        raise ValueError(f"batch_size={batch}, epochs={epochs}, crop={crop}: expected >= 1 "
-                         f"(config.eval.linear_batch_size, linear_epochs, image_size).")
+        raise errors.InputError(
+            f"batch_size={batch}, epochs={epochs}, crop={crop}: expected >= 1 "
+            f"(config.eval.linear_batch_size, linear_epochs, image_size).")
     if num_examples < batch:
         raise errors.InputError(
             f"config.eval.linear_batch_size: a batch of {batch} is more than the "

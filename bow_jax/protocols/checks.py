@@ -17,6 +17,7 @@ import re
 import jax
 import numpy as np
 
+from bow_jax.lib.errors import InputError
 from bow_jax.data import datasets, eval_input
 from bow_jax.protocols import augmented_linear, fewshot, linear
 
@@ -48,9 +49,9 @@ def _limited(summary: datasets.SplitSummary, limits, split: str) -> EvalSplit:
     count, where = summary.num_examples, f"the {split} split ({summary.where}"
     for name, limit in limits:
         if limit < 0:
-            raise ValueError(f"{name}={limit}; expected 0 (all) or a positive count.")
+            raise InputError(f"{name}={limit}; expected 0 (all) or a positive count.")
         if limit > count:
-            raise ValueError(f"{name}={limit} is larger than {where}), which has {count} "
+            raise InputError(f"{name}={limit} is larger than {where}), which has {count} "
                              f"examples.")
         if limit:
             count, where = limit, f"{where}, first {limit} by {name}"
@@ -84,7 +85,7 @@ def evaluation_splits(config) -> tuple[EvalSplit, EvalSplit]:
 def _check_batch_size(ev) -> None:
     devices = jax.device_count()
     if ev.batch_size < 1 or ev.batch_size % devices:
-        raise ValueError(f"config.eval.batch_size={ev.batch_size}: feature extraction splits "
+        raise InputError(f"config.eval.batch_size={ev.batch_size}: feature extraction splits "
                          f"each batch over the {devices} devices; expected a positive multiple "
                          f"of {devices}.")
 
@@ -94,7 +95,7 @@ def _check_labels(train: EvalSplit, test: EvalSplit) -> None:
     if test.labels is None or not test.labels.size or not train.num_classes:
         return
     if int(test.labels.max()) >= train.num_classes or int(test.labels.min()) < 0:
-        raise ValueError(f"config.data: {test.where} has labels in [{test.labels.min()}, "
+        raise InputError(f"config.data: {test.where} has labels in [{test.labels.min()}, "
                          f"{test.labels.max()}], but {train.where} defines "
                          f"{train.num_classes} classes; every split must use the training "
                          f"split's class index.")
@@ -102,24 +103,24 @@ def _check_labels(train: EvalSplit, test: EvalSplit) -> None:
 
 def _check_linear(ev, train: EvalSplit) -> None:
     if ev.linear_protocol not in linear.PROTOCOLS:
-        raise ValueError(f"config.eval.linear_protocol={ev.linear_protocol!r}; expected one of "
+        raise InputError(f"config.eval.linear_protocol={ev.linear_protocol!r}; expected one of "
                          f"{sorted(linear.PROTOCOLS)}.")
     for name in ("linear_epochs", "linear_batch_size"):
         if int(_field(ev, name, 0)) < 0:
-            raise ValueError(f"config.eval.{name}={ev[name]}; expected 0 (the protocol's) or a "
+            raise InputError(f"config.eval.{name}={ev[name]}; expected 0 (the protocol's) or a "
                              f"positive number.")
     classes = train.num_classes
     if train.labels is not None:
         classes = len(np.unique(train.labels))
     if classes and classes < 2:
-        raise ValueError(f"config.eval.linear=True: a linear probe needs at least 2 classes; "
+        raise InputError(f"config.eval.linear=True: a linear probe needs at least 2 classes; "
                          f"{train.where} has {classes}.")
 
 
 def _check_knn(ev, train: EvalSplit) -> None:
     k = int(ev.knn_k)
     if not 1 <= k <= train.num_examples:
-        raise ValueError(f"config.eval.knn_k={k}: k-NN with k={k} needs k in [1, number of training (memory) "
+        raise InputError(f"config.eval.knn_k={k}: k-NN with k={k} needs k in [1, number of training (memory) "
                          f"examples]; {train.where} has {train.num_examples}.")
 
 
@@ -130,28 +131,28 @@ def _check_fewshot(ev, test: EvalSplit) -> None:
     for name, value in (("fewshot_ways", ways), ("fewshot_queries", queries),
                         ("fewshot_episodes", episodes)):
         if value < 1:
-            raise ValueError(f"config.eval.{name}={value}; expected >= 1.")
+            raise InputError(f"config.eval.{name}={value}; expected >= 1.")
     if not shots or min(shots) < 1:
-        raise ValueError(f"config.eval.fewshot_shots={shots}; expected shots >= 1.")
+        raise InputError(f"config.eval.fewshot_shots={shots}; expected shots >= 1.")
     classes = _fewshot_classes(ev, test)
     of = "" if classes is None else f" of config.eval.fewshot_classes={ev.fewshot_classes!r}"
     if test.labels is None:  # TFDS: only the class count is known without reading the split
         available = test.num_classes if classes is None else classes.size
         if available and ways > available:
-            raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {available} "
+            raise InputError(f"config.eval.fewshot_ways={ways} exceeds the {available} "
                              f"classes{of} of {test.where}.")
         return
     if classes is None:
         classes = np.unique(test.labels)
     counts = np.array([np.count_nonzero(test.labels == c) for c in classes], np.int64)
     if ways > classes.size:
-        raise ValueError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes"
+        raise InputError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes"
                          f"{of or ' present'} in {test.where}.")
     for shot in shots:
         try:  # the episode sampler's own conditions, on labels only (no features needed)
             fewshot.sample_episodes(test.labels, ways, shot, queries, 1, classes=classes)
         except ValueError as e:
-            raise ValueError(
+            raise InputError(
                 f"config.eval.fewshot_shots={shots} with config.eval.fewshot_queries={queries}: "
                 f"{shot}-shot episodes need {shot + queries} examples of each class{of}; "
                 f"{test.where} has {counts.min()} of class {classes[counts.argmin()]} "
@@ -203,7 +204,7 @@ def check_evaluation_data(config) -> None:
     except ValueError as e:
         if field == "config.data":
             raise
-        raise ValueError(_named(str(e), field)) from None
+        raise InputError(_named(str(e), field)) from None
     if ev.linear:
         _check_linear(ev, train)
         if linear.PROTOCOLS[ev.linear_protocol].get("augment"):  # trained on images: batch, source

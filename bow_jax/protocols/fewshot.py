@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bow_jax.lib.errors import InputError, MissingInputError
 from bow_jax.lib.ops import l2_normalize
 
 
@@ -138,10 +139,10 @@ def _as_class_indices(values, where: str) -> np.ndarray:
         if any(float(v) != i for v, i in zip(values, ints)):
             raise ValueError
     except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
-        raise ValueError(f"{where}: expected integer class indices; got "
+        raise InputError(f"{where}: expected integer class indices; got "
                          f"{list(values)[:5]!r}...") from None
     if len(set(ints)) != len(ints):
-        raise ValueError(f"{where}: class indices repeat; expected distinct indices.")
+        raise InputError(f"{where}: class indices repeat; expected distinct indices.")
     return np.asarray(ints, np.int64)
 
 
@@ -155,7 +156,7 @@ def read_class_file(path: str, key: str = "", field: str = "config.eval.fewshot_
     FileNotFoundError naming `field` when the file does not exist; ValueError naming `field` or
     `key_field` when it does not parse, lacks `key`, or holds repeated or non-integer indices."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{field}={path!r}: no such file (expected a JSON list of class "
+        raise MissingInputError(f"{field}={path!r}: no such file (expected a JSON list of class "
                                 f"indices, a JSON object, or a text file, one index a line).")
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -168,11 +169,11 @@ def read_class_file(path: str, key: str = "", field: str = "config.eval.fewshot_
         return _as_class_indices([x for x in lines if x], f"{field}={path!r}")
     if isinstance(parsed, dict):
         if key not in parsed:
-            raise ValueError(f"{key_field}={key!r}: {path} is a JSON object; expected the key "
+            raise InputError(f"{key_field}={key!r}: {path} is a JSON object; expected the key "
                              f"of its class list, one of {sorted(parsed)[:10]}.")
         parsed = parsed[key]
         if not isinstance(parsed, list):
-            raise ValueError(f"{field}={path!r}[{key!r}]: expected a JSON list of class "
+            raise InputError(f"{field}={path!r}[{key!r}]: expected a JSON list of class "
                              f"indices; got {type(parsed).__name__}.")
     return _as_class_indices(parsed, f"{field}={path!r}" + (f"[{key!r}]" if key else ""))
 
@@ -187,11 +188,11 @@ def random_classes(spec: str, classes, field: str = "config.eval.fewshot_classes
         if len(parts) != 3 or count < 1 or seed < 0:
             raise ValueError
     except (IndexError, ValueError):
-        raise ValueError(f"{field}={spec!r}: expected '{RANDOM_SPLIT}:<N>:<seed>' with N >= 1 "
+        raise InputError(f"{field}={spec!r}: expected '{RANDOM_SPLIT}:<N>:<seed>' with N >= 1 "
                          f"and seed >= 0, e.g. '{RANDOM_SPLIT}:300:0'.") from None
     classes = np.unique(np.asarray(classes, np.int64))
     if count > classes.size:
-        raise ValueError(f"{field}={spec!r}: {count} classes asked of the {classes.size} there "
+        raise InputError(f"{field}={spec!r}: {count} classes asked of the {classes.size} there "
                          f"are.")
     return np.sort(np.random.RandomState(seed).choice(classes, count, replace=False))
 
@@ -211,6 +212,6 @@ def class_split(spec: str, key: str, classes, num_classes: int,
         return random_classes(spec, classes, field)
     chosen = np.sort(read_class_file(spec, key, field))
     if chosen.size and (chosen[0] < 0 or (num_classes and chosen[-1] >= num_classes)):
-        raise ValueError(f"{field}={spec!r}: class indices in [{chosen[0]}, {chosen[-1]}]; "
+        raise InputError(f"{field}={spec!r}: class indices in [{chosen[0]}, {chosen[-1]}]; "
                          f"expected them in [0, {num_classes}), the split's class index.")
     return chosen

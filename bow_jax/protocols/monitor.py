@@ -25,6 +25,7 @@ import jax
 from bow_jax.data import eval_input
 from bow_jax.protocols import cache, knn
 from bow_jax.lib import sharding
+from bow_jax.lib.errors import InputError
 
 
 @dataclasses.dataclass
@@ -68,15 +69,15 @@ def check_monitor(config) -> None:
     does not divide over the devices. Cheap: run before any compile."""
     ev = config.eval
     if int(ev.every_steps) < 0:
-        raise ValueError(f"config.eval.every_steps={ev.every_steps}; expected >= 0 "
+        raise InputError(f"config.eval.every_steps={ev.every_steps}; expected >= 0 "
                          "(0: no monitor).")
     if not int(ev.every_steps):
         return
     for field in ("monitor_memory", "monitor_queries"):
         if int(ev[field]) <= 0:
-            raise ValueError(f"config.eval.{field}={ev[field]}; expected a number of images > 0.")
+            raise InputError(f"config.eval.{field}={ev[field]}; expected a number of images > 0.")
     if not 1 <= int(ev.knn_k) <= int(ev.monitor_memory):
-        raise ValueError(f"config.eval.knn_k={ev.knn_k}; the k-NN monitor needs 1 <= knn_k <= "
+        raise InputError(f"config.eval.knn_k={ev.knn_k}; the k-NN monitor needs 1 <= knn_k <= "
                          f"config.eval.monitor_memory={ev.monitor_memory}.")
     sharding.check_divisible(int(ev.batch_size), jax.device_count(), "config.eval.batch_size",
                              "the number of devices")

@@ -16,6 +16,7 @@ import numpy as np
 from bow_jax.data import eval_input
 from bow_jax.protocols import augmented_linear, cache, fewshot, knn, linear
 from bow_jax.lib import files, logs, writers
+from bow_jax.lib.errors import InputError
 
 
 def as_input(data, split: str) -> eval_input.EvalInput:
@@ -71,7 +72,7 @@ def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config
             protocol["flip_feats"] = train.flip_feats
         if protocol.get("augment"):
             if augmented_probe is None:
-                raise ValueError(f"config.eval.linear_protocol={ev.linear_protocol!r} trains on "
+                raise InputError(f"config.eval.linear_protocol={ev.linear_protocol!r} trains on "
                                  f"augmented images: score it with runner.score, not features.")
             out["linear"] = augmented_probe(protocol)
         else:

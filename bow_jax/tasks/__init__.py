@@ -7,6 +7,7 @@ tasks that read a trained run's checkpoints (a missing workdir is then an error,
 import os
 
 from bow_jax.lib import files, lock
+from bow_jax.lib.errors import InputError, MissingInputError
 from bow_jax.tasks import (bownet_chain, evaluate, evaluate_torchvision, export, finetune,
                            train)
 
@@ -23,7 +24,7 @@ REGISTRY = {
 def task_module(name: str):
     """The module of task `name`; ValueError naming config.task and the known tasks."""
     if name not in REGISTRY:
-        raise ValueError(f"config.task={name!r}; expected one of {list(REGISTRY)}.")
+        raise InputError(f"config.task={name!r}; expected one of {list(REGISTRY)}.")
     return REGISTRY[name]
 
 
@@ -45,7 +46,7 @@ def run(config, workdir: str):
     lock.WorkdirLockedError naming the holder when another run holds the workdir."""
     task = task_module(config.task)
     if task.READS_RUN and not os.path.isdir(workdir):
-        raise FileNotFoundError(f"--workdir={workdir} does not exist: the {config.task!r} task "
+        raise MissingInputError(f"--workdir={workdir} does not exist: the {config.task!r} task "
                                 "reads a trained run's checkpoints there.")
     with lock.WorkdirLock(workdir):
         if config_file(config.task) != TRAINING_RECORD:  # the training tasks write theirs once

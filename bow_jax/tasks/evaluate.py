@@ -10,6 +10,7 @@ import ml_collections
 from bow_jax.data import fields
 from bow_jax.protocols import checks, runner
 from bow_jax.lib import checkpoint
+from bow_jax.lib.errors import InputError
 from bow_jax.tasks import common
 
 READS_RUN = True  # reads a trained run: its workdir must exist
@@ -86,7 +87,7 @@ def run(config, workdir: str) -> dict:
         kept = sorted(run_.checkpointer.all_steps())
         missing = sorted(set(steps) - set(kept))
         if missing:
-            raise ValueError(f"config.eval.checkpoint_steps: no checkpoint at steps {missing} in "
+            raise InputError(f"config.eval.checkpoint_steps: no checkpoint at steps {missing} in "
                              f"{run_.checkpointer.directory}; kept: {kept}.")
         abstract = checkpoint.abstract_like(run_.state)
         run_.state = None  # one state in memory at a time

@@ -9,6 +9,7 @@ from bow_jax.data.splits import load_split
 from bow_jax.protocols import runner
 from bow_jax.export import torchvision
 from bow_jax.lib import sharding
+from bow_jax.lib.errors import InputError
 from bow_jax.methods import interface
 
 READS_RUN = False
@@ -25,7 +26,7 @@ def run(config, workdir: str, path: str = "") -> dict:
     torchvision.import_torch()  # before anything may import TensorFlow
     path = path or config.export.path
     if not path:
-        raise ValueError("config.export.path: set the .pth file to evaluate.")
+        raise InputError("config.export.path: set the .pth file to evaluate.")
     backbone, variables = torchvision.encode_torchvision_checkpoint(
         path, config.model.name, config.model.kwargs.to_dict())
     mean, std = interface.normalization(config)

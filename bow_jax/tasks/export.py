@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from bow_jax.lib import logs
+from bow_jax.lib.errors import InputError
 from bow_jax.export import torchvision
 from bow_jax.tasks import common
 
@@ -29,7 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
 def obow_state_fc(config, state) -> Tuple[np.ndarray, np.ndarray]:
     """`torchvision.obow_fc` of an OBoW state: its BoW head, current vocabularies and kappa."""
     if config.method != "obow":
-        raise ValueError(f"config.export.layout='obow' needs an OBoW run (config.method='obow'), "
+        raise InputError(f"config.export.layout='obow' needs an OBoW run (config.method='obow'), "
                          f"not {config.method!r}.")
     head_variables = {"params": state.params["bow_head"],
                       "batch_stats": state.batch_stats["bow_head"]}
@@ -65,7 +66,7 @@ def run(config, workdir: str, path: str = "") -> str:
     cfg = config.export
     torchvision.check_arch(config.model.name)
     if cfg.layout not in torchvision.LAYOUTS:
-        raise ValueError(f"config.export.layout={cfg.layout!r}; expected one of "
+        raise InputError(f"config.export.layout={cfg.layout!r}; expected one of "
                          f"{list(torchvision.LAYOUTS)}.")
     with common.restore_trained(config, workdir, "export") as run_:
         suffix = "_obow" if cfg.layout == "obow" else ""
