@@ -102,8 +102,9 @@ def flat_state(state) -> dict:
 
 def main(process_id: int, port: int, outdir: str):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A peer that never joins is an error after 120 s (the test's own limit is 240 s).
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=process_id)
+                               process_id=process_id, initialization_timeout=120)
     open(os.path.join(outdir, f"started_{process_id}"), "w").close()
     jax.config.update("jax_disable_most_optimizations", True)
     from bow_jax.data.splits import load_split  # pylint: disable=import-outside-toplevel

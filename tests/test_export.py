@@ -26,6 +26,7 @@ from bow_jax.models.heads import DynamicBoWHead  # noqa: E402
 from bow_jax.data.splits import load_split  # noqa: E402
 from bow_jax.lib.checkpoint import Checkpointer  # noqa: E402
 from bow_jax.methods import create_method, data_info_for  # noqa: E402
+from bow_jax.tasks import evaluate as evaluate_task  # noqa: E402
 from bow_jax.tasks import evaluate_torchvision  # noqa: E402
 from bow_jax.tasks import export as export_task  # noqa: E402
 
@@ -107,6 +108,12 @@ def our_pooled(backbone, variables, images_nhwc):
 
 def flat(tree):
     return traverse_util.flatten_dict(dict(tree))
+
+
+def flat_scores(scores):
+    """{key path: number} of a protocol results dict (non-numeric leaves left out)."""
+    return {k: float(v) for k, v in traverse_util.flatten_dict(scores).items()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,7 +401,8 @@ def test_export_task_writes_the_checkpointed_student_and_it_scores(tmp_path):
     # A checkpoint (as training writes it) whose BN statistics are not the init's.
     method = create_method(config, data_info_for(config, load_split(config, "train")))
     state = jax.jit(method.init_state)(jax.random.key(0))
-    state = state.replace(batch_stats=jax.tree.map(lambda s: s + 0.25, state.batch_stats))
+    state = state.replace(step=jnp.int32(7),
+                          batch_stats=jax.tree.map(lambda s: s + 0.25, state.batch_stats))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     ckpt.save(7, state, config)
     ckpt.close()
@@ -415,8 +423,17 @@ def test_export_task_writes_the_checkpointed_student_and_it_scores(tmp_path):
     results = evaluate_torchvision.run(config, str(tmp_path / "eval"), path)
     (name, scores), = results.items()
     assert name == "torchvision torchvision_resnet18_step7.pth"
-    assert 0.1 < scores["knn"]["top1"] <= 1  # random conv features of digits beat chance
     assert os.path.exists(tmp_path / "eval" / "eval" / "results.json")
+    # ... and scores exactly what its checkpoint scores (the `evaluate` task on the run, same
+    # data, same protocols): every number, to 1e-6.
+    (own_name, own), = evaluate_task.run(config, workdir).items()
+    assert own_name == "rotnet step 7"
+    got, want = flat_scores(scores), flat_scores(own)
+    # The checkpoint also scores its pretext task (rotation accuracy): a .pth file has none.
+    assert ("knn", "top1") in got and set(want) - set(got) == {("pretext", "rotation_accuracy")}
+    for key, value in got.items():
+        assert value == pytest.approx(want[key], abs=1e-6), key
+    assert 0.1 < got[("knn", "top1")] <= 1  # random conv features of digits beat chance
 
     with pytest.raises(ValueError, match="layout='obow' needs an OBoW run"):
         export_task.export_state(config, method, state, str(tmp_path / "o.pth"), layout="obow")

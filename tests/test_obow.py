@@ -251,15 +251,51 @@ def test_eight_devices_give_the_same_state(one_step):
         assert value == pytest.approx(s["metrics"][name], rel=1e-5, abs=1e-6), name
 
 
+def _collect(procs, timeout_s):
+    """The outputs of `procs`; if any is still running after `timeout_s` (all together), every
+    worker is killed and the test FAILS with their outputs: a hang is a bug, not a skip."""
+    deadline = time.monotonic() + timeout_s
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [p.communicate()[0][-2000:] for p in procs]
+        pytest.fail(f"multi-process workers hung: not finished after {timeout_s} s; outputs:\n"
+                    + "\n---\n".join(tails))
+    return outputs
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+WORKER_TIMEOUT_S = 240
+
+
+def _multiprocess_unsupported_reason():
+    """Why this environment cannot run a 2-process JAX cluster at all, or None. The test runs
+    everywhere else, and there a hang, a timeout or a crash is a failure, not a skip."""
+    if not hasattr(jax.config, "jax_cpu_collectives_implementation"):
+        return f"jax {jax.__version__} has no CPU collectives (jax_cpu_collectives_implementation)"
+    try:
+        _free_port()
+    except OSError as e:
+        return f"cannot bind a loopback port for the coordinator: {e}"
+    return None
+
+
 def test_two_processes_match_one(one_step, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on loopback, gloo) run the same step on the
-    same global batch; each process's state equals the single-process one."""
+    same global batch; each process's state equals the single-process one. A worker that hangs
+    (past WORKER_TIMEOUT_S), crashes or never joins the cluster fails the test."""
+    reason = _multiprocess_unsupported_reason()
+    if reason:
+        pytest.skip("this environment cannot run a multi-process JAX cluster: " + reason)
     s = one_step
     np.savez(tmp_path / "views.npz", **s["views"])
     port = _free_port()
@@ -270,19 +306,11 @@ def test_two_processes_match_one(one_step, tmp_path):
         [sys.executable, os.path.join(HERE, "obow_multihost_worker.py"), str(i), str(port),
          str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.skip("multi-process workers did not finish in 240 s")
-    started = all((tmp_path / f"started_{i}").exists() for i in range(2))
-    if not started:
-        pytest.skip("jax.distributed processes could not start here:\n" + outputs[0][-2000:])
+    outputs = _collect(procs, WORKER_TIMEOUT_S)
+    started = [(tmp_path / f"started_{i}").exists() for i in range(2)]
     for i, p in enumerate(procs):
-        assert p.returncode == 0, outputs[i][-4000:]
+        assert p.returncode == 0, (f"worker {i} (joined the cluster: {started[i]}) exited with "
+                                   f"{p.returncode}:\n{outputs[i][-4000:]}")
     want = s["new_state"]
     for i in range(2):
         got = dict(np.load(tmp_path / f"state_{i}.npz"))
@@ -290,6 +318,17 @@ def test_two_processes_match_one(one_step, tmp_path):
         assert sorted(got) == sorted(leaves)
         for name, value in leaves.items():
             np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_a_hanging_worker_fails_the_multiprocess_test():
+    """The negative control of the above: workers that never finish make `_collect` fail the
+    test (pytest's Failed, not Skipped), and are killed."""
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    with pytest.raises(pytest.fail.Exception, match="hung: not finished after 1 s"):
+        _collect(procs, 1)
+    assert all(p.poll() is not None for p in procs)
 
 
 # ------------------------------------------------------------------------------------------------
