@@ -179,7 +179,7 @@ def test_no_intact_checkpoint_names_every_folder_and_moves_nothing(good_run, tmp
     for step in (2, 4):
         corrupt_largest_data_file(os.path.join(workdir, "checkpoints", str(step)), "truncate")
     with pytest.raises(checkpoint.CorruptCheckpointError,
-                       match=r"No intact checkpoint.*checkpoints/4.*checkpoints/2.*backup"):
+                       match=r"(?s)No intact checkpoint.*checkpoints/4.*checkpoints/2.*backup"):
         common.restore(tiny_config(), workdir)
     assert steps_in(workdir) == [2, 4]
 
