@@ -12,6 +12,12 @@ is kappa * G(V) of the last BoW level (`obow_fc`), rows of norm kappa, bias 0.
 Import (to score any torchvision ResNet with our evaluations):
 
     params, batch_stats = from_torchvision_state_dict(load_torchvision('x.pth'), 'resnet50')
+    backbone, variables = encode_torchvision_checkpoint('x.pth', 'resnet50', network='teacher')
+
+`encode_torchvision_checkpoint` also reads the official OBoW files (github.com/valeoai/obow)
+as they are: the entire model of `Solver.save_network` (student and teacher, `network` picks),
+the student of `OBoWSolver.save_feature_extractor`, and the torchvision-format release whose fc is
+the 8192 x 2048 BoW weights (dropped: not a classifier). See `select_network`.
 
 A `.pth` file is data, never code: `load_torchvision` reads it with
 `torch.load(weights_only=True)` only and refuses files whose pickle would build arbitrary objects.
@@ -45,6 +51,17 @@ from bow_jax.models.resnet import (from_torch_layout, to_torch_layout, torch_axe
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 LAYOUTS = ("torchvision", "obow")
+NETWORKS = ("student", "teacher")
+# The official OBoW code (github.com/valeoai/obow): `obow/feature_extractor.py` ResNet keeps
+# torchvision's modules as `_feature_blocks` 0 = Sequential(Conv=conv1, bn=bn1, relu, maxpool),
+# 1..4 = layer1..4; `obow/builder_obow.py` OBoW holds the student as `feature_extractor` and the
+# EMA teacher as `feature_extractor_teacher`. `obow/solver.py` `save_network` writes
+# {'epoch', 'network': model.state_dict(), 'meters'} (under DDP every key starts 'module.');
+# `save_feature_extractor` writes {'epoch', 'network': feature_extractor.state_dict(), 'meters'}.
+OBOW_BLOCKS = "_feature_blocks."
+OBOW_PREFIXES = {"student": "feature_extractor.", "teacher": "feature_extractor_teacher."}
+OBOW_STEM = {"Conv": "conv1", "bn": "bn1"}
+CHECKPOINT_LAYOUTS = ("torchvision", "obow_model", "obow_feature_extractor")
 FC_MODES = ("params", "zero", "random", "none")
 # Wrappers other code puts around a state dict: {'state_dict': sd} (Lightning, many trainers),
 # {'network': sd} (the OBoW release), {'model': sd}.
@@ -385,14 +402,86 @@ def load_torchvision(path: str) -> StateDict:
 # Using a torchvision checkpoint in our evaluations.
 
 
-def encode_torchvision_checkpoint(path: str, arch: str,
-                                  model_kwargs: Optional[Mapping[str, Any]] = None):
-    """(backbone, variables) of our ResNet holding the torchvision checkpoint at `path`.
+def checkpoint_layout(state_dict: Mapping[str, Any]) -> str:
+    """Which of CHECKPOINT_LAYOUTS a loaded state dict (DDP prefix removed) is, or '' if none.
 
-    `common.encode_with(backbone, variables, images, 'pooled', mean, std)` then gives its frozen
-    features, so every evaluation here can score any torchvision ResNet (fc is ignored).
+    'obow_model': the official OBoW entire model (student under 'feature_extractor.', teacher under
+    'feature_extractor_teacher.', each `_feature_blocks.<0-4>...`); 'obow_feature_extractor': the
+    official student-only save (keys `_feature_blocks.<0-4>...`); 'torchvision': conv1, layer1...
     """
-    params, batch_stats = from_torchvision_state_dict(load_torchvision(path), arch,
+    keys = list(state_dict)
+    if any(k.startswith(OBOW_PREFIXES["student"] + OBOW_BLOCKS) for k in keys):
+        return "obow_model"
+    if any(k.startswith(OBOW_BLOCKS) for k in keys):
+        return "obow_feature_extractor"
+    if "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in keys):
+        return "torchvision"
+    return ""
+
+
+def from_obow_blocks(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
+    """torchvision-named entries of the official OBoW ResNet under `prefix` (e.g.
+    'feature_extractor_teacher.'): `_feature_blocks.0.Conv.w` -> `conv1.w`, `.0.bn.w` -> `bn1.w`,
+    `_feature_blocks.<i>.rest` -> `layer<i>.rest`; keys outside `prefix` are left out. Values are
+    unchanged (the blocks are torchvision's own modules)."""
+    start = prefix + OBOW_BLOCKS
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(start):
+            continue
+        block, _, rest = key[len(start):].partition(".")
+        if block == "0":
+            module, _, leaf = rest.partition(".")
+            out[f"{OBOW_STEM.get(module, module)}.{leaf}"] = value
+        else:
+            out[f"layer{block}.{rest}"] = value
+    return out
+
+
+def select_network(state_dict: Mapping[str, Any], path: str, network: str = "student") -> dict:
+    """The torchvision-named state dict of `network` ('student' | 'teacher') in a loaded file.
+
+    A torchvision or OBoW feature-extractor file holds one network, the student; the OBoW entire
+    model holds both. InputError for an unknown `network` or one the file does not hold, and for
+    a file of none of CHECKPOINT_LAYOUTS (naming `path` and the keys seen).
+    """
+    if network not in NETWORKS:
+        raise InputError(f"config.export.network={network!r}; expected one of {list(NETWORKS)}.")
+    layout = checkpoint_layout(state_dict)
+    if not layout:
+        shown = ", ".join(list(state_dict)[:8]) + (" ..." if len(state_dict) > 8 else "")
+        raise InputError(
+            f"{path}: none of the known layouts ({', '.join(CHECKPOINT_LAYOUTS)}): expected "
+            "torchvision ResNet keys (conv1.weight, layer1...), or the official OBoW "
+            f"'{OBOW_PREFIXES['student']}{OBOW_BLOCKS}...' / '{OBOW_BLOCKS}...'; "
+            f"{len(state_dict)} keys seen: {shown}.")
+    if layout == "obow_model":
+        selected = from_obow_blocks(state_dict, OBOW_PREFIXES[network])
+        if not selected:
+            raise InputError(f"{path}: an OBoW model file without "
+                             f"'{OBOW_PREFIXES[network]}{OBOW_BLOCKS}...' keys "
+                             f"(config.export.network={network!r}).")
+        return selected
+    if network != "student":
+        raise InputError(f"config.export.network={network!r}, but {path} ({layout} layout) "
+                         "holds one network, the student; the teacher is only in the official "
+                         "OBoW entire-model file.")
+    return dict(state_dict) if layout == "torchvision" else from_obow_blocks(state_dict)
+
+
+def encode_torchvision_checkpoint(path: str, arch: str,
+                                  model_kwargs: Optional[Mapping[str, Any]] = None,
+                                  network: str = "student"):
+    """(backbone, variables) of our ResNet holding `network` of the checkpoint at `path`.
+
+    `path`: a torchvision ResNet `.pth` (plain or wrapped, see `load_torchvision`) or an official
+    OBoW file (entire model: `network` 'student' or 'teacher'; feature extractor; the
+    torchvision-format release). `common.encode_with(backbone, variables, images, 'pooled', mean,
+    std)` then gives its frozen features, so every evaluation here can score any torchvision
+    ResNet. fc is ignored (the OBoW release's fc is its 8192 x 2048 BoW weights).
+    """
+    state_dict = select_network(load_torchvision(path), path, network)
+    params, batch_stats = from_torchvision_state_dict(state_dict, arch,
                                                       model_kwargs=model_kwargs)
     backbone = _backbone(arch, model_kwargs, None)
     return backbone, {"params": params, "batch_stats": batch_stats}
