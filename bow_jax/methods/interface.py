@@ -87,14 +87,50 @@ def pooled(feature) -> jax.Array:
     return feature if feature.ndim == 2 else jnp.mean(feature, axis=(1, 2))
 
 
+def adaptive_avg_pool(feature, size: int) -> jax.Array:
+    """[B,H,W,C] -> [B,size,size,C]: PyTorch `AdaptiveAvgPool2d(size)`, bin i of an axis of n
+    averaging [floor(i·n/size), ceil((i+1)·n/size)) (bins overlap when size does not divide
+    n). ValueError when a side is smaller than `size`."""
+    h, w = feature.shape[1:3]
+    if min(h, w) < size:
+        raise ValueError(f"a {h}x{w} map cannot be pooled to {size}x{size}.")
+
+    def bins(n):
+        return [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+    rows = [jnp.stack([jnp.mean(feature[:, top:bottom, left:right], axis=(1, 2))
+                       for left, right in bins(w)], axis=1) for top, bottom in bins(h)]
+    return jnp.stack(rows, axis=1)
+
+
+def split_pooled_name(feature_name: str) -> tuple[str, int]:
+    """'layer4_pool2' -> ('layer4', 2): a map average-pooled to 2x2 (`adaptive_avg_pool`) and
+    flattened, Goyal et al. 2019's SVM features (ResNet-50 conv5 2x2x2048 = 8192, conv4
+    3x3x1024 = 9216); any other name -> (name, 0), the output as it is (maps: global mean)."""
+    base, _, size = feature_name.rpartition("_pool")
+    if base and size.isdigit() and int(size) > 0:
+        return base, int(size)
+    return feature_name, 0
+
+
 def encode_with(backbone, variables: Any, images_uint8, feature_name: str, mean, std):
-    """Frozen features of `images_uint8`: eval-mode backbone, the named output, pooled
-    (InputError naming config.eval.feature when the backbone has no such output)."""
+    """Frozen float32 [B, D] features of uint8 [B,H,W,3] `images_uint8`: eval-mode backbone, the
+    named output (config.eval.feature), globally average-pooled; '<map>_pool<k>' (e.g.
+    'layer4_pool2', 'layer3_pool3') is the map adaptively pooled to k x k and flattened in
+    (row, column, channel) order, D = k²·C. InputError naming config.eval.feature when the
+    backbone has no such output or its map is smaller than k x k."""
     features = backbone.apply(variables, to_network_input(images_uint8, mean, std), train=False)
-    if feature_name not in features:
+    name, size = (feature_name, 0) if feature_name in features else split_pooled_name(feature_name)
+    if name not in features or (size and features[name].ndim != 4):
         raise InputError(f"config.eval.feature={feature_name!r} is not an output of "
-                         f"{type(backbone).__name__}; available: {sorted(features)}.")
-    return pooled(features[feature_name]).astype(jnp.float32)
+                         f"{type(backbone).__name__}; available: {sorted(features)} (maps also "
+                         f"as '<map>_pool<k>', k x k average-pooled).")
+    if not size:
+        return pooled(features[name]).astype(jnp.float32)
+    try:
+        grid = adaptive_avg_pool(features[name], size)
+    except ValueError as e:
+        raise InputError(f"config.eval.feature={feature_name!r}: {e}") from None
+    return grid.reshape(grid.shape[0], -1).astype(jnp.float32)
 
 
 def cross_entropy(logits, labels):

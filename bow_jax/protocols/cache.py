@@ -8,12 +8,15 @@ processes are gathered on every process and written at their split positions int
     <workdir>/eval/features/<tag>/<feature>/<split>.npy          float32 [N, D]
                                             <split>_flip.npy     float32 [N, D] (flip=True)
                                             <split>_labels.npy   int32 [N] (-1: left out)
+                                                                 or int8 [N, C] multi-label
                                             <split>.json         the key below, N and D
 
 (`np.lib.format.open_memmap` files under a temporary name, renamed when complete, the JSON
 header written last, all by process 0; the other processes keep their copy in memory). A later
 call with the same key (tag = the checkpoint's step, the state's fingerprint, feature, split,
-source, transform, number of examples, flip) reads the files back memory-mapped; a header that
+source, transform, number of examples, flip) reads the files back memory-mapped (multi-label inputs, `EvalInput.label_shape` = (C,), keep int8
+targets [N, C] in {-1, 0, 1} and say so in the header's `label_shape`; single-label files and
+headers are unchanged); a header that
 does not match, a missing file or one whose shape, dtype or size is wrong (a truncated write) is
 recomputed, never trusted. Multi-process runs decide on process 0 and need the workdir on a
 shared file system, as the checkpoints do.
@@ -49,8 +52,8 @@ CACHE_VERSION = 1
 
 @dataclasses.dataclass
 class SplitFeatures:
-    """Features of a split: `feats` float32 [N, D], `labels` int32 [N] in [0, num_classes),
-    `flip_feats` float32 [N, D] of the horizontally flipped images (or None), `where` the cache
+    """Features of a split: `feats` float32 [N, D], `labels` int32 [N] in [0, num_classes) or,
+    for multi-label data (VOC07), int8 targets [N, num_classes] in {-1, 0, 1}, `flip_feats` float32 [N, D] of the horizontally flipped images (or None), `where` the cache
     folder they were read from or written to (None: not cached)."""
     feats: np.ndarray
     labels: np.ndarray
@@ -60,6 +63,15 @@ class SplitFeatures:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multi_label(self) -> bool:
+        return np.ndim(self.labels) == 2
+
+
+def label_layout(label_shape: tuple) -> tuple[tuple, type]:
+    """(per-row shape, dtype) of the cached labels: ((), int32) or ((C,), int8) multi-label."""
+    return (tuple(label_shape), np.int8) if label_shape else ((), np.int32)
 
 
 def state_fingerprint(variables) -> str:
@@ -95,8 +107,9 @@ def read_cache(paths: dict, key: dict, flip: bool) -> Optional[dict]:
         if header.get("key") != key or (flip and not header.get("flip")):
             return None
         n, dim = int(header["num_examples"]), int(header["feature_dim"])
+        row, dtype = label_layout(tuple(header.get("label_shape", ())))
         out = {"feats": _load_array(paths["feats"], (n, dim), np.float32),
-               "labels": _load_array(paths["labels"], (n,), np.int32)}
+               "labels": _load_array(paths["labels"], (n,) + row, dtype)}
         if flip:
             out["flip_feats"] = _load_array(paths["flip_feats"], (n, dim), np.float32)
         return out
@@ -110,12 +123,13 @@ class _Destination:
     """Where the gathered rows go: on process 0 with a cache, `.npy` memory maps under temporary
     names (`commit` renames them and writes the header); otherwise arrays in memory."""
 
-    def __init__(self, n: int, dim: int, flip: bool, paths: Optional[dict]):
+    def __init__(self, n: int, dim: int, flip: bool, paths: Optional[dict], label_shape=()):
         self.paths, self.temps = paths, {}
         names = ["feats", "labels"] + (["flip_feats"] if flip else [])
         self.arrays = {}
+        row, label_dtype = label_layout(label_shape)
         for name in names:
-            shape, dtype = ((n,), np.int32) if name == "labels" else ((n, dim), np.float32)
+            shape, dtype = ((n,) + row, label_dtype) if name == "labels" else ((n, dim), np.float32)
             if paths is None:
                 self.arrays[name] = np.empty(shape, dtype)
                 continue
@@ -123,7 +137,7 @@ class _Destination:
             base = os.path.basename(paths[name])
             self.temps[name] = os.path.join(paths["folder"], f".{base}.{uuid.uuid4().hex}.tmp")
             self.arrays[name] = np.lib.format.open_memmap(self.temps[name], "w+", dtype, shape)
-        self.arrays["labels"][:] = -1
+        self.arrays["labels"][:] = eval_input.missing_labels(1, label_shape)[0]
 
     def write(self, index: np.ndarray, rows: dict) -> None:
         valid = index >= 0
@@ -183,9 +197,9 @@ def _stream(encode, inp, batch_size, mesh, flip, variables, dest: _Destination, 
 
 
 def _without_unreadable(arrays: dict, inp, max_unreadable_fraction: float) -> dict:
-    """Rows whose image could not be decoded (label -1) dropped; more than
-    `max_unreadable_fraction` of them is an UnreadableImageError."""
-    keep = arrays["labels"] >= 0
+    """Rows whose image could not be decoded (label -1, multi-label: `MISSING_TARGET`) dropped;
+    more than `max_unreadable_fraction` of them is an UnreadableImageError."""
+    keep = eval_input.valid_rows(arrays["labels"])
     dropped = int((~keep).sum())
     if not dropped:
         return arrays
@@ -215,7 +229,8 @@ def split_features(encode: Callable, inp: eval_input.EvalInput, batch_size: int,
     With `workdir`, features are read from / written to its cache under `tag` (e.g. 'step_1000')
     and `feature` (config.eval.feature). `batch_size`: the global batch, a multiple of the
     device count (ValueError otherwise). Rows of undecodable images are dropped (see
-    `_without_unreadable`). Returns float32 features, int32 labels.
+    `_without_unreadable`). Returns float32 features, int32 labels (int8 [N, C] targets for a
+    multi-label input).
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     paths = key = None
@@ -232,12 +247,14 @@ def split_features(encode: Callable, inp: eval_input.EvalInput, batch_size: int,
             return _split_features(cached, inp, max_unreadable_fraction, paths["folder"])
     dim = _feature_dim(encode, variables, inp.image_shape)
     writing = paths if jax.process_index() == 0 else None
-    dest = _Destination(inp.num_examples, dim, flip, writing)
+    dest = _Destination(inp.num_examples, dim, flip, writing, inp.label_shape)
+    header = {"key": key, "num_examples": inp.num_examples, "feature_dim": dim, "flip": flip}
+    if inp.label_shape:  # single-label headers stay as they were
+        header["label_shape"] = list(inp.label_shape)
     try:
         _stream(encode, inp, batch_size, mesh, flip, variables, dest,
                 f"features of {inp.split}" + (f" ({tag}, {feature})" if tag else ""))
-        dest.commit({"key": key, "num_examples": inp.num_examples, "feature_dim": dim,
-                     "flip": flip})
+        dest.commit(header)
     except BaseException:
         dest.discard()
         raise
