@@ -15,8 +15,9 @@ batch 256, lr 0.01, wd 1e-5, 28 epochs, x0.1 at epochs 10 and 20. (The paper's t
 x0.1 at 5 and 10, wd 1e-4; the README's run name says "wd1e4" but passes 1e-5: the command is
 followed.) Features are those of Resize(256) + CenterCrop(224) (config.eval.image_size=224),
 extracted once and cached in DIR/eval/features; the official probe trains on RandomCrop(224) + flip
-views of each image, so expect the cached-feature stand-in a little below 56.8. Few-shot and k-NN
-are off (not part of the protocol; `--config.eval.knn=True` turns k-NN on).
+views of each image, so expect the cached-feature stand-in a little below 56.8. Only the linear
+protocol runs (config.eval.protocols=('linear',): few-shot and k-NN are not part of the paper's
+Places205 protocol; `--config.eval.protocols="('linear', 'knn')"` adds k-NN).
 
 Data (config.eval.data; config.data's splits are not read for evaluation, and the network's input
 normalisation stays config.data.normalization, ImageNet's):
@@ -38,7 +39,7 @@ from bow_jax.config import get_recipe
 def get_config():
     c = get_recipe(os.path.join(os.path.dirname(__file__), "obow_resnet50.py"))
     c.task = "evaluate"
-    c.eval.update(dict(linear_protocol="places205", image_size=224, fewshot=False, knn=False,
+    c.eval.update(dict(linear_protocol="places205", image_size=224, protocols=("linear",),
                        fewshot_classes=""))
     c.eval.data.update(dict(source="image_folder", image_size=224,
                             path=os.environ.get("PLACES205_DIR", "../shared/data/places205")))

@@ -25,8 +25,7 @@ Data: TFDS `voc/2007` prepared in $VOC07_TFDS_DIR (default: TFDS's own data_dir)
 .download_and_prepare()"` on a machine with network. Its 'labels' / 'labels_no_difficult'
 features give the targets (1 / -1 difficult only / 0).
 
-Needs config.eval.protocols (the protocol registry); config.eval.transform, train_split and
-test_split are read by `data.eval_input`.
+config.eval.transform, train_split and test_split are read by `data.eval_input`.
 """
 import os
 
@@ -38,8 +37,7 @@ def get_config():
     c.task = "evaluate"
     c.eval.update(dict(protocols=("voc07_svm",), feature="pooled", image_size=224,
                        resize_shorter=256, transform="resize_whole",
-                       train_split="train+validation", test_split="test",
-                       linear=False, fewshot=False, knn=False, fewshot_classes=""))
+                       train_split="train+validation", test_split="test", fewshot_classes=""))
     c.eval.data.update(dict(source="tfds", name="voc/2007", in_memory=False,
                             data_dir=os.environ.get("VOC07_TFDS_DIR", "")))
     return c

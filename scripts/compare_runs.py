@@ -2,11 +2,11 @@
 
     python scripts/compare_runs.py WORKDIR1 WORKDIR2 ... [--output=table.md]
 
-Reads each `<workdir>/eval/results.json` (linear probe, few-shot, k-NN, as written by
-`bow_jax.protocols.runner`) and, when present, `<workdir>/eval/finetune.json` (semi-supervised
-fine-tuning; a run may have either or both). One row per network of every run (e.g. the
-trained net and its random-init baseline), one column per protocol, accuracies in %. A
-results.json path may be given instead of a workdir.
+Reads each `<workdir>/eval/results.json` (one entry per protocol of config.eval.protocols, as
+written by `bow_jax.protocols.runner`) and, when present, `<workdir>/eval/finetune.json`
+(semi-supervised fine-tuning; a run may have either or both). One row per network of every run
+(e.g. the trained net and its random-init baseline), each protocol's own columns (`runner.flat`
+asks it), accuracies in %. A results.json path may be given instead of a workdir.
 """
 import argparse
 import json
@@ -40,7 +40,7 @@ def run_rows(path: str) -> dict:
     rows = {}
     if os.path.exists(results_path) or not os.path.exists(finetune_path):
         rows = {f"{label}: {network}": runner.flat(result)
-                for network, result in _load(results_path, "linear / few-shot / k-NN").items()}
+                for network, result in _load(results_path, "evaluation protocols").items()}
     if os.path.exists(finetune_path):
         for network, runs in _load(finetune_path, "fine-tuning").items():
             row = rows.setdefault(f"{label}: {network}", {})

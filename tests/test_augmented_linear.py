@@ -326,7 +326,7 @@ def test_evaluate_task_uses_the_augmented_probe(tmp_path, monkeypatch):
     c.data.limit = 64
     c.eval.update(dict(linear_protocol="imagenet_r50_obow", linear_batch_size=16,
                        linear_epochs=2, linear_checkpoint_every_steps=3, batch_size=32,
-                       fewshot=False, knn=False, test_limit=32))
+                       protocols=("linear",), test_limit=32))
     c.task = "evaluate"
     with common.restore(c, str(tmp_path)) as run:
         run.checkpointer.save(0, run.state, c)

@@ -333,7 +333,7 @@ def test_missing_test_split_is_found_before_training(tmp_path):
     (dict(test_limit=13), r"config\.eval\.test_limit=13 is larger than the test split .* 12 "
                           r"examples"),
     (dict(train_limit=31), r"config\.eval\.train_limit=31 is larger than the training split"),
-    (dict(train_limit=19, fewshot=False), r"config\.eval\.knn_k=20: k-NN with k=20 .* has 19"),
+    (dict(train_limit=19, protocols=("linear", "knn")), r"config\.eval\.knn_k=20: k-NN with k=20 .* has 19"),
     (dict(batch_size=12), r"config\.eval\.batch_size=12: .* multiple of 8"),
     (dict(linear_protocol="nope"), r"config\.eval\.linear_protocol='nope'; expected one of"),
     (dict(linear_epochs=-1), r"config\.eval\.linear_epochs=-1"),
@@ -347,15 +347,15 @@ def test_each_unsatisfiable_setting_is_named(eval_folder, fields, message):
                 "fewshot", "linear_protocol": "linear", "linear_epochs": "linear"}
     names = {protocol[f] for f in fields if f in protocol}
     if names:
-        checks.check_evaluation_data(_eval_config(eval_folder, **fields,
-                                                  **{n: False for n in names}))
+        others = tuple(p for p in ("linear", "fewshot", "knn") if p not in names)
+        checks.check_evaluation_data(_eval_config(eval_folder, **fields, protocols=others))
 
 
 def test_npz_test_labels_outside_the_training_classes(tmp_path):
     images = np.zeros((30, 4, 4, 3), np.uint8)
     np.savez(tmp_path / "train.npz", images=images, labels=np.arange(30) % 3)
     np.savez(tmp_path / "test.npz", images=images[:12], labels=np.arange(12) % 4)
-    c = _eval_config(tmp_path, fewshot=False)
+    c = _eval_config(tmp_path, protocols=("linear", "knn"))
     c.data.source = "npz"
     with pytest.raises(ValueError,
                        match=r"labels in \[0, 3\], but .*train\.npz\) defines 3 classes"):
@@ -377,8 +377,7 @@ def test_tfds_split_of_several_image_sizes_passes_the_check(tmp_path):
     tfds.dataset_builders.store_as_tfds_dataset(
         name="two_sizes", version="1.0.0", features=features, data_dir=str(tmp_path),
         split_datasets={"train": examples, "test": examples})
-    c = _eval_config(tmp_path, fewshot=False)
+    c = _eval_config(tmp_path, protocols=())
     c.data.source, c.data.name, c.data.data_dir = "tfds", "two_sizes", str(tmp_path)
     c.data.num_examples = 2
-    c.eval.linear = c.eval.knn = False
     checks.check_evaluation_data(c)  # no error

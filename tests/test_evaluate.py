@@ -360,7 +360,7 @@ def test_runner_scores_the_logistic_protocol():
     x, y = load_digits(return_X_y=True)
     x, y = x.astype(np.float32), y.astype(np.int32)
     config = base_config("obow")
-    config.eval.update(dict(linear_protocol="logistic_standardized", fewshot=False, knn=False))
+    config.eval.update(dict(linear_protocol="logistic_standardized", protocols=("linear",)))
     scores = runner.score_features(cache.SplitFeatures(x[:600], y[:600], 10),
                                    cache.SplitFeatures(x[600:900], y[600:900], 10), config)
     scaler = StandardScaler().fit(x[:600])

@@ -387,8 +387,7 @@ def tiny_rotnet_config():
     c.eval.batch_size = 64
     c.eval.test_limit = 64
     # The protocols are tested elsewhere; here: that a torchvision file goes through them.
-    c.eval.linear = False
-    c.eval.fewshot = False
+    c.eval.protocols = ("knn",)
     return c
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bow_jax.config import base_config
-from bow_jax.protocols import cache, checks, fewshot, runner
+from bow_jax.protocols import cache, checks, fewshot, fewshot_protocol, runner
 
 
 def _np_episode_accuracy(feats, support, query, query_labels, n_way, n_shot):
@@ -134,7 +134,7 @@ def test_split_accuracy_equals_numpy_on_the_split_only():
 def test_score_features_draws_from_config_eval_fewshot_classes():
     feats, labels = _features()
     c = base_config("rotnet")
-    c.eval.update(dict(linear=False, knn=False, fewshot_ways=3, fewshot_shots=(1, 2),
+    c.eval.update(dict(protocols=("fewshot",), fewshot_ways=3, fewshot_shots=(1, 2),
                        fewshot_queries=3, fewshot_episodes=30, fewshot_classes="random:5:0"))
     test = cache.SplitFeatures(feats, labels, 10)
     out = runner.score_features(test, test, c)["fewshot"]
@@ -190,7 +190,7 @@ def test_check_names_each_unsatisfiable_class_split(tmp_path):
                                          r"classes asked of the 4"):
         checks.check_evaluation_data(_config(tmp_path, fewshot_classes="random:5:0"))
     # The same split with few-shot off is not read at all.
-    off = _config(tmp_path, fewshot=False, fewshot_classes=str(tmp_path / "none.json"))
+    off = _config(tmp_path, protocols=("linear", "knn"), fewshot_classes=str(tmp_path / "none.json"))
     assert checks.check_evaluation_data(off) is None
 
 
@@ -203,6 +203,6 @@ def test_check_on_tfds_like_splits_uses_the_class_count():
                                fewshot_classes_key="")
     with pytest.raises(ValueError, match=r"fewshot_ways=5 exceeds the 4 classes of "
                                          r"config\.eval\.fewshot_classes='random:4:0'"):
-        checks._check_fewshot(ev, test)
+        fewshot_protocol.check_episodes(ev, test)
     ev.fewshot_ways = 4
-    assert checks._check_fewshot(ev, test) is None
+    assert fewshot_protocol.check_episodes(ev, test) is None

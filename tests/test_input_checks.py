@@ -156,7 +156,7 @@ def test_training_checks_apply_to_training_only():
 
 
 EVAL_OVERRIDES = {"model.kwargs.width": 4, "num_train_steps": 2, "data.limit": 64,
-                  "eval.linear": False, "eval.fewshot": False, "eval.random_init": False,
+                  "eval.protocols": ("knn",), "eval.random_init": False,
                   "eval.train_limit": 64, "eval.test_limit": 32, "eval.knn_k": 5,
                   "eval.batch_size": 48}
 

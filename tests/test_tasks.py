@@ -40,7 +40,7 @@ def test_run_writes_the_resolved_config_and_releases_the_lock(tmp_path):
         pass
     # An evaluation records its own config beside the training one, never over it.
     evaluation = tiny_config(task="evaluate", num_train_steps=1)
-    evaluation.eval.linear = evaluation.eval.fewshot = False
+    evaluation.eval.protocols = ("knn",)
     tasks.run(evaluation, workdir)
     assert os.path.exists(os.path.join(workdir, "evaluate_config.json"))
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:

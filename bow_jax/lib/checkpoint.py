@@ -437,7 +437,8 @@ class Checkpointer:
                      for p, x in jax.tree_util.tree_leaves_with_path(saved_tree)}
         except Exception as e:  # pylint: disable=broad-except  # unreadable metadata: damaged
             raise CorruptCheckpointError(
-                f"{self.folder(step)}: its array metadata cannot be read ({short_reason(e)}).") from e
+                f"{self.folder(step)}: its array metadata cannot be read "
+                f"({short_reason(e)}).") from e
         wanted = {leaf_name(p): _saved_shape(x)
                   for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
         differ = sorted(n for n in set(saved) | set(wanted) if saved.get(n) != wanted.get(n))

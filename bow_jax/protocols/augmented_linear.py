@@ -381,9 +381,9 @@ def augmented_linear_probe(encode: Callable, variables, train_input: eval_input.
 def probe_for_score(config, encode: Callable, variables, train_input: eval_input.EvalInput,
                     train_x: cache.SplitFeatures, test_x: cache.SplitFeatures, protocol: dict,
                     mesh=None, workdir: Optional[str] = None, tag: str = "") -> dict:
-    """`augmented_linear_probe` as `evaluate.runner.score` calls it for a protocol with
-    'augment': crop from `probe_crop` (it must be the side of the evaluation's images, which the
-    cached test features `test_x` were computed on), checkpoints every
+    """`augmented_linear_probe` as the linear protocol (`linear_protocol.py`) calls it for a
+    protocol with 'augment': crop from `probe_crop` (it must be the side of the evaluation's
+    images, which the cached test features `test_x` were computed on), checkpoints every
     config.eval.linear_checkpoint_every_steps."""
     ev = config.eval
     crop = probe_crop(int(getattr(ev, "image_size", 0) or 0), protocol, train_input)

@@ -11,15 +11,15 @@ processes are gathered on every process and written at their split positions int
                                                                  or int8 [N, C] multi-label
                                             <split>.json         the key below, N and D
 
-(`np.lib.format.open_memmap` files under a temporary name, renamed when complete, the JSON
-header written last, all by process 0; the other processes keep their copy in memory). A later
-call with the same key (tag = the checkpoint's step, the state's fingerprint, feature, split,
-source, transform, number of examples, flip) reads the files back memory-mapped (multi-label inputs, `EvalInput.label_shape` = (C,), keep int8
-targets [N, C] in {-1, 0, 1} and say so in the header's `label_shape`; single-label files and
-headers are unchanged); a header that
-does not match, a missing file or one whose shape, dtype or size is wrong (a truncated write) is
-recomputed, never trusted. Multi-process runs decide on process 0 and need the workdir on a
-shared file system, as the checkpoints do.
+(`np.lib.format.open_memmap` files under a temporary name, renamed when complete, the JSON header
+written last, all by process 0; the other processes keep their copy in memory). A later call with
+the same key (tag = the checkpoint's step, the state's fingerprint, feature, split, source,
+transform, number of examples, flip) reads the files back memory-mapped (multi-label inputs,
+`EvalInput.label_shape` = (C,), keep int8 targets [N, C] in {-1, 0, 1} and say so in the header's
+`label_shape`; single-label files and headers are unchanged); a header that does not match, a
+missing file or one whose shape, dtype or size is wrong (a truncated write) is recomputed, never
+trusted. Multi-process runs decide on process 0 and need the workdir on a shared file system, as
+the checkpoints do.
 
 Host memory: one batch of images per process (plus tf.data's prefetch of two batches), the
 features of one batch, and the output rows, which are a file-backed memory map on process 0.
@@ -53,8 +53,9 @@ CACHE_VERSION = 1
 @dataclasses.dataclass
 class SplitFeatures:
     """Features of a split: `feats` float32 [N, D], `labels` int32 [N] in [0, num_classes) or,
-    for multi-label data (VOC07), int8 targets [N, num_classes] in {-1, 0, 1}, `flip_feats` float32 [N, D] of the horizontally flipped images (or None), `where` the cache
-    folder they were read from or written to (None: not cached)."""
+    for multi-label data (VOC07), int8 targets [N, num_classes] in {-1, 0, 1}, `flip_feats`
+    float32 [N, D] of the horizontally flipped images (or None), `where` the cache folder they
+    were read from or written to (None: not cached)."""
     feats: np.ndarray
     labels: np.ndarray
     num_classes: int

@@ -1,13 +1,13 @@
 """Checks, made before training starts, that the evaluation at its end can run on its data.
 
-`check_evaluation_data(config)` reads what the frozen-feature protocols (`runner.score`: linear
-probe, few-shot episodes, weighted k-NN) will read, the training and test splits after
-config.data.limit, config.eval.train_limit and config.eval.test_limit, without decoding a single
-image: image folders are listed, npz files open only their label arrays, TFDS builders report
-their split sizes (or config.data.num_examples under mock data). Each setting the data cannot
-satisfy is a ValueError naming the config field, what was expected and the data checked, so a
-missing `test/` split or a 5-way few-shot on 3 classes stops the run in seconds rather than after
-days of training.
+`check_evaluation_data(config)` reads what the protocols of config.eval.protocols will read
+(`runner.score`; each checked by its own `Protocol.check`, `registry.PROTOCOLS`), the training and
+test splits after config.data.limit, config.eval.train_limit and config.eval.test_limit, without
+decoding a single image: image folders are listed, npz files open only their label arrays, TFDS
+builders report their split sizes (or config.data.num_examples under mock data). Each setting the
+data cannot satisfy is a ValueError naming the config field, what was expected and the data
+checked, so a missing `test/` split or a 5-way few-shot on 3 classes stops the run in seconds
+rather than after days of training.
 """
 from __future__ import annotations
 
@@ -17,25 +17,18 @@ import re
 import jax
 import numpy as np
 
-from bow_jax.lib.errors import InputError
+from bow_jax.lib.errors import InputError, MissingInputError
 from bow_jax.data import datasets, eval_input
-from bow_jax.protocols import augmented_linear, fewshot, linear
+from bow_jax.protocols import interface, registry
 
 
-class MissingSplitError(FileNotFoundError, ValueError):
+class MissingSplitError(MissingInputError, ValueError):
     """A split (file or folder) the evaluation reads does not exist. Both a FileNotFoundError,
-    as the loaders raise it, and a ValueError, as every other failed check."""
+    as the loaders raise it, and a ValueError, as every other failed check; an ExplainedError
+    (`MissingInputError`): printed whole, without a traceback."""
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSplit:
-    """A split as the evaluation will see it: `num_examples` and `labels` (int [num_examples], or
-    None when only reading the examples would tell, as for TFDS) after the limits; `num_classes`
-    of the source's class index; `where` names the data and the limits applied, for messages."""
-    num_examples: int
-    labels: np.ndarray | None
-    num_classes: int
-    where: str
+EvalSplit = interface.EvalSplit  # a split as the evaluation will see it (moved there)
 
 
 def _field(section, name: str, default=None):
@@ -56,7 +49,8 @@ def _limited(summary: datasets.SplitSummary, limits, split: str) -> EvalSplit:
         if limit:
             count, where = limit, f"{where}, first {limit} by {name}"
     labels = None if summary.labels is None else summary.labels[:count]
-    return EvalSplit(count, labels, summary.num_classes, where + ")")
+    return EvalSplit(count, labels, summary.num_classes, where + ")",
+                     summary.labels is not None and np.ndim(summary.labels) == 2)
 
 
 def evaluation_splits(config) -> tuple[EvalSplit, EvalSplit]:
@@ -92,7 +86,7 @@ def _check_batch_size(ev) -> None:
 
 def _check_labels(train: EvalSplit, test: EvalSplit) -> None:
     """Test labels index the training split's classes (the probes' and k-NN's outputs)."""
-    if test.labels is None or not test.labels.size or not train.num_classes:
+    if test.labels is None or not test.labels.size or not train.num_classes or test.multilabel:
         return
     if int(test.labels.max()) >= train.num_classes or int(test.labels.min()) < 0:
         raise InputError(f"config.data: {test.where} has labels in [{test.labels.min()}, "
@@ -101,71 +95,17 @@ def _check_labels(train: EvalSplit, test: EvalSplit) -> None:
                          f"split's class index.")
 
 
-def _check_linear(ev, train: EvalSplit) -> None:
-    if ev.linear_protocol not in linear.PROTOCOLS:
-        raise InputError(f"config.eval.linear_protocol={ev.linear_protocol!r}; expected one of "
-                         f"{sorted(linear.PROTOCOLS)}.")
-    for name in ("linear_epochs", "linear_batch_size"):
-        if int(_field(ev, name, 0)) < 0:
-            raise InputError(f"config.eval.{name}={ev[name]}; expected 0 (the protocol's) or a "
-                             f"positive number.")
-    classes = train.num_classes
-    if train.labels is not None:
-        classes = len(np.unique(train.labels))
-    if classes and classes < 2:
-        raise InputError(f"config.eval.linear=True: a linear probe needs at least 2 classes; "
-                         f"{train.where} has {classes}.")
-
-
-def _check_knn(ev, train: EvalSplit) -> None:
-    k = int(ev.knn_k)
-    if not 1 <= k <= train.num_examples:
-        raise InputError(f"config.eval.knn_k={k}: k-NN with k={k} needs k in [1, number of training (memory) "
-                         f"examples]; {train.where} has {train.num_examples}.")
-
-
-def _check_fewshot(ev, test: EvalSplit) -> None:
-    shots = tuple(int(s) for s in ev.fewshot_shots)
-    ways, queries, episodes = int(ev.fewshot_ways), int(ev.fewshot_queries), \
-        int(ev.fewshot_episodes)
-    for name, value in (("fewshot_ways", ways), ("fewshot_queries", queries),
-                        ("fewshot_episodes", episodes)):
-        if value < 1:
-            raise InputError(f"config.eval.{name}={value}; expected >= 1.")
-    if not shots or min(shots) < 1:
-        raise InputError(f"config.eval.fewshot_shots={shots}; expected shots >= 1.")
-    classes = _fewshot_classes(ev, test)
-    of = "" if classes is None else f" of config.eval.fewshot_classes={ev.fewshot_classes!r}"
-    if test.labels is None:  # TFDS: only the class count is known without reading the split
-        available = test.num_classes if classes is None else classes.size
-        if available and ways > available:
-            raise InputError(f"config.eval.fewshot_ways={ways} exceeds the {available} "
-                             f"classes{of} of {test.where}.")
-        return
-    if classes is None:
-        classes = np.unique(test.labels)
-    counts = np.array([np.count_nonzero(test.labels == c) for c in classes], np.int64)
-    if ways > classes.size:
-        raise InputError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes"
-                         f"{of or ' present'} in {test.where}.")
-    for shot in shots:
-        try:  # the episode sampler's own conditions, on labels only (no features needed)
-            fewshot.sample_episodes(test.labels, ways, shot, queries, 1, classes=classes)
-        except ValueError as e:
-            raise InputError(
-                f"config.eval.fewshot_shots={shots} with config.eval.fewshot_queries={queries}: "
-                f"{shot}-shot episodes need {shot + queries} examples of each class{of}; "
-                f"{test.where} has {counts.min()} of class {classes[counts.argmin()]} "
-                f"({e})") from None
-
-
-def _fewshot_classes(ev, test: EvalSplit):
-    """config.eval.fewshot_classes resolved as `runner.score_features` will (`fewshot.class_split`:
-    the file read, its indices within the class index, a random draw of the classes present);
-    None = every class. Errors name config.eval.fewshot_classes or fewshot_classes_key."""
-    pool = np.arange(test.num_classes) if test.labels is None else np.unique(test.labels)
-    return fewshot.class_split(_field(ev, "fewshot_classes", ""),
-                               _field(ev, "fewshot_classes_key", ""), pool, test.num_classes)
+def _check_label_kind(protocols, train: EvalSplit, test: EvalSplit) -> None:
+    """Each chosen protocol reads labels of its kind (`Protocol.labels`): one class per image,
+    or multi-label targets (VOC07); InputError naming config.eval.protocols otherwise."""
+    for protocol in protocols:
+        for split in (train, test):
+            multilabel = protocol.labels == interface.MULTILABEL
+            if multilabel != split.multilabel:
+                have = "multi-label targets" if split.multilabel else "one class per image"
+                want = "multi-label targets [N, C]" if multilabel else "one class per image"
+                raise InputError(f"config.eval.protocols includes {protocol.name!r}, which "
+                                 f"needs {want}; {split.where} has {have}.")
 
 
 def _named(message: str, field: str) -> str:
@@ -182,21 +122,22 @@ def check_evaluation_data(config) -> None:
     FileNotFoundError and a ValueError, naming config.data.*, or config.eval.data.* when that is
     set); config.eval.train_limit / test_limit fit
     their splits; config.eval.batch_size divides over the devices; test labels index the training
-    split's classes; linear probe (when config.eval.linear): a known protocol, linear_epochs >= 0,
-    >= 2 classes; k-NN (config.eval.knn): k <= training examples; few-shot (config.eval.fewshot):
-    config.eval.fewshot_classes parses (file, key, indices in the class index), fewshot_ways <=
-    its test classes and, for every shot count, each of them has fewshot_shots +
-    fewshot_queries test examples (the condition of `fewshot.sample_episodes`); TFDS: splits are
-    streamed (`data.eval_input`); images of several sizes get the evaluation transform. Cost: listing files and reading label arrays, no image decoding,
-    no feature extraction.
+    split's classes; config.eval.protocols names registered protocols (`registry.chosen`), each
+    reading labels of the data's kind (one class per image or multi-label), and each protocol's
+    own `check` passes (linear: a known recipe, >= 2 classes; k-NN: k <= training examples;
+    few-shot: the class split parses and every class has shots + queries test examples;
+    voc07_svm: 3 positive training examples and a negative one per class); TFDS: splits are
+    streamed (`data.eval_input`); images of several sizes get the evaluation transform. Cost:
+    listing files and reading label arrays, no image decoding, no feature extraction.
     """
-    ev = config.eval
-    _check_batch_size(ev)
+    protocols = registry.chosen(config)  # InputError naming config.eval.protocols
+    _check_batch_size(config.eval)
     field = eval_input.evaluation_data_field(config)  # 'config.eval.data' when that is set
     try:
-        eval_input.evaluation_input(config, "train")  # the transform fields, the TFDS splits
-        eval_input.evaluation_input(config, "test")
-        train, test = evaluation_splits(config)
+        inputs = [eval_input.evaluation_input(config, s) for s in ("train", "test")]  # the
+        # transform fields, the TFDS splits; their label_shape tells multi-label data (TFDS)
+        train, test = (dataclasses.replace(split, multilabel=split.multilabel or bool(
+            inp.label_shape)) for split, inp in zip(evaluation_splits(config), inputs))
         _check_labels(train, test)
     except FileNotFoundError as e:
         raise MissingSplitError(_named(f"{e} The evaluation reads the 'train' and 'test' "
@@ -205,11 +146,6 @@ def check_evaluation_data(config) -> None:
         if field == "config.data":
             raise
         raise InputError(_named(str(e), field)) from None
-    if ev.linear:
-        _check_linear(ev, train)
-        if linear.PROTOCOLS[ev.linear_protocol].get("augment"):  # trained on images: batch, source
-            augmented_linear.check_probe_config(config, train.num_examples)
-    if ev.knn:
-        _check_knn(ev, train)
-    if ev.fewshot:
-        _check_fewshot(ev, test)
+    _check_label_kind(protocols, train, test)
+    for protocol in protocols:
+        protocol.check(config, train, test)

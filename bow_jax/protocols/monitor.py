@@ -1,11 +1,12 @@
 """The k-NN monitor: representation quality watched while training runs, for every method.
 
 Every `config.eval.every_steps` steps (and at the last step) the training loop calls a
-`KnnMonitor` on the current state: the frozen `method.encode` features (`config.eval.feature`) of
-a fixed memory (the first `config.eval.monitor_memory` training images) and of fixed queries (the
-first `config.eval.monitor_queries` test images), both with the evaluation transform (ImageNet:
-Resize 256 + CenterCrop 224), classified by the weighted k-NN of `evaluate.knn` (k =
-`config.eval.knn_k`, cosine, exp(s / 0.07) votes; Wu et al. 2018). The result, top-1 as a
+`KnnMonitor` on the current state: the features of the encoder (`interface.Encoder`:
+`method.encode` with the state as its variables, `config.eval.feature`) of a fixed memory (the
+first `config.eval.monitor_memory` training images) and of fixed queries (the first
+`config.eval.monitor_queries` test images), both with the evaluation transform (ImageNet: Resize
+256 + CenterCrop 224), scored by the k-NN protocol (`knn_protocol.top1`, k = `config.eval.knn_k`,
+cosine, exp(s / 0.07) votes; Wu et al. 2018). The result, top-1 as a
 fraction, is logged as `knn_top1` with the step's metrics (stdout, metrics.jsonl, TensorBoard).
 
 Both subsets are fixed for the whole run, so the curve compares like with like. TFDS ImageNet's
@@ -23,7 +24,7 @@ from typing import Callable
 import jax
 
 from bow_jax.data import eval_input
-from bow_jax.protocols import cache, knn
+from bow_jax.protocols import cache, interface, knn_protocol
 from bow_jax.lib import sharding
 from bow_jax.lib.errors import InputError
 
@@ -48,15 +49,16 @@ class KnnMonitor:
         return step % self.every == 0 or step == total_steps
 
     def __call__(self, state) -> dict:
-        memory = self._features(state, self.memory)
-        queries = self._features(state, self.queries)
-        top1 = knn.knn_accuracy(memory.feats, memory.labels, queries.feats, queries.labels,
-                                self.memory.num_classes, k=min(self.k, len(memory)))
-        return {"knn_top1": top1}
+        """{'knn_top1': top-1 fraction} of the encoder with `state` as its variables (the
+        k-NN protocol's `knn_protocol.top1`, k capped at the memory's size)."""
+        encoder = interface.Encoder(self.encode, state)
+        memory = self._features(encoder, self.memory)
+        queries = self._features(encoder, self.queries)
+        return {"knn_top1": knn_protocol.top1(memory, queries, min(self.k, len(memory)))}
 
-    def _features(self, state, inp) -> cache.SplitFeatures:
-        return cache.split_features(self.encode, inp, self.batch_size, self.mesh,
-                                    variables=state)
+    def _features(self, encoder: interface.Encoder, inp) -> cache.SplitFeatures:
+        return cache.split_features(encoder.encode, inp, self.batch_size, self.mesh,
+                                    variables=encoder.variables)
 
 
 def _first(inp: eval_input.EvalInput, count: int) -> eval_input.EvalInput:

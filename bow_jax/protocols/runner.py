@@ -1,22 +1,25 @@
-"""Score a trained state with the frozen-feature protocols and write the results.
+"""Score a network with the evaluation protocols of config.eval.protocols and write the results.
 
-Linear probe (train split → test split), prototypical few-shot episodes and weighted k-NN, all on
-`method.encode` features of streamed splits (`cache.split_features`: any source, never a whole
-split of images in host memory), cached in the workdir. Results go to `<workdir>/eval/results.json` and `results.md`; with
-`config.eval.random_init` the same network at random initialisation is scored beside it.
+A network is an encoder (`interface.Encoder`: `encode(variables, uint8 images) -> [B, D]` and its
+variables); its features of the streamed training and test splits (`cache.split_features`: any
+source, never a whole split of images in host memory, cached in the workdir) go to every chosen
+protocol of `registry.PROTOCOLS` (linear probe, few-shot episodes, weighted k-NN, VOC07 SVMs,
+...), each result under the protocol's name. Results go to `<workdir>/eval/results.json` and
+`results.md` (each protocol gives its columns); with `config.eval.random_init` the same network
+at random initialisation (`score_random_init`, the one place that makes it) is scored beside it.
+This module knows no protocol by name.
 """
 import json
 import os
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bow_jax.data import eval_input
-from bow_jax.protocols import augmented_linear, cache, fewshot, knn, linear
-from bow_jax.lib import files, logs, writers
-from bow_jax.lib.errors import InputError
+from bow_jax.protocols import cache, interface, registry
+from bow_jax.lib import files, logs, sharding
 
 
 def as_input(data, split: str) -> eval_input.EvalInput:
@@ -27,112 +30,95 @@ def as_input(data, split: str) -> eval_input.EvalInput:
                                   eval_input.Transform(), data=data)
 
 
-def pretext(method, variables, test, config, mesh) -> dict:
-    """The method's own task scored on the test split (e.g. RotNet's rotation accuracy), streamed
-    like the features (any source) and never cached: per-example scores averaged."""
-    if method.pretext_scores is None:
+def pretext(pretext_scores: Optional[Callable], variables, test, config, mesh) -> dict:
+    """A method's own task, `pretext_scores(variables, uint8 images) -> {name: float [B]}`,
+    scored on the test split (e.g. RotNet's rotation accuracy), streamed like the features (any
+    source) and never cached: per-example scores averaged. {} when `pretext_scores` is None."""
+    if pretext_scores is None:
         return {}
     test = as_input(test, "test")
     probe = np.zeros((1,) + tuple(test.image_shape), np.uint8)
-    names = sorted(jax.eval_shape(method.pretext_scores, variables, probe))
+    names = sorted(jax.eval_shape(pretext_scores, variables, probe))
 
     def columns(v, x):
-        return jnp.stack([method.pretext_scores(v, x)[n] for n in names], axis=1)
+        return jnp.stack([pretext_scores(v, x)[n] for n in names], axis=1)
 
     scores = cache.split_features(columns, test, config.eval.batch_size, mesh,
                                   variables=variables).feats
     return {name: float(scores[:, i].mean()) for i, name in enumerate(names)}
 
 
-def linear_protocol(ev) -> dict:
-    """config.eval.linear_protocol's settings, its epochs (and milestones, scaled) replaced by
-    config.eval.linear_epochs and its batch by config.eval.linear_batch_size when set."""
-    protocol = dict(linear.PROTOCOLS[ev.linear_protocol])
-    if getattr(ev, "linear_batch_size", 0) and "batch_size" in protocol:
-        protocol["batch_size"] = int(ev.linear_batch_size)
-    if ev.linear_epochs and "epochs" in protocol:
-        scale = ev.linear_epochs / protocol["epochs"]
-        protocol["milestones"] = tuple(max(1, round(m * scale)) for m in protocol["milestones"])
-        protocol["epochs"] = ev.linear_epochs
-    return protocol
-
-
 def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config,
-                   augmented_probe=None) -> dict:
-    """All enabled protocols of config.eval on precomputed features: linear probe (train ->
-    test; `train.flip_feats` for protocols with precache_flip; for protocols with 'augment',
-    `augmented_probe(protocol)` trains on images and returns its result), few-shot episodes on
-    the test features (from config.eval.fewshot_classes only, when set:
-    `fewshot.class_split`), weighted k-NN (train as memory)."""
-    ev = config.eval
+                   source: Optional[interface.Source] = None) -> dict:
+    """Every protocol of config.eval.protocols (`registry.chosen`) on the features `train` and
+    `test`, each result under the protocol's name, plus 'feature_dim' (D of `train.feats`).
+    `source`: the encoder and streamed images the features came from, for a protocol that reads
+    images itself (None: features only; such a protocol raises InputError)."""
+    data = interface.EvalData(train, test, source)
     out = {"feature_dim": int(train.feats.shape[1])}
-    if ev.linear:
-        protocol = linear_protocol(ev)
-        if protocol.get("precache_flip"):
-            protocol["flip_feats"] = train.flip_feats
-        if protocol.get("augment"):
-            if augmented_probe is None:
-                raise InputError(f"config.eval.linear_protocol={ev.linear_protocol!r} trains on "
-                                 f"augmented images: score it with runner.score, not features.")
-            out["linear"] = augmented_probe(protocol)
-        else:
-            out["linear"] = linear.linear_probe(train.feats, train.labels, test.feats,
-                                                test.labels, train.num_classes, seed=config.seed,
-                                                **protocol)
-    if ev.fewshot:
-        shots = {}
-        classes = fewshot.class_split(getattr(ev, "fewshot_classes", ""),  # None: every class
-                                      getattr(ev, "fewshot_classes_key", ""), test.labels,
-                                      test.num_classes)
-        for shot in writers.progress(tuple(ev.fewshot_shots), desc="few-shot", unit="shots"):
-            shots[shot] = fewshot.fewshot_accuracy(
-                test.feats, test.labels, n_way=ev.fewshot_ways, n_shot=shot,
-                n_query=ev.fewshot_queries, n_episodes=ev.fewshot_episodes, seed=config.seed,
-                classes=classes)
-        out["fewshot"] = {f"{ev.fewshot_ways}way_{k}shot": v for k, v in shots.items()}
-    if ev.knn:
-        out["knn"] = {"top1": knn.knn_accuracy(train.feats, train.labels, test.feats, test.labels,
-                                               train.num_classes, k=ev.knn_k)}
+    for protocol in registry.chosen(config):
+        out[protocol.name] = protocol.evaluate(config, data)
     return out
 
 
-def score(method, variables, train, test, config, mesh, workdir: Optional[str] = None,
-          tag: str = "") -> dict:
-    """All enabled protocols on the features of one network (`method.encode(variables, ...)`).
+def score(encoder: interface.Encoder, train, test, config, mesh, workdir: Optional[str] = None,
+          tag: str = "", pretext_scores: Optional[Callable] = None) -> dict:
+    """Every chosen protocol on the features of one network, `encoder.encode(encoder.variables,
+    uint8 images) -> float32 [B, D]`, and its own task (`pretext_scores(variables, images) ->
+    {name: [B]}`, e.g. RotNet's rotation accuracy) when given.
 
     `train`, `test`: `EvalInput`s (streamed: TFDS, image folders, arrays) or `ArrayDataset`s.
     With `workdir` the features are cached there under `tag` (`cache.split_features`). The flip
-    features of the training split are extracted only for a linear protocol with precache_flip.
+    features of the training split are extracted only for a protocol whose `flip` asks for them.
+    Returns {'feature_dim', 'pretext', <protocol name>: its result, ...}.
     """
     ev = config.eval
-    flip = bool(ev.linear and linear_protocol(ev).get("precache_flip"))
-    common = dict(variables=variables, workdir=workdir, tag=tag, feature=ev.feature,
+    flip = any(p.flip(config) for p in registry.chosen(config))
+    train_in, test_in = as_input(train, "train"), as_input(test, "test")
+    common = dict(variables=encoder.variables, workdir=workdir, tag=tag, feature=ev.feature,
                   max_unreadable_fraction=float(getattr(eval_input.evaluation_data(config),
                                                         "max_unreadable_fraction", 0.05)))
-    train_x = cache.split_features(method.encode, as_input(train, "train"), ev.batch_size, mesh,
-                                   flip=flip, **common)
-    test_x = cache.split_features(method.encode, as_input(test, "test"), ev.batch_size, mesh,
-                                  **common)
-
-    def augmented_probe(protocol):  # the augmented linear probe (evaluate.augmented_linear)
-        return augmented_linear.probe_for_score(config, method.encode, variables,
-                                                as_input(train, "train"), train_x, test_x,
-                                                protocol, mesh, workdir, tag)
-
-    scores = score_features(train_x, test_x, config, augmented_probe)
+    train_x = cache.split_features(encoder.encode, train_in, ev.batch_size, mesh, flip=flip,
+                                   **common)
+    test_x = cache.split_features(encoder.encode, test_in, ev.batch_size, mesh, **common)
+    source = interface.Source(encoder, train_in, mesh, workdir, tag)
+    scores = score_features(train_x, test_x, config, source)
     return {"feature_dim": scores.pop("feature_dim"),
-            "pretext": pretext(method, variables, test, config, mesh), **scores}
+            "pretext": pretext(pretext_scores, encoder.variables, test_in, config, mesh),
+            **scores}
+
+
+def backbone_init(backbone, image_shape) -> Callable:
+    """`init(key)` -> the variables of `backbone` (a flax module) at random initialisation, for
+    images of `image_shape` (H, W, 3)."""
+    def init(key):
+        return backbone.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+                             train=False)
+    return init
+
+
+def score_random_init(encode: Callable, init: Callable, train, test, config, mesh,
+                      workdir: Optional[str] = None,
+                      pretext_scores: Optional[Callable] = None) -> dict:
+    """The one home of random-init scoring: the network of `encode` with the variables
+    `init(jax.random.key(config.seed))` (a method's `init_state`, or `backbone_init(...)`),
+    replicated over `mesh` (None: all devices), scored as `score` scores a trained one (cached
+    under the tag 'random_init' with `workdir`)."""
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(
+        jax.random.key(config.seed))
+    return score(interface.Encoder(encode, variables), train, test, config, mesh, workdir,
+                 "random_init", pretext_scores)
 
 
 def flat(result: dict) -> dict:
-    """{'linear top-1': ..., '5way_1shot': ..., 'knn top-1': ...} in percent."""
+    """One network's table row in percent: its pretext scores, then the columns of each
+    registered protocol it holds a result of (`Protocol.columns`, e.g. 'linear top-1',
+    '5way_1shot', 'k-NN top-1'), in the result's order (config.eval.protocols')."""
     row = {name: 100 * value for name, value in result.get("pretext", {}).items()}
-    if "linear" in result:
-        row["linear top-1"] = 100 * result["linear"]["top1"]
-    for name, v in result.get("fewshot", {}).items():
-        row[name] = 100 * v["mean"]
-    if "knn" in result:
-        row["k-NN top-1"] = 100 * result["knn"]["top1"]
+    for name, value in result.items():
+        if name in registry.PROTOCOLS:
+            row.update(registry.PROTOCOLS[name].columns(value))
     return row
 
 
@@ -173,22 +159,25 @@ def report(results: dict, what: str, workdir: str) -> None:
 
 
 def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
-                    random_init=None) -> dict:
-    """Scores each state of `states` (one at a time: it may be a generator that restores them),
-    one row per step, then `random_init` (the method's initial state) if given; writes and prints
-    one table. Both splits are streamed (`eval_input.evaluation_input`) and their features cached
-    under <workdir>/eval/features (config.eval.cache_features)."""
+                    random_init: bool = False) -> dict:
+    """Scores each training state of `states` (one at a time: it may be a generator that
+    restores them) with the run's `method` (its `encode`, `pretext_scores` and, for
+    `random_init`, `init_state`), one row per step, then the method at random initialisation
+    (`score_random_init`) when `random_init`; writes and prints one table. Both splits are
+    streamed (`eval_input.evaluation_input`) and their features cached under
+    <workdir>/eval/features (config.eval.cache_features)."""
     train = eval_input.evaluation_input(config, "train")
     test = eval_input.evaluation_input(config, "test")
     where = workdir if getattr(config.eval, "cache_features", True) else None
     results = {}
     for state in states:
         step = int(state.step)
-        results[f"{config.method} step {step}"] = score(method, state, train, test, config, mesh,
-                                                        where, f"step_{step}")
-    if random_init is not None:
-        results["random init"] = score(method, random_init, train, test, config, mesh, where,
-                                       "random_init")
+        results[f"{config.method} step {step}"] = score(
+            interface.Encoder(method.encode, state), train, test, config, mesh, where,
+            f"step_{step}", method.pretext_scores)
+    if random_init:
+        results["random init"] = score_random_init(method.encode, method.init_state, train, test,
+                                                   config, mesh, where, method.pretext_scores)
     data = eval_input.evaluation_data(config)  # config.eval.data when set, else config.data
     report(results, f"{data.source} data, feature {config.eval.feature!r}", workdir)
     return results

@@ -110,14 +110,15 @@ def voc07_svm(train_feats, train_targets, test_feats, test_targets, costs=COSTS,
               n_jobs: int = -1) -> dict:
     """The VOC07 SVM benchmark (module docstring) on precomputed features.
 
-    train_feats float [N, D], train_targets int [N, C] in {-1, 0, 1} (trainval); test_feats
-    float [M, D], test_targets int [M, C]. `costs`: the C values tried per class. `n_jobs`:
-    classes trained at once in joblib worker processes (-1 = every core; 1 = here): the 20
-    classes x 23 costs x 3 folds are independent fits (~1,400 for VOC07), and processes, unlike
-    threads, keep each fit's liblinear random state its own (liblinear releases the GIL, but its
-    generator is one per process), so the result does not depend on n_jobs. Returns {'mAP': float, 'per_class_ap': [C floats], 'costs': [C chosen costs]},
-    APs as fractions in [0, 1]. InputError on mismatched shapes, targets outside {-1, 0, 1}, a
-    class with fewer than 3 training positives or none in the test split.
+    train_feats float [N, D], train_targets int [N, C] in {-1, 0, 1} (trainval); test_feats float
+    [M, D], test_targets int [M, C]. `costs`: the C values tried per class. `n_jobs`: classes
+    trained at once in joblib worker processes (-1 = every core; 1 = here): the 20 classes x 23
+    costs x 3 folds are independent fits (~1,400 for VOC07), and processes, unlike threads, keep
+    each fit's liblinear random state its own (liblinear releases the GIL, but its generator is one
+    per process), so the result does not depend on n_jobs. Returns {'mAP': float, 'per_class_ap':
+    [C floats], 'costs': [C chosen costs]}, APs as fractions in [0, 1]. InputError on mismatched
+    shapes, targets outside {-1, 0, 1}, a class with fewer than 3 training positives or none in the
+    test split.
     """
     from joblib import Parallel, delayed
     x, t, xt, tt = _check(train_feats, train_targets, test_feats, test_targets, costs)

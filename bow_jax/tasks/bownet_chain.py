@@ -27,7 +27,6 @@ on each feature of `config.bownet.eval_features` (default: `config.eval.feature`
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -42,6 +41,7 @@ from jax.experimental import multihost_utils
 from bow_jax.bow import build
 from bow_jax.data.splits import load_split
 from bow_jax.protocols import features, runner
+from bow_jax.protocols import interface as protocols
 from bow_jax.lib import checkpoint, errors, files, logs, sharding, stop
 from bow_jax.methods import bownet, interface, data_info_for
 from bow_jax.models import feature_dims
@@ -276,11 +276,11 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
     mean, std = interface.normalization(config)
     pretext = None
     for feature in missing:
-        # The method with its encoder pointed at `feature`; its pretext task is scored once.
-        scoring = dataclasses.replace(
-            method, encode=functools.partial(_encode_state, backbone, feature, mean, std),
-            pretext_scores=method.pretext_scores if pretext is None else None)
-        scored = runner.score(scoring, state, train_data, test_data, config, mesh)
+        # The stage's encoder of `feature`; its pretext task is scored once.
+        encoder = protocols.Encoder(
+            functools.partial(_encode_state, backbone, feature, mean, std), state)
+        scored = runner.score(encoder, train_data, test_data, config, mesh,
+                              pretext_scores=method.pretext_scores if pretext is None else None)
         pretext = scored["pretext"] if pretext is None else pretext
         have[feature] = {"step": int(state.step), "settings": settings,
                          **scored, "pretext": pretext}
@@ -289,8 +289,8 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
 
 
 def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
-    """The chain's student architecture at random init (seed `config.seed`), for reference;
-    cached in <workdir>/eval/random_init.json."""
+    """The chain's student architecture at random init (seed `config.seed`,
+    `runner.score_random_init`), for reference; cached in <workdir>/eval/random_init.json."""
     path = os.path.join(workdir, "eval", "random_init.json")
     settings = eval_settings(config)
     have = _reusable(_read_json(path) or {}, features, settings=settings)
@@ -299,13 +299,11 @@ def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
         train_data, test_data = load_split(config, "train"), load_split(config, "test")
         backbone = interface.backbone_from_config(config)
         mean, std = interface.normalization(config)
-        variables = backbone.init(jax.random.key(config.seed),
-                                  np.zeros((1,) + train_data.image_shape, np.float32), train=False)
+        init = runner.backbone_init(backbone, train_data.image_shape)
         mesh = sharding.make_mesh()
         for feature in missing:
-            scoring = interface.Method(init_state=None, train_step=None, make_views=None,
-                                    encode=functools.partial(_encode, backbone, feature, mean, std))
-            scored = runner.score(scoring, variables, train_data, test_data, config, mesh)
+            encode = functools.partial(_encode, backbone, feature, mean, std)
+            scored = runner.score_random_init(encode, init, train_data, test_data, config, mesh)
             have[feature] = {"settings": settings, **scored}
         if jax.process_index() == 0:
             files.atomic_write_text(path, json.dumps(have, indent=2))

@@ -126,12 +126,6 @@ def warn_resume_changes(saved: dict, config, step: int) -> None:
                   + f". To continue the same run, set config.{name}={a!r}.")
 
 
-def initial_state(run: Run):
-    """The method's state at random initialisation (seed `config.seed`), replicated."""
-    return jax.jit(run.method.init_state, out_shardings=sharding.replicated(run.mesh))(
-        jax.random.key(run.config.seed))
-
-
 def restore_trained(config, workdir: str, purpose: str) -> Run:
     """`restore` of a workdir that must hold a checkpoint (to evaluate, export, fine-tune ...).
 

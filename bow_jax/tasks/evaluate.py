@@ -1,5 +1,5 @@
 """The `evaluate` task: score the newest checkpoint of a workdir, or a learning curve over the kept
-checkpoints of `config.eval.checkpoint_steps`, with the frozen-feature protocols of `config.eval`.
+checkpoints of `config.eval.checkpoint_steps`, with the protocols of `config.eval.protocols`.
 
 Both splits are streamed from any source (TFDS, also with config.data.in_memory=False; image
 folders; arrays), sharded over the processes, and their features cached in
@@ -8,7 +8,7 @@ folders; arrays), sharded over the processes, and their features cached in
 import ml_collections
 
 from bow_jax.data import fields
-from bow_jax.protocols import checks, runner
+from bow_jax.protocols import checks, registry, runner
 from bow_jax.lib import checkpoint
 from bow_jax.lib.errors import InputError
 from bow_jax.tasks import common
@@ -24,14 +24,15 @@ def default_config() -> ml_collections.ConfigDict:
     e.feature = "pooled"  # backbone output the probes read (maps are average-pooled)
     e.random_init = False  # also score the same network at random init, side by side
     e.batch_size = 256
-    e.linear = True
+    e.protocols = registry.DEFAULT  # ('linear', 'fewshot', 'knn'): the protocols that score a
+    #                  network, by name (protocols/registry.py; also 'voc07_svm' on VOC07 data),
+    #                  each writing its result under its name in eval/results.json
     e.linear_protocol = "cifar_bownet"
     e.linear_epochs = 0  # > 0 overrides the protocol's epochs (quick runs)
     e.linear_batch_size = 0  # > 0 overrides the protocol's batch (global; augmented protocols:
     #                          a multiple of the device count); 0 = the protocol's
     e.linear_checkpoint_every_steps = 1000  # augmented probes (imagenet_r50_obow) checkpoint
     #                          their head every N steps under <workdir>/eval/linear/ and resume
-    e.fewshot = True
     e.fewshot_shots = (1, 5)
     e.fewshot_ways = 5
     e.fewshot_queries = 15
@@ -41,7 +42,6 @@ def default_config() -> ml_collections.ConfigDict:
     #                         file of class indices (JSON list, JSON object, or one a line)
     e.fewshot_classes_key = ""  # the list's key when that file is a JSON object (the official
     #                             low-shot file: 'novel_classes_2', 311 test classes)
-    e.knn = True
     e.knn_k = 20  # neighbours of the weighted k-NN (cosine, exp(s / 0.07) weights)
     e.every_steps = 0  # > 0: k-NN monitor during training every N steps and at the end
     #                    (protocols/monitor.py; logged as knn_top1); 0 = off
@@ -54,6 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     #                   to config.data.image_size), or Resize(256) + CenterCrop(224) where their
     #                   sizes vary (ImageNet)
     e.resize_shorter = 0  # shorter side before the centre crop; 0 = round(image_size * 256 / 224)
+    e.transform = ""  # with image_size > 0: '' (Resize + CenterCrop) or 'resize_whole' (VOC07:
+    #                  Resize(resize_shorter), then the whole image to image_size x image_size)
+    e.train_split = ""  # TFDS split(s) read as the training split ('' = 'train'); 'a+b'
+    #                    concatenates, e.g. VOC07's trainval 'train+validation'
+    e.test_split = ""  # TFDS split(s) read as the test split ('' = the dataset's evaluation split)
     e.cache_features = True  # keep the features in <workdir>/eval/features/<step>/ and reuse them
     e.data = fields.data_fields(source="")  # another dataset to evaluate on (Places205 for an
     #                                        ImageNet-trained net), config.data's fields; source
@@ -69,9 +74,8 @@ def score_states(run: common.Run, states) -> dict:
     # A state straight from training is scored only when finite (restored ones are verified).
     states = (checkpoint.check_finite(s, f"{run.workdir}: the state at step {int(s.step)}") or s
               for s in states)
-    init = common.initial_state(run) if run.config.eval.random_init else None
     return runner.evaluate_states(run.config, run.workdir, run.method, states, run.mesh,
-                                  random_init=init)
+                                  random_init=bool(run.config.eval.random_init))
 
 
 def run(config, workdir: str) -> dict:

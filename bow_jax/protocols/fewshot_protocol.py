@@ -1,0 +1,95 @@
+"""Protocol 'fewshot': prototypical episodes on the test features (`fewshot.fewshot_accuracy`).
+
+config.eval.fewshot_ways-way episodes of each of config.eval.fewshot_shots shots,
+config.eval.fewshot_queries queries per class, config.eval.fewshot_episodes episodes (seed
+config.seed), drawn from config.eval.fewshot_classes only when set (`fewshot.class_split`).
+Result: {'<W>way_<S>shot': {'mean', 'ci95'}} (fractions); one column per shot count.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bow_jax.lib import writers
+from bow_jax.lib.errors import InputError
+from bow_jax.protocols import fewshot, interface
+
+NAME = "fewshot"
+
+
+def _field(ev, name: str):
+    return getattr(ev, name, "") or ""
+
+
+def evaluate(config, data: interface.EvalData) -> dict:
+    ev, test = config.eval, data.test
+    classes = fewshot.class_split(_field(ev, "fewshot_classes"),  # None: every class
+                                  _field(ev, "fewshot_classes_key"), test.labels,
+                                  test.num_classes)
+    shots = {}
+    for shot in writers.progress(tuple(ev.fewshot_shots), desc="few-shot", unit="shots"):
+        shots[shot] = fewshot.fewshot_accuracy(
+            test.feats, test.labels, n_way=ev.fewshot_ways, n_shot=shot,
+            n_query=ev.fewshot_queries, n_episodes=ev.fewshot_episodes, seed=config.seed,
+            classes=classes)
+    return {f"{ev.fewshot_ways}way_{k}shot": v for k, v in shots.items()}
+
+
+def columns(result: dict) -> dict:
+    return {name: 100 * v["mean"] for name, v in result.items()}
+
+
+def episode_classes(ev, test: interface.EvalSplit):
+    """config.eval.fewshot_classes resolved as `evaluate` will (`fewshot.class_split`: the file
+    read, its indices within the class index, a random draw of the classes present); None =
+    every class. Errors name config.eval.fewshot_classes or fewshot_classes_key."""
+    pool = np.arange(test.num_classes) if test.labels is None else np.unique(test.labels)
+    return fewshot.class_split(_field(ev, "fewshot_classes"), _field(ev, "fewshot_classes_key"),
+                               pool, test.num_classes)
+
+
+def _check_counts(ev) -> tuple:
+    shots = tuple(int(s) for s in ev.fewshot_shots)
+    for name in ("fewshot_ways", "fewshot_queries", "fewshot_episodes"):
+        if int(getattr(ev, name)) < 1:
+            raise InputError(f"config.eval.{name}={int(getattr(ev, name))}; expected >= 1.")
+    if not shots or min(shots) < 1:
+        raise InputError(f"config.eval.fewshot_shots={shots}; expected shots >= 1.")
+    return shots
+
+
+def check_episodes(ev, test: interface.EvalSplit) -> None:
+    """The episodes can be drawn from `test` (labels only, no features): ways, shots, queries
+    and episodes >= 1; fewshot_classes parses; fewshot_ways <= its classes; every class has
+    fewshot_shots + fewshot_queries examples (`fewshot.sample_episodes`'s conditions)."""
+    shots, ways, queries = _check_counts(ev), int(ev.fewshot_ways), int(ev.fewshot_queries)
+    classes = episode_classes(ev, test)
+    of = "" if classes is None else f" of config.eval.fewshot_classes={ev.fewshot_classes!r}"
+    if test.labels is None:  # TFDS: only the class count is known without reading the split
+        available = test.num_classes if classes is None else classes.size
+        if available and ways > available:
+            raise InputError(f"config.eval.fewshot_ways={ways} exceeds the {available} "
+                             f"classes{of} of {test.where}.")
+        return
+    if classes is None:
+        classes = np.unique(test.labels)
+    counts = np.array([np.count_nonzero(test.labels == c) for c in classes], np.int64)
+    if ways > classes.size:
+        raise InputError(f"config.eval.fewshot_ways={ways} exceeds the {classes.size} classes"
+                         f"{of or ' present'} in {test.where}.")
+    for shot in shots:
+        try:
+            fewshot.sample_episodes(test.labels, ways, shot, queries, 1, classes=classes)
+        except ValueError as e:
+            raise InputError(
+                f"config.eval.fewshot_shots={shots} with config.eval.fewshot_queries={queries}: "
+                f"{shot}-shot episodes need {shot + queries} examples of each class{of}; "
+                f"{test.where} has {counts.min()} of class {classes[counts.argmin()]} "
+                f"({e})") from None
+
+
+def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None:
+    del train  # the episodes read the test split only
+    check_episodes(config.eval, test)
+
+
+PROTOCOL = interface.Protocol(NAME, evaluate, columns, check)
