@@ -56,6 +56,9 @@ def parse_flags(argv: List[str]) -> List[str]:
     if not isinstance(FLAGS.config, ml_collections.ConfigDict):
         _exit_with(cli.diagnose(argv[1:]) or f"--config={cli.config_argument(argv[1:])}: "
                    "get_config() did not return a ConfigDict")
+    problem = cli.check_overrides(argv[1:], FLAGS.config)
+    if problem:
+        _exit_with(problem)
     if not FLAGS.workdir and not FLAGS.list_config:
         _exit_with("--workdir is required (where checkpoints, metrics and results go); only "
                    "--list_config runs without it")
@@ -77,7 +80,8 @@ def main(argv: List[str]) -> None:
              f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
              f"{jax.process_count()} process(es); workdir {workdir}")
     try:
-        tasks.run(config, workdir)
+        with stop.signals_stop_at_once(f"the {config.get('task')} task"):
+            tasks.run(config, workdir)
     except stop.Stopped as e:  # a planned stop (checkpoint saved): exit 0, as training does
         logs.warn(cli.first_line(e))
         return

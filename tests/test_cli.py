@@ -47,6 +47,53 @@ def test_unknown_override_is_one_line_with_the_dotted_key_and_a_suggestion(tmp_p
     assert out == "" and not os.listdir(tmp_path)
 
 
+def test_a_tuple_override_of_the_wrong_kind_is_one_line_before_any_work(tmp_path):
+    """A fresh user's attack: '(abc)', '(1.5,5)' (shots) or unquoted names became one string
+    element or floats that failed after training (few-shot) or were truncated (checkpoint
+    steps). Now one line naming the flag and an example, exit 2, nothing created."""
+    status, out, err = _main(f"--config={DEMO}", "--config.eval.fewshot_shots=(1.5,5)",
+                             f"--workdir={tmp_path / 'run'}")
+    assert status == 2 and out == "" and not os.listdir(tmp_path)
+    assert err == ("error: --config.eval.fewshot_shots=(1.5, 5): expected a tuple of integers, "
+                   "e.g. --config.eval.fewshot_shots='(1,5)'\n")
+
+
+@pytest.mark.parametrize("path, default, value, expected", [
+    ("eval.fewshot_shots", (1, 5), ("(abc)",), "fewshot_shots=(abc): expected a tuple of integers"),
+    ("eval.fewshot_shots", (1, 5), (1, 5, 10), None),
+    ("eval.checkpoint_steps", (), (3.9,), "expected a tuple of integers, e.g. "),
+    ("optim.milestones", (), (30, 60), None),
+    ("obow.crop_scale", (0.08, 0.6), ("(nan,1)",), "expected a tuple of numbers, e.g. "
+                                                    "--config.obow.crop_scale='(0.08,0.6)'"),
+    ("obow.crop_scale", (0.08, 0.6), (0.2, 1), None),
+    ("obow.bow_levels", ("layer3",), ("(layer3,layer4)",),
+     "read as one string; quote each, e.g. \"--config.obow.bow_levels=('layer3','layer4')\""),
+    ("obow.bow_levels", ("layer3",), ("layer3", "layer4"), None),
+    ("model.something", (), ("x",), None),  # unknown element kind: left to the method's checks
+])
+def test_tuple_mistake(path, default, value, expected):
+    got = cli.tuple_mistake(path, default, value)
+    assert (got is None) if expected is None else (expected in got), got
+
+
+def test_an_unusable_workdir_is_a_write_error_naming_it(tmp_path):
+    """A file where the workdir should be (and a read-only folder) is an explained error naming
+    --workdir, not a FileExistsError traceback."""
+    path = tmp_path / "afile"
+    path.write_text("")
+    with pytest.raises(errors.WriteError, match=r"--workdir=.*afile: cannot be created"):
+        with lock.WorkdirLock(str(path)):
+            pass
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.access(readonly, os.W_OK):  # root ignores the mode bits: a file system can't be tried
+        return
+    with pytest.raises(errors.WriteError, match="cannot write its lock file"):
+        with lock.WorkdirLock(str(readonly)):
+            pass
+
+
 def test_list_config_prints_every_field_with_overrides_and_needs_no_workdir():
     status, out, err = _main(f"--config={DEMO}", "--list_config", "--config.optim.lr=0.3")
     assert status == 0, err

@@ -196,7 +196,9 @@ def test_every_checkpoint_damaged_is_a_short_error_naming_each_folder(tmp_path, 
     assert error[0] == f"error: No intact checkpoint in {directory}:"
     assert [line.split(":")[0].strip() for line in error[1:3]] == [
         os.path.join(directory, "8"), os.path.join(directory, "4")]
-    assert len(error) == 4 and len("\n".join(error)) < 800, error
+    # Short whatever the folder's length: the words past the paths (the 843-character
+    # TensorStore spec of the issue is gone).
+    assert len(error) == 4 and len("\n".join(error).replace(directory, "DIR")) < 600, error
     assert not any("{" in line or "tensorstore" in line.lower() for line in error), error
     assert sorted(os.listdir(directory)) == ["4", "8"]  # nothing moved or deleted
 

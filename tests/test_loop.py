@@ -144,3 +144,30 @@ def test_finetune_keeps_at_most_the_bounded_number_of_steps_in_flight(tmp_path, 
                             checkpoint_dir=str(tmp_path / "checkpoints"))
     assert len(CountingRunAhead.seen) == 8 and max(CountingRunAhead.seen) <= loop.RUN_AHEAD_STEPS
     assert writers.read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["step"] == 8
+
+
+def test_outside_the_loops_a_signal_is_a_planned_stop_and_a_loop_still_saves_first(tmp_path):
+    """A fresh user's attack: SIGTERM during evaluation ended the process with status 143 and
+    nothing said. Under `stop.signals_stop_at_once` (main.py wraps every task in it) it raises
+    stop.Stopped at once; inside it a loop's own handler still saves its step first, and the
+    outer handler is back after the loop."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(stop.Stopped, match=r"^the evaluate task stopped by signal 15 outside"):
+        with stop.signals_stop_at_once("the evaluate task"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGTERM) == before
+
+    def sigterm_at_2(done):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with stop.signals_stop_at_once("the train task"):
+        toy = toy_loop(tmp_path, hooks=[sigterm_at_2])
+        with pytest.raises(stop.Stopped, match=r"^toy stopped by a signal at step 2/6, saved"):
+            loop.run(toy, initial())
+        assert toy.checkpointer.all_steps() == [2]
+        toy.checkpointer.close()
+        assert signal.getsignal(signal.SIGTERM) is not before  # the outer handler, back
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -4,6 +4,8 @@ through the streamed, cached feature path (`data.eval_input`, `protocols.cache`)
 TFDS dataset shaped like `voc/2007`, the 'resize_whole' transform and the k x k pooled features."""
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-from bow_jax.config import base_config
+from bow_jax.config import base_config, get_recipe
 from bow_jax.data import eval_input
 from bow_jax.lib.errors import InputError
 from bow_jax.methods import interface
@@ -240,3 +242,93 @@ def test_resize_whole_transform(voc_tiny):
         eval_input.evaluation_input(config, "test")
     with pytest.raises(InputError, match="config.eval.train_split"):
         eval_input.evaluation_input(_voc_config(voc_tiny[0], train_split="train+val"), "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# From the command line: `--config.task=evaluate --config.eval.protocols=voc07_svm` on a tiny
+# TFDS dataset with voc/2007's features, streamed, cached, and the SVMs of the cached features.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cyclic_rows(count, offset):
+    """Examples j = offset .. offset + count - 1, each a positive of classes j, j + 7 and j + 13
+    (mod 20): over 20 consecutive j every class is a positive 3 times (the protocol needs 3 to
+    cross-validate); every 4th example also holds a difficult-only instance of class j + 3."""
+    rows = []
+    for j in range(offset, offset + count):
+        clean = [j % 20, (j + 7) % 20, (j + 13) % 20]
+        rows.append((clean + ([(j + 3) % 20] if j % 4 == 0 else []), clean))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def voc_cli(tmp_path_factory):
+    """(data_dir of `voc_cli`: train 12 + validation 12 + test 20 examples of varying sizes and
+    random pixels, a workdir holding the demo network's initial state as a step-1 checkpoint)."""
+    tf = pytest.importorskip("tensorflow")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from bow_jax.tasks import common  # pylint: disable=import-outside-toplevel
+    rows = {"train": _cyclic_rows(12, 0), "validation": _cyclic_rows(12, 12),
+            "test": _cyclic_rows(20, 5)}
+    rng = np.random.default_rng(0)
+
+    def split(name):
+        def gen():
+            for labels, clean in rows[name]:
+                size = (int(rng.integers(18, 30)), int(rng.integers(18, 30)), 3)
+                yield {"image": rng.integers(0, 256, size, dtype=np.uint8),
+                       "labels": np.array(labels, np.int64),
+                       "labels_no_difficult": np.array(clean, np.int64)}
+        return tf.data.Dataset.from_generator(gen, output_signature={
+            "image": tf.TensorSpec((None, None, 3), tf.uint8),
+            "labels": tf.TensorSpec((None,), tf.int64),
+            "labels_no_difficult": tf.TensorSpec((None,), tf.int64)})
+
+    label = tfds.features.ClassLabel(num_classes=20)
+    data_dir = str(tmp_path_factory.mktemp("voc_cli_tfds"))
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="voc_cli", version="1.0.0", data_dir=data_dir,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "labels": tfds.features.Sequence(label),
+            "labels_no_difficult": tfds.features.Sequence(label)}),
+        split_datasets={s: split(s) for s in rows})
+    workdir = str(tmp_path_factory.mktemp("voc_cli_run"))
+    config = get_recipe(os.path.join(REPO, "configs", "demo_rotnet.py"))
+    config.model.kwargs.width = 4
+    with common.restore(config, workdir) as run:  # the initial state, saved as step 1
+        run.checkpointer.save(1, run.state.replace(step=np.int32(1)), config)
+    return data_dir, workdir, config
+
+
+def test_voc07_svm_from_the_command_line_streamed_and_cached(voc_cli):
+    """`python -m bow_jax.main ... --config.task=evaluate --config.eval.protocols=('voc07_svm',)`
+    scores the checkpoint on the TFDS data, streamed: its features and [N, 20] targets are cached
+    in the workdir, and results.json holds the mAP and costs of `voc07.voc07_svm` on them (the
+    cache is read back without a feature pass in test_multilabel_targets_streamed_and_cached)."""
+    data_dir, workdir, config = voc_cli
+    flags = ["--config.task=evaluate", "--config.eval.protocols=('voc07_svm',)",
+             "--config.eval.data.source=tfds", "--config.eval.data.name=voc_cli",
+             f"--config.eval.data.data_dir={data_dir}", "--config.eval.data.in_memory=False",
+             "--config.eval.train_split=train+validation", "--config.eval.test_split=test",
+             "--config.eval.transform=resize_whole", "--config.eval.image_size=16",
+             "--config.eval.batch_size=8", "--config.eval.feature=pooled",
+             "--config.eval.random_init=False", "--config.model.kwargs.width=4"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    command = [sys.executable, "-m", "bow_jax.main", "--config=configs/demo_rotnet.py",
+               f"--workdir={workdir}", *flags]
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "VOC07 mAP" in first.stdout
+    folder = os.path.join(workdir, "eval", "features", "step_1", "pooled")
+    feats = {s: np.load(os.path.join(folder, f"{s}.npy")) for s in ("train+validation", "test")}
+    targets = {s: np.load(os.path.join(folder, f"{s}_labels.npy")) for s in feats}
+    assert targets["test"].shape == (20, 20) and targets["test"].dtype == np.int8
+    want = voc07.voc07_svm(feats["train+validation"], targets["train+validation"], feats["test"],
+                           targets["test"], n_jobs=1)
+    with open(os.path.join(workdir, "eval", "results.json"), encoding="utf-8") as f:
+        got = json.load(f)["rotnet step 1"]["voc07_svm"]
+    assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-9) and got["costs"] == want["costs"]
+assert {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)} == written

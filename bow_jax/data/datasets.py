@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import pathlib
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -199,8 +200,10 @@ def decode_image(data: bytes, source: str = "encoded image") -> np.ndarray:
     except MemoryError:
         raise
     except Exception as e:  # Pillow's plugins raise OSError, ValueError, SyntaxError, ...
+        # Pillow names the in-memory stream ('<_io.BytesIO object at 0x...>'): `source` says it.
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         raise UnreadableImageError(f"{source}: cannot decode as an image "
-                                   f"({type(e).__name__}: {e}).") from e
+                                   f"({type(e).__name__}: {reason}).") from e
 
 
 def decode_all(sources: Sequence[str], read: Callable[[int], bytes],
@@ -325,6 +328,10 @@ def is_data_name(name: str) -> bool:
 def is_image_name(name: str) -> bool:
     """A data file name with an image extension (`IMAGE_SUFFIXES`, any case)."""
     return is_data_name(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+class LooseImagesWarning(UserWarning):
+    """Image files directly in an image folder's split folder, outside any class folder."""
 
 
 class SymlinkSkippedWarning(UserWarning):
@@ -457,7 +464,7 @@ def list_image_folder(root, classes: Sequence[str] | None = None) -> ImageFolder
     if loose:
         warnings.warn(f"{root}: {len(loose)} image files (e.g. {loose[0]!r}) lie outside any "
                       f"class folder and are ignored; expected root/<class>/<image>.",
-                      UserWarning, stacklevel=2)
+                      LooseImagesWarning, stacklevel=2)
     paths, labels = [], []
     for cls in sorted(per_class, key=label_of.get):
         paths.extend(per_class[cls])

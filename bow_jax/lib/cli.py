@@ -143,6 +143,71 @@ def diagnose(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
+# Tuple fields whose default is () in the shipped configs: what their elements are.
+EMPTY_TUPLE_KINDS = {"optim.milestones": int, "finetune.milestones": int,
+                     "eval.checkpoint_steps": int}
+_KIND_WORDS = {int: "integers", float: "numbers", str: "names"}
+
+
+def _element_kind(path: str, default) -> Optional[type]:
+    """int, float or str: what the elements of the tuple field `path` are, from its default
+    (`EMPTY_TUPLE_KINDS` when that is empty); None when unknown or mixed."""
+    if not default:
+        return EMPTY_TUPLE_KINDS.get(path)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in default):
+        return int
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
+        return float
+    return str if all(isinstance(x, str) for x in default) else None
+
+
+def tuple_mistake(path: str, default, value) -> Optional[str]:
+    """Why `value`, given on the command line for the tuple field `path`, does not hold what its
+    `default` holds, or None. ml_collections keeps what it cannot parse as one string element:
+    `(abc)` arrives as ('(abc)',), `(layer3,layer4)` as ('(layer3,layer4)',)."""
+    kind = _element_kind(path, default)
+    if kind is None or not isinstance(value, (tuple, list)):
+        return None
+    given = value[0] if len(value) == 1 and isinstance(value[0], str) else tuple(value)
+    if kind is str:
+        if any("," in x or "(" in x for x in value if isinstance(x, str)):
+            names = tuple(x.strip(" ()'\"") for x in ",".join(map(str, value)).split(","))
+            quoted = repr(names).replace(" ", "")
+            return (f"--config.{path}={given}: the names are read as one string; quote each, "
+                    f"e.g. \"--config.{path}={quoted}\"")
+        return None
+    numbers = (int,) if kind is int else (int, float)
+    if all(isinstance(x, numbers) and not isinstance(x, bool) for x in value):
+        return None
+    example = repr(tuple(default) or (1, 2)).replace(" ", "")
+    return (f"--config.{path}={given}: expected a tuple of {_KIND_WORDS[kind]}, e.g. "
+            f"--config.{path}='{example}'")
+
+
+def check_overrides(argv: Sequence[str], config: ml_collections.ConfigDict) -> Optional[str]:
+    """The first override in `argv` whose value does not fit its tuple field (`tuple_mistake`),
+    as '--config.a.b=...: what is wrong', or None. Compares with the config file's own value."""
+    spec = config_argument(argv)
+    if spec is None:
+        return None
+    defaults = load_config_file(spec)
+    for path in override_paths(argv):
+        if "[" in path:
+            continue
+        default, value = _get(defaults, path), _get(config, path)
+        if isinstance(default, (tuple, list)):
+            problem = tuple_mistake(path, default, value)
+            if problem:
+                return problem
+    return None
+
+
+def _get(config, path: str):
+    for key in path.split("."):
+        config = config[key]
+    return config
+
+
 def fields(config: ml_collections.ConfigDict,
            prefix: str = "config") -> List[Tuple[str, Any, str]]:
     """Every leaf field of `config` as (dotted name, value, type name), sections in key order.

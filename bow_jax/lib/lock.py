@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bow_jax.lib import errors
 from bow_jax.lib.errors import ExplainedError
 
 LOCK_NAME = ".lock"
@@ -54,7 +55,11 @@ def _describe(path: str) -> str:
 
 def _acquire(path: str):
     """The open, locked lock file; WorkdirLockedError naming the holder."""
-    f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:
+        f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    except OSError as e:  # a read-only or full file system, no rights
+        raise errors.WriteError(f"--workdir={os.path.dirname(path)}: cannot write its lock file "
+                                f"{path} ({e.strerror or e}).") from e
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -95,7 +100,11 @@ class WorkdirLock:
         return self
 
     def _take(self) -> None:
-        os.makedirs(self.workdir, exist_ok=True)
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+        except OSError as e:  # a file of that name, a read-only or full file system, no rights
+            raise errors.WriteError(f"--workdir={self.workdir}: cannot be created or used as a "
+                                    f"folder ({e.strerror or e}).") from e
         with _guard:
             if self.path in _held:
                 _held[self.path][1] += 1

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from typing import Iterator, Optional
 
 import jax
@@ -55,10 +56,22 @@ def setup(verbosity: Optional[int] = None) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _QUIET_TF_CPP_LEVEL)
     else:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if level <= logging.INFO else _QUIET_TF_CPP_LEVEL
+    warnings.formatwarning = _format_warning if _state["quiet"] else _DEFAULT_FORMAT
     absl_logging.set_verbosity(absl_verbosity(verbosity))  # absl's logger; root under app.run
     logging.getLogger().setLevel(level)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+_DEFAULT_FORMAT = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (classes defined in bow_jax) as 'warning: <message>', like `warn`;
+    other libraries' keep Python's format (file, line and source)."""
+    if category.__module__.startswith("bow_jax"):
+        return f"warning: {message}\n"
+    return _DEFAULT_FORMAT(message, category, filename, lineno, line)
 
 
 def is_quiet() -> bool:

@@ -12,6 +12,7 @@ A process that dies is not a stop: the survivors fail in their next collective (
 the lost peer) or, at the latest, when JAX's coordination service misses its heartbeats
 (`jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s by default).
 """
+import contextlib
 import signal
 import threading
 
@@ -19,6 +20,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+
+from bow_jax.lib import logs
 
 
 class Stopped(RuntimeError):
@@ -34,6 +37,7 @@ class AgreedStop:
 
     def __init__(self):
         self.local = False
+        self._signal = None  # the signal number received, until it is announced
         self._previous = {}
         self._preemption = jax.process_count() > 1  # tried; off once the client says no
 
@@ -44,10 +48,8 @@ class AgreedStop:
         return self
 
     def _handle(self, signum, frame):
-        del frame
-        logging.warning("Process %d received signal %d: every process saves a checkpoint at the "
-                        "next agreed step and stops.", jax.process_index(), signum)
-        self.local = True
+        del frame  # only flags: printing from a handler could re-enter a stream mid-write
+        self.local, self._signal = True, signum
 
     def request(self) -> None:
         """Asks for a stop from code (tests, a time limit)."""
@@ -62,13 +64,18 @@ class AgreedStop:
     def should_stop(self, step: int) -> bool:
         """True on every process, at the same `step`, once any process asked to stop. Must be
         called by every process at the same steps (a collective when process_count > 1)."""
+        if self._signal is not None:  # said here, not in the handler
+            logs.warn(f"process {jax.process_index()} received signal {self._signal}: every "
+                      f"process saves a checkpoint at the next agreed step and stops.",
+                      all_processes=True)
+            self._signal = None
         if jax.process_count() == 1:
             return self.local
         flags = np.asarray(multihost_utils.process_allgather(np.int32(self.local)))
         agreed = bool(flags.any())
         if agreed and jax.process_index() == 0:
-            logging.warning("Stop requested by process(es) %s: every process saves step %d and "
-                            "stops.", np.flatnonzero(flags).tolist(), step)
+            logs.warn(f"Stop requested by process(es) {np.flatnonzero(flags).tolist()}: every "
+                      f"process saves step {step} and stops.")
         return self._preemption_notice(step) or agreed
 
     def _preemption_notice(self, step: int) -> bool:
@@ -81,3 +88,28 @@ class AgreedStop:
             logging.info("JAX preemption sync point unavailable (%s); signals only.", e)
             self._preemption = False
             return False
+
+
+@contextlib.contextmanager
+def signals_stop_at_once(what: str = "the run"):
+    """Outside the step loops (feature passes, probes on cached features, SVMs, exports), a
+    SIGTERM / SIGINT raises `Stopped` at once, so the process ends as a planned stop (main.py:
+    one line, exit 0) rather than killed (status 143, nothing said). Nothing is lost that the
+    same command does not redo: results, caches and checkpoints are written atomically, and a
+    finished phase is read back. Inside a loop, `AgreedStop` replaces these handlers (and puts
+    them back), so a loop still saves its step first. Main thread only; a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        del frame
+        raise Stopped(f"{what} stopped by signal {signum} outside a training loop; the same "
+                      f"command goes on from its last checkpoint and cached results.")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
