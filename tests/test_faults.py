@@ -150,7 +150,7 @@ def corrupt_largest_data_file(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["random", "truncate", "meta"])
-def test_a_corrupted_checkpoint_is_skipped_and_moved_aside(good_run, tmp_path, how, caplog):
+def test_a_corrupted_checkpoint_is_skipped_and_moved_aside(good_run, tmp_path, how, capsys):
     """Case 2: the newest step is damaged; restore falls back to step 2 with a warning naming the
     folder, moves the damaged one aside (not deleted), and (random bytes) the resumed run saves
     step 4 again and ends bit-identical to the uninterrupted run."""
@@ -164,7 +164,8 @@ def test_a_corrupted_checkpoint_is_skipped_and_moved_aside(good_run, tmp_path, h
         corrupt_largest_data_file(step_dir, how)
     with common.restore(tiny_config(), workdir) as run:
         assert run.restored_step == 2
-    assert step_dir in caplog.text
+    warned = capsys.readouterr().err
+    assert f"warning: skipping checkpoint: {step_dir}" in warned and "moved the damaged" in warned
     assert steps_in(workdir) == [2]
     assert len(glob.glob(os.path.join(workdir, "checkpoints", "corrupt-4-*"))) == 1
     if how == "random":
@@ -184,7 +185,7 @@ def test_no_intact_checkpoint_names_every_folder_and_moves_nothing(good_run, tmp
     assert steps_in(workdir) == [2, 4]
 
 
-def test_incomplete_step_folders_are_skipped_for_train_and_evaluate(good_run, tmp_path, caplog):
+def test_incomplete_step_folders_are_skipped_for_train_and_evaluate(good_run, tmp_path, capsys):
     """Case 3: an empty checkpoints/12 and a checkpoints/8 without its state item."""
     workdir = copy_run(good_run, tmp_path)
     os.makedirs(os.path.join(workdir, "checkpoints", "12"))
@@ -193,8 +194,9 @@ def test_incomplete_step_folders_are_skipped_for_train_and_evaluate(good_run, tm
     with common.restore(tiny_config(task="evaluate"), workdir) as run:
         assert run.restored_step == 4
         assert_same_state(jax.device_get(run.state), good_run[1])
-    assert "checkpoints/12 is incomplete" in caplog.text
-    assert "checkpoints/8 is incomplete: no state" in caplog.text
+    warned = capsys.readouterr().err
+    assert "checkpoints/12 is incomplete" in warned
+    assert "checkpoints/8 is incomplete: no state" in warned
     assert steps_in(workdir) == [2, 4]
     assert len(glob.glob(os.path.join(workdir, "checkpoints", "incomplete-*"))) == 2
 

@@ -380,7 +380,7 @@ class Checkpointer:
                 state = self._restore_step(candidate, abstract_state, config)
                 break
             except CorruptCheckpointError as e:
-                logging.warning("Skipping checkpoint %s: %s", self.folder(candidate), e)
+                logs.warn(f"skipping checkpoint: {e}")  # the message names the folder
                 rejected[candidate] = e
         if state is None and rejected:
             raise CorruptCheckpointError(
@@ -466,8 +466,8 @@ class Checkpointer:
                 reason = "incomplete" if "incomplete" in str(error) else "corrupt"
                 target = os.path.join(self.directory, f"{reason}-{step}-{stamp}")
                 os.rename(self.folder(step), target)
-                logging.warning("Moved the damaged checkpoint %s aside to %s (not deleted).",
-                                self.folder(step), target)
+                logs.warn(f"moved the damaged checkpoint {self.folder(step)} aside to {target} "
+                          "(not deleted).")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("bow_jax checkpoint move aside")
         self._manager.reload()
