@@ -129,3 +129,10 @@ def test_functions_stay_short():
     """Short functions named from the papers: none in the package over ~60 lines (docstring
     included)."""
     assert long_functions() == []
+
+
+def test_no_module_name_is_repeated_across_the_package():
+    """A name says its layer: `tasks/train.py` runs `pretrain.py`, not another `train.py`
+    (imports of two `common` or `interface` modules needed aliases)."""
+    names = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

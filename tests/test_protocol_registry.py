@@ -1,5 +1,5 @@
-"""The evaluation protocols as a registry (protocols/registry.py, protocols/interface.py):
-config.eval.protocols chooses them by name, a new protocol is one `interface.Protocol` in the
+"""The evaluation protocols as a registry (protocols/registry.py, protocols/api.py):
+config.eval.protocols chooses them by name, a new protocol is one `api.Protocol` in the
 registry (its result, its columns and its before-training check all follow), scoring takes an
 encoder (never a Method), and random-init scoring has one home (`runner.score_random_init`)."""
 import json
@@ -14,7 +14,7 @@ import pytest
 from bow_jax.config import base_config
 from bow_jax.data import datasets
 from bow_jax.lib.errors import InputError
-from bow_jax.protocols import cache, checks, interface, knn_protocol, registry, runner, voc07
+from bow_jax.protocols import cache, checks, api, knn_protocol, registry, runner, voc07
 
 
 def _knn_reference(train_x, train_y, test_x, test_y, k, num_classes, tau=0.07):
@@ -74,12 +74,12 @@ def test_a_registered_protocol_gets_its_result_its_columns_and_its_check(tmp_pat
     def check(config, train, test):
         raise InputError(f"config.eval.toy: {train.num_examples} / {test.num_examples}")
 
-    toy = interface.Protocol("toy", evaluate, lambda r: {"toy n": r["n"]}, check)
+    toy = api.Protocol("toy", evaluate, lambda r: {"toy n": r["n"]}, check)
     monkeypatch.setitem(registry.PROTOCOLS, "toy", toy)
     train, test = _data(48, 0), _data(24, 1)
     scale = jnp.array([1.0, 2.0, 0.5])
     c = _config(protocols=("toy", "knn"))
-    result = runner.score(interface.Encoder(_mean_colour, scale), train, test, c, None)
+    result = runner.score(api.Encoder(_mean_colour, scale), train, test, c, None)
     assert result["toy"] == {"dim": 3, "n": 24} and seen["source"].encoder.variables is scale
     feats = lambda d: d.images.astype(np.float64).mean((1, 2)) * np.array([1.0, 2.0, 0.5])
     assert result["knn"]["top1"] == pytest.approx(_knn_reference(
@@ -101,8 +101,8 @@ def _digits_config(protocols):
 def test_label_kinds_are_checked_before_training():
     """A multi-label protocol on class labels, and a class protocol on multi-label targets,
     stop with InputError naming config.eval.protocols."""
-    multi = interface.Protocol("multi", None, None, lambda *a: None,
-                               labels=interface.MULTILABEL)
+    multi = api.Protocol("multi", None, None, lambda *a: None,
+                               labels=api.MULTILABEL)
     one_class = checks.EvalSplit(10, np.arange(10) % 2, 2, "the toy split")
     targets = checks.EvalSplit(10, np.ones((10, 4), np.int8), 4, "the VOC split", True)
     with pytest.raises(InputError, match=r"config\.eval\.protocols includes 'multi', which "
@@ -125,7 +125,7 @@ def test_random_init_is_scored_once_in_one_place(monkeypatch):
     """`score_random_init` scores the variables `init(key(config.seed))`: the protocols see the
     features of the network initialised here directly with that seed, not another seed's."""
     seen = {}
-    grab = interface.Protocol("grab", lambda config, data: seen.update(train=data.train) or {},
+    grab = api.Protocol("grab", lambda config, data: seen.update(train=data.train) or {},
                               lambda r: {}, lambda *a: None)
     monkeypatch.setitem(registry.PROTOCOLS, "grab", grab)
     toy, train, test = _Toy(), _data(48, 0), _data(24, 1)
@@ -148,7 +148,7 @@ def test_knn_protocol_top1_is_the_monitors_score():
     memory, queries = cache.SplitFeatures(x[:20], y[:20], 3), cache.SplitFeatures(x[20:], y[20:], 3)
     assert knn_protocol.top1(memory, queries, 7) == pytest.approx(
         _knn_reference(x[:20], y[:20], x[20:], y[20:], 7, 3), abs=1e-6)
-    data = interface.EvalData(memory, queries)
+    data = api.EvalData(memory, queries)
     c = _config()
     c.eval.knn_k = 7
     assert knn_protocol.PROTOCOL.evaluate(c, data) == {

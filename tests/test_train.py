@@ -12,7 +12,7 @@ import pytest
 from bow_jax import tasks
 from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
-from bow_jax.protocols import interface, runner
+from bow_jax.protocols import api, runner
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding, stop, writers
 from bow_jax.config import base_config
@@ -195,7 +195,7 @@ def test_evaluate_task_scores_chosen_checkpoints_as_a_learning_curve(tmp_path):
 
     with common.restore(config, str(tmp_path)) as run:
         data = load_split(config, "train")
-        direct = runner.score(interface.Encoder(run.method.encode, run.state),
+        direct = runner.score(api.Encoder(run.method.encode, run.state),
                               data.subset(np.arange(128)), load_split(config, "test"), config,
                               run.mesh, pretext_scores=run.method.pretext_scores)
     assert results["rotnet step 4"] == direct

@@ -19,7 +19,7 @@ import numpy as np
 
 from bow_jax.lib.errors import InputError, MissingInputError
 from bow_jax.data import datasets, eval_input
-from bow_jax.protocols import interface, registry
+from bow_jax.protocols import api, registry
 
 
 class MissingSplitError(MissingInputError, ValueError):
@@ -28,7 +28,7 @@ class MissingSplitError(MissingInputError, ValueError):
     (`MissingInputError`): printed whole, without a traceback."""
 
 
-EvalSplit = interface.EvalSplit  # a split as the evaluation will see it (moved there)
+EvalSplit = api.EvalSplit  # a split as the evaluation will see it (moved there)
 
 
 def _field(section, name: str, default=None):
@@ -100,7 +100,7 @@ def _check_label_kind(protocols, train: EvalSplit, test: EvalSplit) -> None:
     or multi-label targets (VOC07); InputError naming config.eval.protocols otherwise."""
     for protocol in protocols:
         for split in (train, test):
-            multilabel = protocol.labels == interface.MULTILABEL
+            multilabel = protocol.labels == api.MULTILABEL
             if multilabel != split.multilabel:
                 have = "multi-label targets" if split.multilabel else "one class per image"
                 want = "multi-label targets [N, C]" if multilabel else "one class per image"

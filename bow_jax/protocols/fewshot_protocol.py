@@ -11,7 +11,7 @@ import numpy as np
 
 from bow_jax.lib import writers
 from bow_jax.lib.errors import InputError
-from bow_jax.protocols import fewshot, interface
+from bow_jax.protocols import fewshot, api
 
 NAME = "fewshot"
 
@@ -20,7 +20,7 @@ def _field(ev, name: str):
     return getattr(ev, name, "") or ""
 
 
-def evaluate(config, data: interface.EvalData) -> dict:
+def evaluate(config, data: api.EvalData) -> dict:
     ev, test = config.eval, data.test
     classes = fewshot.class_split(_field(ev, "fewshot_classes"),  # None: every class
                                   _field(ev, "fewshot_classes_key"), test.labels,
@@ -38,7 +38,7 @@ def columns(result: dict) -> dict:
     return {name: 100 * v["mean"] for name, v in result.items()}
 
 
-def episode_classes(ev, test: interface.EvalSplit):
+def episode_classes(ev, test: api.EvalSplit):
     """config.eval.fewshot_classes resolved as `evaluate` will (`fewshot.class_split`: the file
     read, its indices within the class index, a random draw of the classes present); None =
     every class. Errors name config.eval.fewshot_classes or fewshot_classes_key."""
@@ -57,7 +57,7 @@ def _check_counts(ev) -> tuple:
     return shots
 
 
-def check_episodes(ev, test: interface.EvalSplit) -> None:
+def check_episodes(ev, test: api.EvalSplit) -> None:
     """The episodes can be drawn from `test` (labels only, no features): ways, shots, queries
     and episodes >= 1; fewshot_classes parses; fewshot_ways <= its classes; every class has
     fewshot_shots + fewshot_queries examples (`fewshot.sample_episodes`'s conditions)."""
@@ -87,9 +87,9 @@ def check_episodes(ev, test: interface.EvalSplit) -> None:
                 f"({e})") from None
 
 
-def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None:
+def check(config, train: api.EvalSplit, test: api.EvalSplit) -> None:
     del train  # the episodes read the test split only
     check_episodes(config.eval, test)
 
 
-PROTOCOL = interface.Protocol(NAME, evaluate, columns, check)
+PROTOCOL = api.Protocol(NAME, evaluate, columns, check)

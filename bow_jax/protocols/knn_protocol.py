@@ -6,7 +6,7 @@ Result: {'top1'} (a fraction); column 'k-NN top-1'. The training monitor
 from __future__ import annotations
 
 from bow_jax.lib.errors import InputError
-from bow_jax.protocols import cache, interface, knn
+from bow_jax.protocols import cache, api, knn
 
 NAME = "knn"
 
@@ -19,7 +19,7 @@ def top1(memory: cache.SplitFeatures, queries: cache.SplitFeatures, k: int) -> f
                             memory.num_classes, k=k)
 
 
-def evaluate(config, data: interface.EvalData) -> dict:
+def evaluate(config, data: api.EvalData) -> dict:
     return {"top1": top1(data.train, data.test, int(config.eval.knn_k))}
 
 
@@ -27,7 +27,7 @@ def columns(result: dict) -> dict:
     return {"k-NN top-1": 100 * result["top1"]}
 
 
-def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None:
+def check(config, train: api.EvalSplit, test: api.EvalSplit) -> None:
     """config.eval.knn_k in [1, training (memory) examples]."""
     del test
     k = int(config.eval.knn_k)
@@ -37,4 +37,4 @@ def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None
                          f"{train.num_examples}.")
 
 
-PROTOCOL = interface.Protocol(NAME, evaluate, columns, check)
+PROTOCOL = api.Protocol(NAME, evaluate, columns, check)

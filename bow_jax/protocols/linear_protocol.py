@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bow_jax.lib.errors import InputError
-from bow_jax.protocols import augmented_linear, interface, linear
+from bow_jax.protocols import augmented_linear, api, linear
 
 NAME = "linear"
 
@@ -33,7 +33,7 @@ def flip(config) -> bool:
     return bool(settings(config.eval).get("precache_flip"))
 
 
-def evaluate(config, data: interface.EvalData) -> dict:
+def evaluate(config, data: api.EvalData) -> dict:
     """The probe's {'top1', 'train_top1'}; InputError naming config.eval.linear_protocol for an
     augmented recipe given features only (no `data.source` to stream images from)."""
     ev, train, test = config.eval, data.train, data.test
@@ -56,7 +56,7 @@ def columns(result: dict) -> dict:
     return {"linear top-1": 100 * result["top1"]}
 
 
-def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None:
+def check(config, train: api.EvalSplit, test: api.EvalSplit) -> None:
     """A known recipe, linear_epochs and linear_batch_size >= 0, >= 2 training classes, and an
     augmented recipe's batch, checkpoint interval and source (`augmented_linear`)."""
     del test
@@ -78,4 +78,4 @@ def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None
         augmented_linear.check_probe_config(config, train.num_examples)
 
 
-PROTOCOL = interface.Protocol(NAME, evaluate, columns, check, flip=flip)
+PROTOCOL = api.Protocol(NAME, evaluate, columns, check, flip=flip)

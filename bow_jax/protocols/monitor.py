@@ -1,7 +1,7 @@
 """The k-NN monitor: representation quality watched while training runs, for every method.
 
 Every `config.eval.every_steps` steps (and at the last step) the training loop calls a
-`KnnMonitor` on the current state: the features of the encoder (`interface.Encoder`:
+`KnnMonitor` on the current state: the features of the encoder (`api.Encoder`:
 `method.encode` with the state as its variables, `config.eval.feature`) of a fixed memory (the
 first `config.eval.monitor_memory` training images) and of fixed queries (the first
 `config.eval.monitor_queries` test images), both with the evaluation transform (ImageNet: Resize
@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 
 from bow_jax.data import eval_input
-from bow_jax.protocols import cache, interface, knn_protocol
+from bow_jax.protocols import cache, api, knn_protocol
 from bow_jax.lib import sharding
 from bow_jax.lib.errors import InputError
 
@@ -51,12 +51,12 @@ class KnnMonitor:
     def __call__(self, state) -> dict:
         """{'knn_top1': top-1 fraction} of the encoder with `state` as its variables (the
         k-NN protocol's `knn_protocol.top1`, k capped at the memory's size)."""
-        encoder = interface.Encoder(self.encode, state)
+        encoder = api.Encoder(self.encode, state)
         memory = self._features(encoder, self.memory)
         queries = self._features(encoder, self.queries)
         return {"knn_top1": knn_protocol.top1(memory, queries, min(self.k, len(memory)))}
 
-    def _features(self, encoder: interface.Encoder, inp) -> cache.SplitFeatures:
+    def _features(self, encoder: api.Encoder, inp) -> cache.SplitFeatures:
         return cache.split_features(encoder.encode, inp, self.batch_size, self.mesh,
                                     variables=encoder.variables)
 

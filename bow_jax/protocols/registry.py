@@ -1,16 +1,16 @@
 """The evaluation protocols by name: config.eval.protocols chooses among `PROTOCOLS`.
 
-Each protocol is one module holding one `interface.Protocol` (see protocols/interface.py for the
+Each protocol is one module holding one `api.Protocol` (see protocols/api.py for the
 contract). Adding one: write `protocols/<name>_protocol.py` with its `PROTOCOL`, then add its
 import and its entry below.
 """
 from __future__ import annotations
 
 from bow_jax.lib.errors import InputError
-from bow_jax.protocols import fewshot_protocol, interface, knn_protocol, linear_protocol
+from bow_jax.protocols import fewshot_protocol, api, knn_protocol, linear_protocol
 from bow_jax.protocols import voc07_protocol
 
-PROTOCOLS: dict[str, interface.Protocol] = {p.name: p for p in (
+PROTOCOLS: dict[str, api.Protocol] = {p.name: p for p in (
     linear_protocol.PROTOCOL,
     fewshot_protocol.PROTOCOL,
     knn_protocol.PROTOCOL,
@@ -20,7 +20,7 @@ PROTOCOLS: dict[str, interface.Protocol] = {p.name: p for p in (
 DEFAULT = ("linear", "fewshot", "knn")  # config.eval.protocols' default (and an older config's)
 
 
-def chosen(config) -> list[interface.Protocol]:
+def chosen(config) -> list[api.Protocol]:
     """The protocols of config.eval.protocols (a tuple of names), in its order.
 
     InputError naming config.eval.protocols when it is not a tuple or list of names (a string

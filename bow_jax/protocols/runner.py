@@ -1,6 +1,6 @@
 """Score a network with the evaluation protocols of config.eval.protocols and write the results.
 
-A network is an encoder (`interface.Encoder`: `encode(variables, uint8 images) -> [B, D]` and its
+A network is an encoder (`api.Encoder`: `encode(variables, uint8 images) -> [B, D]` and its
 variables); its features of the streamed training and test splits (`cache.split_features`: any
 source, never a whole split of images in host memory, cached in the workdir) go to every chosen
 protocol of `registry.PROTOCOLS` (linear probe, few-shot episodes, weighted k-NN, VOC07 SVMs,
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bow_jax.data import eval_input
-from bow_jax.protocols import cache, interface, registry
+from bow_jax.protocols import cache, api, registry
 from bow_jax.lib import files, logs, sharding
 
 
@@ -49,19 +49,19 @@ def pretext(pretext_scores: Optional[Callable], variables, test, config, mesh) -
 
 
 def score_features(train: cache.SplitFeatures, test: cache.SplitFeatures, config,
-                   source: Optional[interface.Source] = None) -> dict:
+                   source: Optional[api.Source] = None) -> dict:
     """Every protocol of config.eval.protocols (`registry.chosen`) on the features `train` and
     `test`, each result under the protocol's name, plus 'feature_dim' (D of `train.feats`).
     `source`: the encoder and streamed images the features came from, for a protocol that reads
     images itself (None: features only; such a protocol raises InputError)."""
-    data = interface.EvalData(train, test, source)
+    data = api.EvalData(train, test, source)
     out = {"feature_dim": int(train.feats.shape[1])}
     for protocol in registry.chosen(config):
         out[protocol.name] = protocol.evaluate(config, data)
     return out
 
 
-def score(encoder: interface.Encoder, train, test, config, mesh, workdir: Optional[str] = None,
+def score(encoder: api.Encoder, train, test, config, mesh, workdir: Optional[str] = None,
           tag: str = "", pretext_scores: Optional[Callable] = None) -> dict:
     """Every chosen protocol on the features of one network, `encoder.encode(encoder.variables,
     uint8 images) -> float32 [B, D]`, and its own task (`pretext_scores(variables, images) ->
@@ -81,7 +81,7 @@ def score(encoder: interface.Encoder, train, test, config, mesh, workdir: Option
     train_x = cache.split_features(encoder.encode, train_in, ev.batch_size, mesh, flip=flip,
                                    **common)
     test_x = cache.split_features(encoder.encode, test_in, ev.batch_size, mesh, **common)
-    source = interface.Source(encoder, train_in, mesh, workdir, tag)
+    source = api.Source(encoder, train_in, mesh, workdir, tag)
     scores = score_features(train_x, test_x, config, source)
     return {"feature_dim": scores.pop("feature_dim"),
             "pretext": pretext(pretext_scores, encoder.variables, test_in, config, mesh),
@@ -107,7 +107,7 @@ def score_random_init(encode: Callable, init: Callable, train, test, config, mes
     mesh = sharding.make_mesh() if mesh is None else mesh
     variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(
         jax.random.key(config.seed))
-    return score(interface.Encoder(encode, variables), train, test, config, mesh, workdir,
+    return score(api.Encoder(encode, variables), train, test, config, mesh, workdir,
                  "random_init", pretext_scores)
 
 
@@ -173,7 +173,7 @@ def evaluate_states(config, workdir: str, method, states: Iterable, mesh,
     for state in states:
         step = int(state.step)
         results[f"{config.method} step {step}"] = score(
-            interface.Encoder(method.encode, state), train, test, config, mesh, where,
+            api.Encoder(method.encode, state), train, test, config, mesh, where,
             f"step_{step}", method.pretext_scores)
     if random_init:
         results["random init"] = score_random_init(method.encode, method.init_state, train, test,

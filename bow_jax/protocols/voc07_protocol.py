@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bow_jax.lib.errors import InputError
-from bow_jax.protocols import cache, interface, voc07
+from bow_jax.protocols import cache, api, voc07
 
 NAME = "voc07_svm"
 
@@ -28,7 +28,7 @@ def targets(split: cache.SplitFeatures, name: str) -> np.ndarray:
     return values.astype(np.int8)
 
 
-def evaluate(config, data: interface.EvalData) -> dict:
+def evaluate(config, data: api.EvalData) -> dict:
     del config
     return voc07.voc07_svm(data.train.feats, targets(data.train, "training"), data.test.feats,
                            targets(data.test, "test"))
@@ -38,7 +38,7 @@ def columns(result: dict) -> dict:
     return {"VOC07 mAP": 100 * result["mAP"]}
 
 
-def _check_targets(split: interface.EvalSplit, positives: int) -> None:
+def _check_targets(split: api.EvalSplit, positives: int) -> None:
     """Each class of `split` has `positives` positive targets (1) and, with positives > 1 (the
     training split), an image that is not one; checked where the targets are known before
     decoding (not for TFDS)."""
@@ -55,7 +55,7 @@ def _check_targets(split: interface.EvalSplit, positives: int) -> None:
                          f"negative example of classes {full.tolist()[:10]}.")
 
 
-def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None:
+def check(config, train: api.EvalSplit, test: api.EvalSplit) -> None:
     """Both splits multi-label (`checks` refuses others by `labels`); where their targets are
     known before decoding, every class has `voc07.CV_FOLDS` positive training images (its
     cross-validation) and a negative one, and a positive test image."""
@@ -64,4 +64,4 @@ def check(config, train: interface.EvalSplit, test: interface.EvalSplit) -> None
     _check_targets(test, 1)
 
 
-PROTOCOL = interface.Protocol(NAME, evaluate, columns, check, labels=interface.MULTILABEL)
+PROTOCOL = api.Protocol(NAME, evaluate, columns, check, labels=api.MULTILABEL)

@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from bow_jax.bow import build
 from bow_jax.data.splits import load_split
 from bow_jax.protocols import features, runner
-from bow_jax.protocols import interface as protocols
+from bow_jax.protocols import api as protocols
 from bow_jax.lib import checkpoint, errors, files, logs, sharding, stop
 from bow_jax.methods import bownet, interface, data_info_for
 from bow_jax.models import feature_dims

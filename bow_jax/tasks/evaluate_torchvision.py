@@ -4,7 +4,7 @@ import functools
 import os
 
 from bow_jax.data.splits import load_split
-from bow_jax.protocols import interface as protocols
+from bow_jax.protocols import api as protocols
 from bow_jax.protocols import runner
 from bow_jax.export import torchvision
 from bow_jax.lib import sharding

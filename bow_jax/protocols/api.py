@@ -4,7 +4,7 @@ A protocol scores an *encoder*, `encode(variables, uint8 [B, H, W, 3]) -> float3
 `variables` (a training state, a backbone's variables, a torchvision file's), never a `Method`:
 `runner.score` extracts the encoder's features of the training and test splits once, streamed and
 cached (`cache.split_features`), and hands every chosen protocol the same `EvalData`. Each
-protocol is one module holding one `Protocol` (`PROTOCOL = interface.Protocol(...)`):
+protocol is one module holding one `Protocol` (`PROTOCOL = api.Protocol(...)`):
 
     name      its key in config.eval.protocols, in results.json, and in `registry.PROTOCOLS`
     evaluate  (config, EvalData) -> a JSON-able dict, written under `name`
@@ -15,7 +15,7 @@ protocol is one module holding one `Protocol` (`PROTOCOL = interface.Protocol(..
               Pascal VOC07's targets); `checks` refuses data of the other kind
     flip      (config) -> whether it reads `EvalData.train.flip_feats` (extracted only then)
 
-big_vision's `evaluators/` is the model: one module per evaluator, one constructor interface.
+big_vision's `evaluators/` is the model: one module per evaluator, one constructor api.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from bow_jax.data import eval_input
 from bow_jax.protocols import cache
 
 CLASS = "class"            # labels int [N] in [0, num_classes)
-MULTILABEL = "multilabel"  # targets int8 [N, C]: 1 present, -1 absent, 0 ambiguous ('difficult')
+MULTILABEL = "multilabel"  # targets int8 [N, C]: 1 present, -1 difficult only, 0 absent
 
 
 @dataclasses.dataclass(frozen=True)
