@@ -152,19 +152,16 @@ def _expected_targets(labels, clean):
     return out
 
 
-@pytest.fixture(scope="module")
-def voc_tiny(tmp_path_factory):
+def store_voc_like(name, data_dir, examples):
+    """Writes a TFDS dataset `name` with voc/2007's features into `data_dir`: `examples` maps a
+    split to a list of (image uint8 [H, W, 3], labels, labels_no_difficult)."""
     tf = pytest.importorskip("tensorflow")
     tfds = pytest.importorskip("tensorflow_datasets")
-    data_dir = tmp_path_factory.mktemp("voc_tfds")
-    ids = iter(range(1, 100))
-    examples = {s: [(next(ids), *e) for e in rows] for s, rows in VOC_TINY.items()}
 
-    def split(name):
+    def split(rows):
         def gen():
-            for i, labels, clean in examples[name]:
-                yield {"image": np.full((12 + i % 3, 15, 3), 10 * i, np.uint8),
-                       "labels": np.array(labels, np.int64),
+            for image, labels, clean in rows:
+                yield {"image": image, "labels": np.array(labels, np.int64),
                        "labels_no_difficult": np.array(clean, np.int64)}
         return tf.data.Dataset.from_generator(gen, output_signature={
             "image": tf.TensorSpec((None, None, 3), tf.uint8),
@@ -172,13 +169,23 @@ def voc_tiny(tmp_path_factory):
             "labels_no_difficult": tf.TensorSpec((None,), tf.int64)})
 
     label = tfds.features.ClassLabel(num_classes=20)
-    feats = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "labels": tfds.features.Sequence(label),
-        "labels_no_difficult": tfds.features.Sequence(label)})
     tfds.dataset_builders.store_as_tfds_dataset(
-        name="voc_tiny", version="1.0.0", features=feats, data_dir=str(data_dir),
-        split_datasets={s: split(s) for s in examples})
+        name=name, version="1.0.0", data_dir=str(data_dir),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "labels": tfds.features.Sequence(label),
+            "labels_no_difficult": tfds.features.Sequence(label)}),
+        split_datasets={s: split(rows) for s, rows in examples.items()})
+
+
+@pytest.fixture(scope="module")
+def voc_tiny(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("voc_tfds")
+    ids = iter(range(1, 100))
+    examples = {s: [(next(ids), *e) for e in rows] for s, rows in VOC_TINY.items()}
+    store_voc_like("voc_tiny", data_dir, {
+        s: [(np.full((12 + i % 3, 15, 3), 10 * i, np.uint8), lab, clean) for i, lab, clean in rows]
+        for s, rows in examples.items()})
     by_value = {10 * i: _expected_targets(lab, clean)
                 for rows in examples.values() for i, lab, clean in rows}
     return str(data_dir), by_value
@@ -266,34 +273,15 @@ def _cyclic_rows(count, offset):
 def voc_cli(tmp_path_factory):
     """(data_dir of `voc_cli`: train 12 + validation 12 + test 20 examples of varying sizes and
     random pixels, a workdir holding the demo network's initial state as a step-1 checkpoint)."""
-    tf = pytest.importorskip("tensorflow")
-    tfds = pytest.importorskip("tensorflow_datasets")
     from bow_jax.tasks import common  # pylint: disable=import-outside-toplevel
     rows = {"train": _cyclic_rows(12, 0), "validation": _cyclic_rows(12, 12),
             "test": _cyclic_rows(20, 5)}
     rng = np.random.default_rng(0)
-
-    def split(name):
-        def gen():
-            for labels, clean in rows[name]:
-                size = (int(rng.integers(18, 30)), int(rng.integers(18, 30)), 3)
-                yield {"image": rng.integers(0, 256, size, dtype=np.uint8),
-                       "labels": np.array(labels, np.int64),
-                       "labels_no_difficult": np.array(clean, np.int64)}
-        return tf.data.Dataset.from_generator(gen, output_signature={
-            "image": tf.TensorSpec((None, None, 3), tf.uint8),
-            "labels": tf.TensorSpec((None,), tf.int64),
-            "labels_no_difficult": tf.TensorSpec((None,), tf.int64)})
-
-    label = tfds.features.ClassLabel(num_classes=20)
     data_dir = str(tmp_path_factory.mktemp("voc_cli_tfds"))
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="voc_cli", version="1.0.0", data_dir=data_dir,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "labels": tfds.features.Sequence(label),
-            "labels_no_difficult": tfds.features.Sequence(label)}),
-        split_datasets={s: split(s) for s in rows})
+    store_voc_like("voc_cli", data_dir, {s: [
+        (rng.integers(0, 256, (int(rng.integers(18, 30)), int(rng.integers(18, 30)), 3),
+                      dtype=np.uint8), lab, clean) for lab, clean in split_rows]
+        for s, split_rows in rows.items()})
     workdir = str(tmp_path_factory.mktemp("voc_cli_run"))
     config = get_recipe(os.path.join(REPO, "configs", "demo_rotnet.py"))
     config.model.kwargs.width = 4
