@@ -24,11 +24,15 @@ from jax.experimental import multihost_utils
 from bow_jax.lib import logs
 
 
-class Stopped(RuntimeError):
-    """A stop signal ended a long phase that is not the training loop (the augmented linear
-    probe, fine-tuning) after its current step was checkpointed: a planned stop. main.py prints
-    its message as one line and exits 0, as for a training run stopped by a signal, so a
-    scheduler that requeues on preemption reruns the same command, which resumes."""
+class Stopped(BaseException):
+    """A stop signal ended the run as planned: a step loop (`lib/loop.py`) after its current step
+    was saved and committed, or a phase outside the loops (`signals_stop_at_once`). main.py prints
+    its message as one line and exits 0, so a scheduler that requeues on preemption reruns the
+    same command, which resumes.
+
+    A BaseException, as KeyboardInterrupt: raised from a signal handler it may surface anywhere,
+    and a broad `except Exception` on its way (an image decoder's, a checkpoint reader's) must not
+    turn it into another error or swallow it."""
 
 
 class AgreedStop:
