@@ -274,17 +274,16 @@ def check_batch(r: dict, num_labelled: int) -> None:
                          f"{num_labelled} labelled examples; lower it.")
 
 
-def labelled_split(train: datasets.ArrayDataset, r: dict,
-                   subset) -> tuple[datasets.ArrayDataset, np.ndarray]:
-    """(the labelled subset of `train`, its indices int64 [n]): indices `subset`, else drawn as
-    `r` says; checked against the recipe's batch size (ValueError names the config.finetune
-    field)."""
+def labelled_indices(train: datasets.ArrayDataset, r: dict, subset) -> np.ndarray:
+    """The labelled examples of `train`, int64 [n]: `subset`, else drawn as `r` says; checked
+    against the recipe's batch size (ValueError names the config.finetune field). Only indices:
+    the batch source gathers the images once (`data.batches.training_batches`)."""
     if subset is None:
         subset = labelled_subset(train.labels, percent=r["percent"], seed=r["subset_seed"],
                                  subset_file=r["subset_file"])
-    labelled = train.subset(subset)
-    check_batch(r, len(labelled))
-    return labelled, np.asarray(subset, np.int64)
+    indices = np.asarray(subset, np.int64)
+    check_batch(r, len(indices))
+    return indices
 
 
 def initial_finetune_state(backbone, variables, num_classes: int, r: dict, crop: int, tx, key):
@@ -480,7 +479,7 @@ def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
     """
     r = recipe(cfg)
     mesh = sharding.make_mesh() if mesh is None else mesh
-    _, indices = labelled_split(train, r, subset)
+    indices = labelled_indices(train, r, subset)
     crop = r["crop_size"] or train.image_shape[0]
 
     def score(model, variables):
