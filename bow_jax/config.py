@@ -161,13 +161,13 @@ def cifar100_wrn_setting(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def bownet_chain(c, rotnet_config_file: str, *, teacher_layer: str, num_words: int,
-                 **bownet_fields) -> ml_collections.ConfigDict:
-    """The `bownet_chain` task with the RotNet stage of `rotnet_config_file` (a path), histogram
-    BoW targets of all locations (border 0) of `teacher_layer` predicted from the pooled feature,
-    and any other config.bownet field."""
+                 target: str = "histogram", **bownet_fields) -> ml_collections.ConfigDict:
+    """The `bownet_chain` task with the RotNet stage of `rotnet_config_file` (a path), BoW
+    targets (`target`: 'histogram', eq. 3, or 'binary', eq. 4) of all locations (border 0) of
+    `teacher_layer` predicted from the pooled feature, and any other config.bownet field."""
     c.task = "bownet_chain"
     c.bownet.update(dict(rotnet=get_recipe(rotnet_config_file), teacher_layer=teacher_layer,
-                         num_words=num_words, target="histogram", border=0,
+                         num_words=num_words, target=target, border=0,
                          student_feature="pooled", **bownet_fields))
     return c
 

@@ -1,8 +1,9 @@
 """Pre-training: a method's `train_step` on the step driver (`lib/loop.py`). No method maths here.
 
-Per step: the host produces this process's slice of the global batch indices (a function of
-(seed, step), so any step can be resumed), the device gathers and cuts the views
-(`data/batches.py`), and one jitted, donated `train_step` does the rest. Everything else a long
+Per step: the host produces this process's slice of the global batch (indices into in-memory
+images, or streamed images decoded into canvases; a function of (seed, step), so any step can be
+resumed), the device cuts the views (`data/batches.py`), and one jitted, donated `train_step`
+does the rest. Everything else a long
 run needs (bounded run-ahead, the agreed stop, checkpoints, non-finite checks, metric rows) is the
 driver's.
 """
@@ -16,12 +17,11 @@ from bow_jax.lib import logs, loop, profiling, sharding
 
 def device_batches(config, train_data, method, mesh, start_step: int) -> Iterator:
     """Global batches of the method's views on the device, for steps start_step, start_step + 1,
-    ... (`data.batches.training_batches`: `method.make_views` on the device for in-memory data,
-    `method.tf_views` on the host for streamed TFDS)."""
+    ... (`data.batches.training_batches`: `method.make_views` cuts them on the device from
+    in-memory images or streamed canvases alike)."""
     return batch_source.training_batches(
         train_data, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-        start_step=start_step, device_views=method.make_views, host_views=method.tf_views,
-        what=f"config.data.in_memory=False: method {config.method!r}")
+        start_step=start_step, device_views=method.make_views)
 
 
 def likely_causes(config) -> str:

@@ -30,28 +30,49 @@ measured and 1 when a variant failed (listed under "failed"). The JSON is rewrit
 after every row, so a run killed by a timeout keeps the rows measured so far ("complete": false).
 
 Input pipeline (--pipeline; alone, without --variants, it runs no train step). In-memory configs
-(CIFAR, digits): (a) the device-side gather + `make_views` that pretrain.py runs per step; (b)
-tf.data decoding random 500x375 JPEGs and running the method's `tf_views` (AUTOTUNE). Streamed
-TFDS configs (default with --pipeline alone: configs/obow_resnet50.py, teacher 224, 2 crops of
-160, 5 patches of 96): the training input itself, `pipeline.tfds_train_views` running the
-config's `tf_views`, on a TFDS dataset of --pipeline_images real images (CIFAR-10 from
-$BOW_JAX_CIFAR10 or ../shared/data/cifar10, else scikit-learn's digits) upsampled bicubic to
---pipeline_image_size (500x375, ImageNet's typical size) and stored as JPEG quality 90, built once
-in --pipeline_data DIR. Upsampled images decode like ImageNet's in cost (same pixel count) but are
-smoother (smaller files, a little faster to decode than photographs). For each --pipeline_cores
-value tf.data runs on a private threadpool of that many threads with no intra-op parallelism
-(`tf.data.Options().threading`), and --pipeline_batches batches of --pipeline_batch are timed
-after --pipeline_warmup: images/s, images/s per core, the CPU seconds used per wall second (a check
-that the limit held) and the cores 2,000 images/s would need at that per-core rate,
-ceil(2000 / per-core rate). The batches are not copied to a device.
+(CIFAR, digits): the device-side gather + `make_views` that every training loop runs per step
+(their images never pass through a host pipeline). Streamed TFDS configs (default with --pipeline
+alone: configs/obow_resnet50.py, teacher 224, 2 crops of 160, 5 patches of 96), all on the same
+JPEG files in one run, host cost in CPU-seconds per image (getrusage of this process, all its
+threads: steady when other jobs share the cores, unlike wall time), medians:
+- ours: the training input itself, `pipeline.tfds_canvases` (read, decode, pad into the
+  config.data.canvas_size canvas; a longer side above it is first shrunk), for each
+  --pipeline_cores value with tf.data on a private threadpool of that many threads and no
+  intra-op parallelism (`threading_options`); --pipeline_batches batches of --pipeline_batch after
+  --pipeline_warmup, the median over batches. Also images per CPU-second (= images/s per core),
+  the cores 2,000 images/s would need at that rate (ceil(2000 x CPU s per image)), wall images/s
+  and CPU seconds per wall second (a check that the limit held). The batches are not copied to a
+  device.
+- the decode floor: tf.io.decode_jpeg of the same files (tf.data, 1 thread) and Pillow's decode.
+- the official OBoW ImageNet training transform (github.com/valeoai/obow), for timing only:
+  imported, never copied, from --official_src (a source tree or its .tar.gz; default
+  ../shared/peer/obow_official-*.tar.gz when present, unpacked into a temp dir; else the row is
+  skipped with a note), in its own process (`official_transform` subcommand): its
+  `get_ImageNet_data_for_obow` with the data section of its ResNet-50 config over an ImageFolder
+  of the same files, and its dataset's per-image __getitem__ (Pillow decode, teacher view, 2
+  crops of 160, 5 patches of 96, colour jitter / grayscale / blur, float tensors) on one torch
+  thread, as in one DataLoader worker; --pipeline_passes passes, the median. official / ours is
+  its CPU per image over ours at the first core count.
+The files (--pipeline_files, built once as a TFDS dataset in --pipeline_data DIR and described in
+the JSON): 'photos' (default), --pipeline_images crops of scikit-learn's two sample photographs
+at --pipeline_image_size (ImageNet's typical 500x375; 1 in 4 portrait) at random offsets and
+flips, JPEG quality 90; 'photos_mixed', half of them upscaled to 1.6x and 3.2x (800x600,
+1600x1200: above a 512 canvas, so the host shrinks them); 'cifar_upsampled', CIFAR-10 (or
+digits) upsampled bicubic (smoother than photographs). Then the device cost of the views
+(`views_cost`, unless --skip_views_cost): XLA's FLOPs per image of the compiled `make_views` on
+--views_batch canvases holding --views_image_size images (every other one portrait), of OBoW's
+photometric part alone (`obow.augment_views`, inside the train step), and of the lowered train
+step at each --views_step_batches global batch, as fractions; and the bytes per image copied to
+the device (canvas + size + label) beside those of the views themselves.
 
 Examples:
   python scripts/benchmark.py --config configs/obow_resnet50.py --per_device_batch 64 \
       --variants fp32,bf16,remat --steps 20 --json obow_r50.json
   python scripts/benchmark.py --config configs/obow_cifar10_cpu.py \
       --config configs/rotnet_cifar10_cpu.py --batch_size 32 --steps 3 --variants fp32 --pipeline
-  python scripts/benchmark.py --pipeline --pipeline_cores 1,2,4,8 --pipeline_data /tmp/bench_jpegs \
-      --json pipeline_r50.json   (OBoW ResNet-50's streamed views per core count; no train step)
+  python scripts/benchmark.py --pipeline --pipeline_cores 1,2 --pipeline_files photos,photos_mixed \
+      --pipeline_data /tmp/bench_jpegs --json pipeline_r50.json   (OBoW ResNet-50: host CPU per
+      image, ours vs the decode floor vs the official transform, and the views' device FLOPs)
   python scripts/benchmark.py --config configs/obow_resnet50.py --batch_size 64 --cost_only
       (FLOPs of the lowered step and the analytic count only: nothing compiled or run)
   (--set key=value overrides a config field in every config, e.g. --set model.kwargs.width=8)
@@ -60,13 +81,18 @@ Examples:
 """
 import argparse
 import ast
+import contextlib
+import glob
 import importlib.util
 import io
 import json
 import math
 import os
+import resource
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -300,13 +326,17 @@ def variant_config(config, variant: str, batch_size: int):
     return config
 
 
-def make_method(config, image_size: int):
+def data_info(config, image_size: int) -> DataInfo:
+    """An ImageNet-sized DataInfo (the schedules' lengths) for stored images of image_size."""
     steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
-    info = DataInfo(image_shape=(image_size, image_size, 3),
+    return DataInfo(image_shape=(image_size, image_size, 3),
                     num_examples=steps_per_epoch * config.batch_size,
                     steps_per_epoch=steps_per_epoch,
                     total_steps=steps_per_epoch * max(int(config.num_epochs), 1))
-    return create_method(config, info)
+
+
+def make_method(config, image_size: int):
+    return create_method(config, data_info(config, image_size))
 
 
 def synthetic_inputs(method, mesh, batch_size: int, image_size: int, seed: int):
@@ -317,8 +347,10 @@ def synthetic_inputs(method, mesh, batch_size: int, image_size: int, seed: int):
     images = jax.random.randint(jax.random.key(seed + 1),
                                 (batch_size, image_size, image_size, 3), 0, 256,
                                 jnp.int32).astype(jnp.uint8)
+    sizes = np.full((batch_size, 2), image_size, np.int32)  # each image fills its canvas
     batch = jax.jit(method.make_views, out_shardings=sharding.batch_sharded(mesh))(
-        jax.device_put(images, sharding.batch_sharded(mesh)), jax.random.key(seed + 2))
+        jax.device_put(images, sharding.batch_sharded(mesh)),
+        jax.device_put(sizes, sharding.batch_sharded(mesh)), jax.random.key(seed + 2))
     batch["label"] = jax.device_put(jnp.zeros(batch_size, jnp.int32), sharding.batch_sharded(mesh))
     return state, jax.block_until_ready(batch)
 
@@ -386,8 +418,9 @@ def cost_only_row(config, variant: str, *, batch_size: int, image_size: int) -> 
     method = make_method(config, image_size)
     key = jax.random.key(0)
     images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
+    sizes = jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)
     state = jax.eval_shape(method.init_state, key)
-    batch = dict(jax.eval_shape(method.make_views, images, key),
+    batch = dict(jax.eval_shape(method.make_views, images, sizes, key),
                  label=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
     lowered = jax.jit(method.train_step, donate_argnums=0).lower(state, batch)
     xla = cost_flops(lowered.cost_analysis())
@@ -489,41 +522,90 @@ def bench_device_views(config, *, batch_size: int, image_size: int, steps: int, 
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def bench_tf_views(config, *, batch_size: int, image_size: int, batches: int,
-                   num_images: int = 64):
-    """Images/s of tf.data decoding 500x375 JPEGs and making the method's views (host side)."""
-    config = config.copy_and_resolve_references()
-    config.batch_size = batch_size
-    method = create_method(config, DataInfo((image_size, image_size, 3), batch_size, 1, 1))
-    if method.tf_views is None:
-        return None
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    tf.config.set_visible_devices([], "GPU")
-    rng = np.random.default_rng(0)
-    jpegs = [tf.io.encode_jpeg(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).numpy()
-             for _ in range(num_images)]
-    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
-
-    def make(i, data):
-        return method.tf_views(tf.io.decode_jpeg(data, channels=3),
-                               tf.stack([tf.constant(0, tf.int64), i]))
-
-    ds = ds.map(make, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
-    it = iter(ds)
-    next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batch_size * batches / (time.perf_counter() - start)
-
-
-# Streamed TFDS views (the ImageNet path of configs/obow_resnet50.py), per number of cores.
+# Streamed TFDS input (the ImageNet path of configs/obow_resnet50.py): host CPU per image of
+# ours, of a decode alone and of the official OBoW transform on the same JPEG files; the device
+# cost of the views.
 
 STREAM_TARGET_IMAGES_PER_S = 2000
-STREAM_NOTE = ("real images (CIFAR-10, or scikit-learn's digits) upsampled bicubic to ImageNet's "
-               "typical size and stored as JPEG (quality 90): they decode like ImageNet's JPEGs "
-               "in cost (same pixel count) but are smoother, so they compress smaller and may "
-               "decode a little faster than photographs")
+TARGET_HOST_MS_PER_IMAGE = 2.0  # host CPU per OBoW ResNet-50 image, real photographs
+TARGET_OFFICIAL_RATIO = 5.0  # the official transform's CPU per image / ours, same files
+TARGET_VIEWS_FLOPS_FRACTION = 0.03  # the views' device FLOPs / the train step's
+FILE_SETS = ("photos", "photos_mixed", "cifar_upsampled")
+JPEG_QUALITY = 90
+OFFICIAL_TARBALLS = os.path.join(os.path.dirname(REPO), "shared", "peer",
+                                 "obow_official-*.tar.gz")
+OFFICIAL_CONFIG = os.path.join("config", "ImageNetFull", "ResNet50_OBoW_full.yaml")
+# Keys of the official config's `data` section that are not arguments of its transform.
+OFFICIAL_LOADER_KEYS = ("dataset_name", "batch_size", "epoch_size")
+FILE_SET_NOTES = {
+    "photos": "crops of scikit-learn's two sample photographs (china.jpg, flower.jpg, 427x640) "
+              "at ImageNet's typical size, 3 in 4 landscape and 1 in 4 portrait (cut from the "
+              "photograph turned by 90 degrees), at random offsets, half of them flipped "
+              "left-right, stored as JPEG quality 90",
+    "photos_mixed": "crops of scikit-learn's two sample photographs as 'photos', cycling through "
+                    "the typical size, its portrait, 1.6x and 3.2x of it (the largest crop of "
+                    "that shape, x U(0.8, 1), upscaled bicubic; from 500x375: 800x600 and "
+                    "1600x1200, so half the files exceed a 512 canvas and are shrunk on the "
+                    "host)",
+    "cifar_upsampled": "real small images (CIFAR-10, or scikit-learn's digits) upsampled bicubic "
+                       "to ImageNet's typical size and stored as JPEG quality 90: smoother than "
+                       "photographs, so they compress smaller and decode a little faster",
+}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all its threads (getrusage): the
+    measure that stays steady when other jobs share the cores, unlike wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def file_set_sizes(file_set: str, count: int, width: int, height: int):
+    """[(w, h)] of each file of `file_set` (see FILE_SET_NOTES)."""
+    if file_set == "photos":
+        cycle = [(width, height)] * 3 + [(height, width)]
+    elif file_set == "photos_mixed":
+        cycle = [(width, height), (height, width), (round(1.6 * width), round(1.6 * height)),
+                 (round(3.2 * width), round(3.2 * height))]
+    elif file_set == "cifar_upsampled":
+        cycle = [(width, height)]
+    else:
+        raise ValueError(f"file set {file_set!r}: expected one of {FILE_SETS}")
+    return [cycle[i % len(cycle)] for i in range(count)]
+
+
+def sample_photographs():
+    """scikit-learn's two sample photographs (china.jpg, flower.jpg), uint8 [427, 640, 3]."""
+    from sklearn.datasets import load_sample_images  # pylint: disable=import-outside-toplevel
+    return [np.asarray(image, np.uint8) for image in load_sample_images().images]
+
+
+def photo_crop(photo: np.ndarray, width: int, height: int, rng):
+    """A width x height PIL image cut from `photo` (uint8 [H, W, 3]): a portrait one from the
+    photograph turned by 90 degrees; a crop at a random offset when it fits, else the largest
+    crop of that shape scaled by U(0.8, 1), resized bicubic; flipped left-right with p = 1/2."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    if height > width:
+        photo = np.rot90(photo)
+    ph, pw = photo.shape[:2]
+    ch, cw = height, width
+    if width > pw or height > ph:
+        scale = min(pw / width, ph / height) * rng.uniform(0.8, 1.0)
+        ch, cw = max(1, int(height * scale)), max(1, int(width * scale))
+    top, left = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+    crop = photo[top:top + ch, left:left + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    image = Image.fromarray(np.ascontiguousarray(crop))
+    return image if (cw, ch) == (width, height) else image.resize((width, height),
+                                                                  Image.BICUBIC)
+
+
+def jpeg_bytes(image, quality: int = JPEG_QUALITY) -> bytes:
+    """JPEG bytes of a PIL image (Pillow's defaults otherwise: 4:2:0 chroma subsampling)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def stream_source_images(count: int):
@@ -543,29 +625,42 @@ def stream_source_images(count: int):
     return np.concatenate([images] * reps)[:count], name
 
 
-def upsampled_jpeg(image: np.ndarray, width: int, height: int, quality: int = 90) -> bytes:
+def upsampled_jpeg(image: np.ndarray, width: int, height: int,
+                   quality: int = JPEG_QUALITY) -> bytes:
     """JPEG bytes of `image` resized bicubic (Pillow) to width x height."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
-    buffer = io.BytesIO()
-    Image.fromarray(image).resize((width, height), Image.BICUBIC).save(
-        buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return jpeg_bytes(Image.fromarray(image).resize((width, height), Image.BICUBIC), quality)
 
 
-def stream_dataset(folder: str, count: int, width: int, height: int):
-    """The prepared TFDS builder of `count` upsampled JPEGs (built once, cached in `folder`).
+def benchmark_jpegs(file_set: str, count: int, width: int, height: int, seed: int = 0):
+    """(JPEG bytes of the `count` files of `file_set`, what they are: a name)."""
+    sizes = file_set_sizes(file_set, count, width, height)
+    if file_set == "cifar_upsampled":
+        images, source = stream_source_images(count)
+        return [upsampled_jpeg(im, w, h) for im, (w, h) in zip(images, sizes)], source
+    rng = np.random.default_rng(seed)
+    photos = sample_photographs()
+    return ([jpeg_bytes(photo_crop(photos[i % len(photos)], w, h, rng))
+             for i, (w, h) in enumerate(sizes)], "sklearn sample photographs")
 
-    A dataset 'bow_bench_jpegs' of {'image': JPEG, 'label'} in folder/<source>_<count>_<w>x<h>/
-    (tfds.dataset_builders.store_as_tfds_dataset, as tests/test_data.py prepares tiny datasets).
-    Returns (builder, source name)."""
+
+def stream_dataset(folder: str, file_set: str, count: int, width: int, height: int):
+    """The prepared TFDS builder of the benchmark's JPEGs (built once, cached in `folder`) and a
+    description of its files (set, source, count, sizes, quality, mean size, note).
+
+    A dataset 'bow_bench_jpegs' of {'image': JPEG, 'label'} in folder/<set>_<count>_<w>x<h>/
+    (tfds.dataset_builders.store_as_tfds_dataset, as tests/test_data.py prepares tiny datasets),
+    the description beside it in files.json."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     tf = pipeline.import_tensorflow()
-    images, source = stream_source_images(count)
-    data_dir = os.path.join(folder, f"{source}_{count}_{width}x{height}")
+    data_dir = os.path.join(folder, f"{file_set}_{count}_{width}x{height}")
     prepared = os.path.join(data_dir, "bow_bench_jpegs", "1.0.0")
-    if os.path.exists(os.path.join(prepared, "dataset_info.json")):
-        return tfds.builder_from_directory(prepared), source
-    jpegs = [upsampled_jpeg(im, width, height) for im in images]
+    described = os.path.join(data_dir, "files.json")
+    if os.path.exists(os.path.join(prepared, "dataset_info.json")) and os.path.exists(described):
+        with open(described, encoding="utf-8") as f:
+            return tfds.builder_from_directory(prepared), json.load(f)
+    jpegs, source = benchmark_jpegs(file_set, count, width, height)
+    sizes = [f"{w}x{h}" for w, h in file_set_sizes(file_set, count, width, height)]
     features = tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
         "label": tfds.features.ClassLabel(num_classes=10)})
@@ -574,7 +669,22 @@ def stream_dataset(folder: str, count: int, width: int, height: int):
     tfds.dataset_builders.store_as_tfds_dataset(
         name="bow_bench_jpegs", version="1.0.0", features=features, data_dir=data_dir,
         split_datasets={"train": split})
-    return tfds.builder_from_directory(prepared), source
+    description = {"set": file_set, "source": source, "count": count,
+                   "sizes": {s: sizes.count(s) for s in sorted(set(sizes))},
+                   "jpeg_quality": JPEG_QUALITY,
+                   "mean_kib": sum(map(len, jpegs)) / len(jpegs) / 1024,
+                   "note": FILE_SET_NOTES[file_set]}
+    files.atomic_write_text(described, json.dumps(description, indent=1))
+    return tfds.builder_from_directory(prepared), description
+
+
+def stored_jpegs(builder, split: str = "train"):
+    """The JPEG bytes of `split` as stored (in stored order, not decoded): the very files the
+    streamed pipeline reads, for the decode floors and the official transform."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return [example["image"] for example in ds.as_numpy_iterator()]
 
 
 def threading_options(cores: int):
@@ -594,59 +704,396 @@ def cores_needed(images_per_s_per_core: float, target: float = STREAM_TARGET_IMA
     return math.ceil(target / images_per_s_per_core)
 
 
-def time_stream(builder, view_fn, *, cores: int, batch_size: int, batches: int, warmup: int):
-    """(images/s, CPU seconds / wall second, view shapes) of `batches` timed batches of
-    pipeline.tfds_train_views after `warmup` untimed ones, tf.data confined to `cores` threads."""
-    it = pipeline.tfds_train_views(builder, "train", global_batch=batch_size, seed=0,
-                                   view_fn=view_fn, process_index=0, process_count=1,
-                                   options=threading_options(cores))
+def host_fields(cpu_per_image, wall_s: float, images: int) -> dict:
+    """Row fields from per-window CPU seconds per image (their median is the figure) and the
+    total wall time: images per CPU-second (= images/s per core) and the cores for the target."""
+    cpu = statistics.median(cpu_per_image)
+    rate = 1.0 / cpu if cpu > 0 else None
+    return {"cpu_ms_per_image": 1e3 * cpu,
+            "cpu_ms_per_image_windows": [1e3 * c for c in cpu_per_image],
+            "images_per_cpu_s": rate, "cores_for_target": cores_needed(rate),
+            "target_images_per_s": STREAM_TARGET_IMAGES_PER_S,
+            "images_per_s": images / wall_s if wall_s > 0 else None}
+
+
+def time_canvases(builder, *, canvas_size: int, cores: int, batch_size: int, batches: int,
+                  warmup: int) -> dict:
+    """Host cost of `pipeline.tfds_canvases` (read, decode, canvas) with tf.data confined to
+    `cores` threads: CPU seconds of each of `batches` timed batches (after the first and `warmup`
+    more), per image; the first batch's shapes."""
+    it = pipeline.tfds_canvases(builder, "train", global_batch=batch_size, seed=0,
+                                canvas_size=canvas_size, process_index=0, process_count=1,
+                                options=threading_options(cores))
     first = next(it)  # builds the pipeline and fills the shuffle buffer (undecoded records)
     for _ in range(warmup):
         next(it)
-    cpu, start = time.process_time(), time.perf_counter()
+    per_image, start_cpu, start = [], cpu_seconds(), time.perf_counter()
     for _ in range(batches):
+        cpu = cpu_seconds()
         next(it)
+        per_image.append((cpu_seconds() - cpu) / batch_size)
     wall = time.perf_counter() - start
-    shapes = {k: list(v.shape) for k, v in first.items()}
-    return batch_size * batches / wall, (time.process_time() - cpu) / wall, shapes
+    fields = host_fields(per_image, wall, batch_size * batches)
+    fields.update(cpu_s_per_wall_s=(cpu_seconds() - start_cpu) / wall,
+                  batch=batch_size, batches=batches, warmup=warmup,
+                  canvases={k: [list(v.shape), str(v.dtype)] for k, v in first.items()},
+                  max_size=[int(v) for v in first["size"].max(axis=0)])
+    return fields
+
+
+def time_passes(run, count: int, passes: int) -> dict:
+    """`run()` (one pass over `count` files) once untimed, then `passes` times: host fields of
+    the per-pass CPU seconds per image."""
+    run()
+    per_image, start = [], time.perf_counter()
+    for _ in range(passes):
+        cpu = cpu_seconds()
+        run()
+        per_image.append((cpu_seconds() - cpu) / count)
+    return {**host_fields(per_image, time.perf_counter() - start, count * passes),
+            "passes": passes}
+
+
+def time_tf_decode(jpegs, passes: int) -> dict:
+    """tf.io.decode_jpeg (RGB) of every file, in tf.data confined to 1 thread, nothing else."""
+    tf = pipeline.import_tensorflow()
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(jpegs)).map(
+        lambda data: tf.shape(tf.io.decode_jpeg(data, channels=3)))
+    ds = ds.batch(64).with_options(threading_options(1))
+
+    def run():
+        for _ in ds:
+            pass
+    return time_passes(run, len(jpegs), passes)
+
+
+def time_pillow_decode(jpegs, passes: int) -> dict:
+    """Pillow's decode of every file to RGB (as torchvision's ImageFolder loader: open +
+    convert('RGB')), one thread."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    def run():
+        for data in jpegs:
+            Image.open(io.BytesIO(data)).convert("RGB")
+    return time_passes(run, len(jpegs), passes)
+
+
+# The official OBoW transform, run in its own process (no TensorFlow there: torchvision imported
+# after TensorFlow can crash), imported from the official source tree, never copied.
+
+
+def official_source(arg: str, tmp: str):
+    """(tree, where from) of the official OBoW source to import: --official_src as a source tree
+    (or the folder above one) or a .tar.gz, unpacked into `tmp`; '' looks for
+    ../shared/peer/obow_official-*.tar.gz; 'none' or nothing found: (None, why)."""
+    if arg == "none":
+        return None, "skipped: --official_src none"
+    path = arg
+    if not path:
+        found = sorted(glob.glob(OFFICIAL_TARBALLS))
+        if not found:
+            return None, ("skipped: the official OBoW source (github.com/valeoai/obow) was not "
+                          f"found; pass --official_src DIR (looked for {OFFICIAL_TARBALLS})")
+        path = found[-1]
+    origin = path
+    if os.path.isfile(path):
+        with tarfile.open(path) as tar:
+            tar.extractall(tmp, filter="data")
+        path = tmp
+    for root in [path] + sorted(glob.glob(os.path.join(path, "*"))):
+        if os.path.isfile(os.path.join(root, "obow", "datasets.py")):
+            return root, origin
+    return None, f"skipped: {origin} holds no obow/datasets.py (the official OBoW source)"
+
+
+def write_image_folder(jpegs, folder: str):
+    """The files as an ImageFolder (train/photos/*.jpg, one of them also as val/), the layout the
+    official ImageNet loader reads."""
+    for split, part in (("train", jpegs), ("val", jpegs[:1])):
+        os.makedirs(os.path.join(folder, split, "photos"), exist_ok=True)
+        for i, data in enumerate(part):
+            with open(os.path.join(folder, split, "photos", f"{i:05d}.jpg"), "wb") as f:
+                f.write(data)
+
+
+def time_official(tree: str, jpegs, passes: int, config_file: str) -> dict:
+    """The official transform's host fields on `jpegs` (scripts/benchmark.py official_transform
+    in a child process). RuntimeError with the child's last lines when it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_image_folder(jpegs, os.path.join(tmp, "images"))
+        out = os.path.join(tmp, "official.json")
+        command = [sys.executable, os.path.abspath(__file__), "official_transform", "--src",
+                   tree, "--folder", os.path.join(tmp, "images"), "--passes", str(passes),
+                   "--config_file", config_file, "--json", out]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"official transform: exit status {done.returncode}: "
+                               f"{done.stderr[-2000:]}")
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def _shapes(tree):
+    """The nested shapes of the official transform's output (lists of tensors)."""
+    if isinstance(tree, (list, tuple)):
+        return [_shapes(t) for t in tree]
+    return list(tree.shape) if hasattr(tree, "shape") else type(tree).__name__
+
+
+def official_transform_main(argv) -> int:
+    """python scripts/benchmark.py official_transform --src TREE --folder DIR [--passes N]
+    [--json OUT]: CPU seconds per image of the official OBoW ImageNet training transform on an
+    ImageFolder DIR (DIR/train/<class>/*.jpg, DIR/val/...), imported from the official source
+    TREE (github.com/valeoai/obow): its `obow.datasets.get_ImageNet_data_for_obow` with the
+    `data` section of its config (--config_file, relative to TREE), then its dataset's
+    __getitem__ per image (Pillow decode + teacher view + 2 crops + 5 patches, colour jitter,
+    grayscale, blur, float tensors), as each worker of its DataLoader runs it: one torch
+    thread. Timed: --passes passes over the files after one untimed pass; getrusage."""
+    parser = argparse.ArgumentParser(prog="benchmark.py official_transform")
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--config_file", default=OFFICIAL_CONFIG)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    import inspect  # pylint: disable=import-outside-toplevel
+    import random  # pylint: disable=import-outside-toplevel
+    import yaml  # pylint: disable=import-outside-toplevel
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+        torch.set_num_threads(1)  # as in a DataLoader worker process
+        torch.manual_seed(0)
+    except ImportError:
+        torch = None
+    random.seed(0)
+    sys.path.insert(0, os.path.abspath(args.src))
+    from obow import datasets as official  # pylint: disable=import-outside-toplevel,import-error
+    with open(os.path.join(args.src, args.config_file), encoding="utf-8") as f:
+        data = yaml.safe_load(f)["data"]
+    accepted = inspect.signature(official.get_ImageNet_data_for_obow).parameters
+    recipe = {k: v for k, v in data.items() if k not in OFFICIAL_LOADER_KEYS and k in accepted}
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its transforms
+        train, _ = official.get_ImageNet_data_for_obow(args.folder, **recipe)
+    count = len(train)
+    views, _ = train[0]
+
+    def run():
+        for i in range(count):
+            train[i]  # pylint: disable=pointless-statement
+    result = {**time_passes(run, count, args.passes), "images": count, "views": _shapes(views),
+              "dtype": str(getattr(views[0], "dtype", "")), "recipe": recipe,
+              "config_file": args.config_file,
+              "torch_threads": torch.get_num_threads() if torch is not None else None}
+    if args.json:
+        files.atomic_write_text(args.json, json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("cpu_ms_per_image", "views")}))
+    return 0
+
+
+# The views' cost on the device.
+
+
+def cost_value(cost, key: str):
+    """`key` of a `cost_analysis()` result (a dict, or a list of dicts summed), or None."""
+    parts = [cost] if isinstance(cost, dict) else list(cost or ())
+    values = [float(p[key]) for p in parts if p and p.get(key) is not None and p[key] >= 0]
+    return sum(values) if values else None
+
+
+def canvas_batch(batch: int, canvas: int, image_hw, seed: int = 0):
+    """(uint8 canvases [batch, S, S, 3], int32 sizes [batch, 2]): random images of image_hw
+    (h, w) (shrunk to fit a smaller canvas), every other one turned to portrait, in the corner
+    of zero canvases."""
+    rng = np.random.default_rng(seed)
+    scale = min(1.0, canvas / max(image_hw))  # as the host shrinks larger images to fit
+    image_hw = tuple(max(1, round(side * scale)) for side in image_hw)
+    sizes = np.array([image_hw if i % 2 == 0 else image_hw[::-1] for i in range(batch)],
+                     np.int32)
+    images = np.zeros((batch, canvas, canvas, 3), np.uint8)
+    for image, (h, w) in zip(images, sizes):
+        image[:h, :w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return images, sizes
+
+
+def views_cost(config, *, batch: int, image_hw, step_batches) -> dict:
+    """XLA's count per image of `make_views` (compiled, on canvases of config.data.canvas_size
+    holding image_hw images), of the photometric part of OBoW's step alone
+    (`obow.augment_views`, compiled, on those views), and of the whole train step (lowered,
+    `cost_only_row`) at each of `step_batches`; the bytes per image the host copies to the
+    device (canvas + size + label) and what the views themselves would weigh (uint8)."""
+    canvas = int(config.data.canvas_size)
+    config = variant_config(config, "fp32", batch)
+    method = make_method(config, canvas)
+    images, sizes = canvas_batch(batch, canvas, tuple(image_hw))
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    lowered = jax.jit(method.make_views).lower(images, sizes, key)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    views = jax.block_until_ready(compiled(images, sizes, key))
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(images, sizes, key))
+    run_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    per_image = lambda value: None if value is None else value / batch
+    row = {"kind": "device", "batch": batch, "canvas_size": canvas,
+           "image_hw": [int(v) for v in sizes[0]],
+           "views": {k: list(v.shape) for k, v in views.items()},
+           "views_flops_per_image": per_image(cost_flops(cost)),
+           "views_lowered_flops_per_image": per_image(cost_flops(lowered.cost_analysis())),
+           "views_bytes_accessed_per_image": per_image(cost_value(cost, "bytes accessed")),
+           "views_compile_s": compile_s, "views_cpu_run_s": run_s,
+           "canvas_bytes_per_image": canvas * canvas * 3 + 2 * 4 + 4,  # canvas, size, label
+           "views_uint8_bytes_per_image": sum(int(np.prod(v.shape[1:])) for v in
+                                              views.values()) + 4}
+    # What a loader that sends float32 views (the official one) copies per image.
+    row["views_float32_bytes_per_image"] = 4 * (row["views_uint8_bytes_per_image"] - 4) + 4
+    photometric = None
+    if config.method == "obow":
+        from bow_jax.methods import obow  # pylint: disable=import-outside-toplevel
+        s = obow.setup(config, data_info(config, canvas))
+        augment = jax.jit(lambda k, v: obow.augment_views(k, v, s.cfg, s.mean, s.std)[:2])
+        photometric = cost_flops(augment.lower(key, views).compile().cost_analysis())
+    row["photometric_flops_per_image"] = per_image(photometric)
+    row["step"] = []
+    for step_batch in step_batches:
+        step = cost_only_row(config, "fp32", batch_size=step_batch, image_size=canvas)
+        flops = step["xla_lowered_flops_per_image"]
+        fraction = lambda part, flops=flops: (None if part is None or not flops
+                                              else part / flops)
+        row["step"].append({
+            "batch": step_batch, "xla_lowered_flops_per_image": flops,
+            "analytic_flops_per_image": step["analytic_flops_per_image"],
+            "views_fraction": fraction(row["views_flops_per_image"]),
+            "photometric_fraction": fraction(row["photometric_flops_per_image"])})
+    return row
 
 
 def stream_rows_for(name, config, args):
-    """One row per --pipeline_cores value: the config's tf_views on streamed TFDS JPEGs."""
-    batch = args.pipeline_batch or global_batch(args, config)
-    method = create_method(config, DataInfo((256, 256, 3), batch, 1, 1))
-    if method.tf_views is None:
-        return []
+    """Rows of a streamed TFDS config: per file set, ours per core count, the decode floors and
+    the official transform (with official / ours); then the device cost of the views."""
+    rows = []
+    canvas = int(config.data.canvas_size)
+    batch = args.pipeline_batch
     width, height = args.pipeline_image_size
     folder = args.pipeline_data or os.path.join(tempfile.gettempdir(), "bow_jax_pipeline_data")
-    builder, source = stream_dataset(folder, args.pipeline_images, width, height)
     epoch_steps = args.pipeline_images // batch
     if args.pipeline_warmup + args.pipeline_batches + 1 > epoch_steps:
         print(f"note: {args.pipeline_warmup + args.pipeline_batches + 1} batches of {batch} cross "
               f"an epoch of {args.pipeline_images} images: the timing includes the pipeline's "
               f"restart at the epoch boundary (raise --pipeline_images)", file=sys.stderr)
-    rows = []
-    for cores in args.pipeline_cores:
-        rate, cpu, shapes = time_stream(builder, method.tf_views, cores=cores, batch_size=batch,
-                                        batches=args.pipeline_batches,
-                                        warmup=args.pipeline_warmup)
-        rows.append({"config": name, "pipeline": f"tfds stream JPEG {width}x{height} + tf_views",
-                     "batch": batch, "cores": cores, "images_per_s": rate,
-                     "images_per_s_per_core": rate / cores,
-                     "cores_for_target": cores_needed(rate / cores),
-                     "target_images_per_s": STREAM_TARGET_IMAGES_PER_S,
-                     "cpu_s_per_wall_s": cpu, "batches": args.pipeline_batches,
-                     "warmup": args.pipeline_warmup, "views": shapes,
-                     "images": args.pipeline_images, "source": source,
-                     "image_size": [width, height], "machine_cores": os.cpu_count(),
-                     "note": STREAM_NOTE})
-        print(f"{name} stream {cores} cores: {rate:.1f} images/s ({rate / cores:.1f} per core, "
-              f"CPU {cpu:.2f} s/s)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, origin = official_source(args.official_src, tmp)
+        for file_set in args.pipeline_files:
+            builder, described = stream_dataset(folder, file_set, args.pipeline_images, width,
+                                                height)
+            jpegs = stored_jpegs(builder)
+            common = {"config": name, "kind": "host", "files": described}
+            ours = []
+            for cores in args.pipeline_cores:
+                fields = time_canvases(builder, canvas_size=canvas, cores=cores,
+                                       batch_size=batch, batches=args.pipeline_batches,
+                                       warmup=args.pipeline_warmup)
+                ours.append({**common, "pipeline": f"ours: tfds_canvases (decode + canvas "
+                                                   f"{canvas})", "cores": cores, **fields})
+                print(f"{name} {file_set} ours, {cores} cores: "
+                      f"{fields['cpu_ms_per_image']:.2f} CPU ms/image", file=sys.stderr,
+                      flush=True)
+            rows += ours
+            passes = args.pipeline_passes
+            rows.append({**common, "pipeline": "floor: tf.io.decode_jpeg", "cores": 1,
+                         **time_tf_decode(jpegs, passes)})
+            rows.append({**common, "pipeline": "floor: Pillow decode", "cores": 1,
+                         **time_pillow_decode(jpegs, passes)})
+            official = {**common, "pipeline": "official OBoW transform (Pillow decode + "
+                                              "views + photometric, float tensors)",
+                        "cores": 1, "official_src": origin}
+            if tree is None:
+                official["note"] = origin
+            else:
+                try:
+                    official.update(time_official(tree, jpegs, passes, args.official_config))
+                except Exception as e:  # pylint: disable=broad-except
+                    official["note"] = f"failed: {type(e).__name__}: {e}"
+            if official.get("cpu_ms_per_image") is not None:
+                official["official_over_ours"] = (official["cpu_ms_per_image"]
+                                                  / ours[0]["cpu_ms_per_image"])
+                official["ours_cores"] = ours[0]["cores"]
+            print(f"{name} {file_set} official: "
+                  f"{official.get('cpu_ms_per_image', official.get('note'))}", file=sys.stderr,
+                  flush=True)
+            rows.append(official)
+    if not args.skip_views_cost:
+        height_w = (args.views_image_size[1], args.views_image_size[0])
+        rows.append({"config": name, **views_cost(config, batch=args.views_batch,
+                                                  image_hw=height_w,
+                                                  step_batches=args.views_step_batches)})
     return rows
 
 
 def _fmt(value, scale=1.0, spec=".0f"):
     return "n/a" if value is None else format(value / scale, spec)
+
+
+def pipeline_markdown(pipeline_rows):
+    """The tables of the --pipeline rows: in-memory device views, host CPU per image (with the
+    targets), device cost of the views."""
+    lines = []
+    memory = [p for p in pipeline_rows if "kind" not in p]
+    host = [p for p in pipeline_rows if p.get("kind") == "host"]
+    device = [p for p in pipeline_rows if p.get("kind") == "device"]
+    if memory:
+        lines += ["", "| config | pipeline | batch | images/s |", "|---|---|---|---|"]
+        lines += [f"| {p['config']} | {p['pipeline']} | {p['batch']} | "
+                  f"{_fmt(p['images_per_s'], 1, '.1f')} |" for p in memory]
+    if host:
+        lines += ["", f"| config | files | pipeline | cores | CPU ms/image (median) | "
+                      f"images/s per core | images/s (wall) | CPU s/s | "
+                      f"cores for {STREAM_TARGET_IMAGES_PER_S} images/s | official / ours |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in host:
+            if p.get("cpu_ms_per_image") is None:
+                lines.append(f"| {p['config']} | {p['files']['set']} | {p['pipeline']} | "
+                             f"{p['cores']} | {p.get('note')} | | | | | |")
+                continue
+            ratio = p.get("official_over_ours")
+            lines.append(
+                f"| {p['config']} | {p['files']['set']} | {p['pipeline']} | {p['cores']} | "
+                f"{p['cpu_ms_per_image']:.2f} | {_fmt(p['images_per_cpu_s'], 1, '.0f')} | "
+                f"{_fmt(p['images_per_s'], 1, '.0f')} | {_fmt(p.get('cpu_s_per_wall_s'), 1, '.2f')}"
+                f" | {p['cores_for_target']} | {'' if ratio is None else f'{ratio:.1f}x'} |")
+        lines.append("")
+        for described in {p["files"]["set"]: p["files"] for p in host}.values():
+            sizes = ", ".join(f"{n} x {s}" for s, n in described["sizes"].items())
+            lines.append(f"Files '{described['set']}': {described['count']} JPEGs ({sizes}; "
+                         f"mean {described['mean_kib']:.0f} KiB): {described['note']}.")
+        lines.append(f"Targets: ours <= {TARGET_HOST_MS_PER_IMAGE} CPU ms per image on real "
+                     f"photographs, official / ours >= {TARGET_OFFICIAL_RATIO:g}x.")
+    for p in device:
+        lines += ["", f"| config | device work per image (batch {p['batch']}, canvas "
+                      f"{p['canvas_size']}, images {p['image_hw'][1]}x{p['image_hw'][0]} and "
+                      f"{p['image_hw'][0]}x{p['image_hw'][1]}) | GFLOP/image | "
+                      + " | ".join(f"% of step (batch {s['batch']}: "
+                                   f"{_fmt(s['xla_lowered_flops_per_image'], 1e9, '.1f')} "
+                                   f"GFLOP/image)" for s in p["step"]) + " |",
+                  "|---|---|---|" + "---|" * len(p["step"])]
+        for label, flops, key in (
+                ("make_views (geometric, on canvases)", p["views_flops_per_image"],
+                 "views_fraction"),
+                ("augment_views (photometric, in the step)", p["photometric_flops_per_image"],
+                 "photometric_fraction")):
+            lines.append(f"| {p['config']} | {label} | {_fmt(flops, 1e9, '.4f')} | " + " | ".join(
+                _fmt(s[key], 0.01, ".3f") for s in p["step"]) + " |")
+        lines += ["", f"Copied to the device per image: {p['canvas_bytes_per_image']:,} bytes "
+                  f"(uint8 canvas + size + label), against "
+                  f"{p['views_uint8_bytes_per_image']:,} for the uint8 views themselves and "
+                  f"{p['views_float32_bytes_per_image']:,} for float32 views. XLA's bytes "
+                  f"accessed by make_views: "
+                  f"{_fmt(p['views_bytes_accessed_per_image'], 2**20, '.1f')} MiB per image. "
+                  f"Step: XLA's count of the lowered train step (photometric part "
+                  f"included). Target: the views' FLOPs < "
+                  f"{100 * TARGET_VIEWS_FLOPS_FRACTION:g}% of the step's."]
+    return lines
 
 
 def markdown(rows, pipeline_rows, cost_rows=()):
@@ -675,22 +1122,7 @@ def markdown(rows, pipeline_rows, cost_rows=()):
         lines += [f"| {c['config']} | {c['variant']} | {c['global_batch']} | "
                   f"{_fmt(c['xla_lowered_flops_per_image'], 1e9, '.3g')} | "
                   f"{_fmt(c['analytic_flops_per_image'], 1e9, '.3g')} |" for c in cost_rows]
-    stream_rows = [p for p in pipeline_rows if "cores" in p]
-    pipeline_rows = [p for p in pipeline_rows if "cores" not in p]
-    if pipeline_rows:
-        lines += ["", "| config | pipeline | batch | images/s |", "|---|---|---|---|"]
-        for p in pipeline_rows:
-            value = "n/a" if p["images_per_s"] is None else f"{p['images_per_s']:.1f}"
-            lines.append(f"| {p['config']} | {p['pipeline']} | {p['batch']} | {value} |")
-    if stream_rows:
-        lines += ["", f"| config | pipeline | batch | cores | images/s | images/s per core | "
-                      f"CPU s/s | cores for {STREAM_TARGET_IMAGES_PER_S} images/s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['config']} | {p['pipeline']} | {p['batch']} | {p['cores']} | "
-                  f"{p['images_per_s']:.1f} | {p['images_per_s_per_core']:.1f} | "
-                  f"{p['cpu_s_per_wall_s']:.2f} | {p['cores_for_target']} |" for p in stream_rows]
-        lines += ["", f"Images: {stream_rows[0]['images']} from {stream_rows[0]['source']}; "
-                      f"{STREAM_NOTE}."]
+    lines += pipeline_markdown(pipeline_rows)
     if not rows:  # --pipeline alone: no train-step table
         lines = lines[2:]
     return "\n".join(lines).strip("\n")
@@ -730,18 +1162,41 @@ def parse_args(argv):
     parser.add_argument("--pipeline_data", default="", metavar="DIR",
                         help="where the streamed benchmark's TFDS JPEGs are built once and reused "
                              "(default: a folder in the temp dir)")
-    parser.add_argument("--pipeline_images", type=int, default=2048,
-                        help="images in that dataset")
+    parser.add_argument("--pipeline_files", type=_name_list, default=("photos",),
+                        help=f"comma-separated file sets from {FILE_SETS} (default photos)")
+    parser.add_argument("--pipeline_images", type=int, default=1024,
+                        help="files in each set")
     parser.add_argument("--pipeline_image_size", type=_size, default=(500, 375),
-                        metavar="WxH", help="their size (ImageNet's typical 500x375)")
+                        metavar="WxH", help="their typical size (ImageNet's 500x375)")
     parser.add_argument("--pipeline_cores", type=_int_list, default=(1, 2),
                         help="comma-separated tf.data threadpool sizes, e.g. 1,2,4,8")
-    parser.add_argument("--pipeline_batch", type=int, default=64,
-                        help="batch of the streamed rows (images/s barely depends on it)")
-    parser.add_argument("--pipeline_batches", type=int, default=20,
-                        help="timed batches per core count (streamed rows)")
-    parser.add_argument("--pipeline_warmup", type=int, default=2,
+    parser.add_argument("--pipeline_batch", type=int, default=32,
+                        help="batch of the streamed rows (one timing window)")
+    parser.add_argument("--pipeline_batches", type=int, default=30,
+                        help="timed batches per core count (streamed rows; the median of their "
+                             "CPU seconds per image is reported)")
+    parser.add_argument("--pipeline_warmup", type=int, default=1,
                         help="untimed batches per core count after the first (streamed rows)")
+    parser.add_argument("--pipeline_passes", type=int, default=3,
+                        help="timed passes over the files of the decode floors and of the "
+                             "official transform (the median is reported)")
+    parser.add_argument("--official_src", default="", metavar="DIR|TAR.GZ",
+                        help="the official OBoW source (github.com/valeoai/obow) to time its "
+                             "transform from: a source tree or its .tar.gz; default: "
+                             "../shared/peer/obow_official-*.tar.gz if present, unpacked into "
+                             "a temp dir; 'none' skips that row")
+    parser.add_argument("--official_config", default=OFFICIAL_CONFIG,
+                        help="the official config whose data section is the recipe (relative "
+                             "to the official source)")
+    parser.add_argument("--views_batch", type=int, default=8,
+                        help="canvases per batch of the device cost of the views")
+    parser.add_argument("--views_image_size", type=_size, default=(500, 375), metavar="WxH",
+                        help="the images in those canvases (every other one portrait)")
+    parser.add_argument("--views_step_batches", type=_int_list, default=(64, 256),
+                        help="global batches of the train step the views are compared with "
+                             "(lowered, not compiled)")
+    parser.add_argument("--skip_views_cost", action="store_true",
+                        help="no device cost of the views (streamed rows)")
     parser.add_argument("--json", default="", help="write the results here (after every row)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -755,9 +1210,13 @@ def parse_args(argv):
                          f"{DEFAULT_PIPELINE_CONFIG})")
         args.config = [os.path.join(REPO, DEFAULT_PIPELINE_CONFIG)]
     if args.pipeline and (args.pipeline_batches < 1 or args.pipeline_warmup < 0
-                          or min(args.pipeline_cores) < 1 or args.pipeline_batch < 1):
-        parser.error("--pipeline_batches, --pipeline_batch and --pipeline_cores must be >= 1, "
-                     "--pipeline_warmup >= 0")
+                          or min(args.pipeline_cores) < 1 or args.pipeline_batch < 1
+                          or args.pipeline_passes < 1 or args.views_batch < 1):
+        parser.error("--pipeline_batches, --pipeline_batch, --pipeline_passes, --views_batch "
+                     "and --pipeline_cores must be >= 1, --pipeline_warmup >= 0")
+    for file_set in args.pipeline_files:
+        if file_set not in FILE_SETS:
+            parser.error(f"--pipeline_files: {file_set!r} is not one of {FILE_SETS}")
     if args.variants is None:  # --pipeline alone times the input only
         args.variants = "" if args.pipeline else "fp32"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -774,6 +1233,10 @@ def _int_list(text: str):
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers, e.g. 1,2,4") from None
+
+
+def _name_list(text: str):
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _size(text: str):
@@ -814,18 +1277,16 @@ def report_row(row, rows, args):
 
 
 def pipeline_rows_for(name, config, args):
-    """Streamed TFDS configs (ImageNet): the tf.data views per core count; in-memory configs:
-    the device-side views and tf.data on random JPEGs."""
+    """Streamed TFDS configs (ImageNet): host CPU per image per core count beside the decode
+    floors and the official transform, then the device cost of the views; in-memory configs:
+    the device-side gather + views (their images never pass through a host pipeline)."""
     if config.data.source == "tfds" and not config.data.in_memory:
         return stream_rows_for(name, config, args)
     batch = global_batch(args, config)
     size = stored_image_size(config, args.image_size)
     return [{"config": name, "pipeline": "device make_views (in-memory)", "batch": batch,
              "images_per_s": bench_device_views(config, batch_size=batch, image_size=size,
-                                                steps=args.pipeline_steps)},
-            {"config": name, "pipeline": "tf.data JPEG 500x375 + tf_views", "batch": batch,
-             "images_per_s": bench_tf_views(config, batch_size=batch, image_size=size,
-                                            batches=args.pipeline_steps)}]
+                                                steps=args.pipeline_steps)}]
 
 
 def main(argv=None):
@@ -834,6 +1295,8 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import benchmark_kmeans  # pylint: disable=import-outside-toplevel
         return benchmark_kmeans.main(argv[1:])
+    if argv and argv[0] == "official_transform":  # --pipeline runs it in its own process
+        return official_transform_main(argv[1:])
     args, variants = parse_args(argv)
     isolated = not args.child and (args.isolate == "always" or
                                    (args.isolate == "auto" and len(variants) > 1))

@@ -54,7 +54,7 @@ def teacher_maps(config, state, images: np.ndarray, levels, batch: int = 500) ->
     @jax.jit
     def forward(x):
         if x.shape[1:3] != size:
-            x = augment.to_uint8(jax.vmap(lambda im: augment.resize(im, size))(x))
+            x = jax.vmap(lambda im: augment.resize(im, size))(x)
         feats, _ = backbone.apply(
             {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
             interface.to_network_input(x, mean, std), train=True,

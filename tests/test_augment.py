@@ -368,34 +368,45 @@ def test_random_resized_crop_fallback():
 
 
 def test_resized_crop_matches_pil(photo):
-    """PIL resizes in two uint8 passes: |diff| <= 0.5 (final rounding) + 0.5 (intermediate)."""
-    crop = jax.jit(A.resized_crop, static_argnums=5)
+    """PIL resizes in two uint8 passes; `resized_box` rounds both passes too and returns uint8:
+    |diff| <= 1 grey level (float32 vs PIL's fixed-point coefficients, and this Pillow runs the
+    vertical pass first on some shapes, e.g. 61x37 -> 28x28)."""
+    crop = jax.jit(A.resized_box, static_argnums=2)
     pil = Image.fromarray(photo)
     # Shrinking, enlarging (20 -> 28), non-square, whole image; plus torchvision-sampled boxes.
     boxes = [(3, 5, 40, 50, 28), (10, 7, 20, 13, 28), (1, 2, 61, 37, 28), (0, 0, 64, 64, 28)]
     rng = np.random.default_rng(3)
     boxes += [tuple(map(int, np_rrc_params(rng, 64, 64, (0.08, 0.6), (3 / 4, 4 / 3)))) + (28,)
               for _ in range(3)]
+    # The same image in the corner of a larger zero canvas: the box reads only the true image.
+    canvas = jnp.asarray(np.pad(photo, ((0, 20), (0, 36), (0, 0))))
     for top, left, h, w, size in boxes:
         ref = np.asarray(pil.crop((left, top, left + w, top + h)).resize((size, size),
                                                                          Image.BILINEAR))
-        out = np.asarray(crop(jnp.asarray(photo), top, left, h, w, size))
-        diff = np.abs(out - ref)
-        assert out.dtype == np.float32 and out.shape == (size, size, 3)
-        assert diff.max() <= 1.0 + 1e-3 and diff.mean() < 0.35, (top, left, h, w, size, diff.max())
+        out = np.asarray(crop(jnp.asarray(photo), (top, left, h, w), size))
+        diff = np.abs(out.astype(int) - ref.astype(int))
+        assert out.dtype == np.uint8 and out.shape == (size, size, 3)
+        assert diff.max() <= 1 and diff.mean() < 0.35, (top, left, h, w, size, diff.max())
+        np.testing.assert_array_equal(np.asarray(crop(canvas, (top, left, h, w), size)), out)
     # Identity when the box is the whole image and the size is unchanged.
-    np.testing.assert_array_equal(np.asarray(crop(jnp.asarray(photo), 0, 0, 64, 64, 64)), photo)
+    np.testing.assert_array_equal(np.asarray(crop(jnp.asarray(photo), (0, 0, 64, 64), 64)), photo)
     batch = jax.jit(A.random_resized_crop_batch, static_argnums=2)
     out = batch(key(8), jnp.asarray(np.stack([photo] * 2)), 16)
-    assert out.shape == (2, 16, 16, 3) and not np.array_equal(out[0], out[1])
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.uint8
+    assert not np.array_equal(out[0], out[1])
+    # On a canvas with its true size: the same box and pixels as on the bare image (both jitted:
+    # eager and jitted float sums may round a pixel differently).
+    rrc = jax.jit(lambda k, x, size: A.random_resized_crop(k, x, 16, size=size))
+    np.testing.assert_array_equal(np.asarray(rrc(key(9), canvas, (64, 64))),
+                                  np.asarray(rrc(key(9), jnp.asarray(photo), (64, 64))))
 
 
 def test_resize_and_center_crop(photo):
     img = jnp.asarray(photo[:48])  # 48 x 64
     out = jax.jit(A.resize, static_argnums=1)(img, 24)  # shorter side -> 24
-    assert out.shape == (24, 32, 3)
+    assert out.shape == (24, 32, 3) and out.dtype == jnp.uint8
     ref = np.asarray(Image.fromarray(photo[:48]).resize((32, 24), Image.BILINEAR))
-    assert np.abs(np.asarray(out) - ref).max() <= 1.0 + 1e-3
+    assert np.abs(np.asarray(out).astype(int) - ref.astype(int)).max() <= 1
     assert jax.eval_shape(lambda x: A.resize(x, 20), photo[:, :40]).shape == (32, 20, 3)
     # torchvision: top = round((48 - 21) / 2) = round(13.5) = 14 (half to even), left = 21.
     np.testing.assert_array_equal(np.asarray(A.center_crop(img, (21, 22))), photo[14:35, 21:43])
@@ -419,6 +430,15 @@ def test_random_crop_with_padding(photo):
     for i in range(200):
         np.testing.assert_array_equal(out[i], padded[tops[i]:tops[i] + 32, lefts[i]:lefts[i] + 32])
     assert set(tops) == set(lefts) == set(range(9))  # U{0..2 * padding}
+    # The same image in the corner of a canvas with its true size: the same crops (what lies
+    # outside the true image reads as zero padding).
+    canvas = np.zeros((40, 48, 3), np.uint8)
+    canvas[:32, :32] = img
+    canvas[32:], canvas[:, 32:] = 255, 255  # anything outside the true image must not show
+    on_canvas = jax.jit(lambda k, x: A.random_crop_with_padding_batch(k, x, 32, 4,
+                                                                      true_size=(32, 32)))
+    np.testing.assert_array_equal(
+        np.asarray(on_canvas(key(20), jnp.asarray(np.stack([canvas] * 200)))), out)
 
 
 def test_jittered_patches(photo):

@@ -115,14 +115,21 @@ def test_sharded_step_matches_torch_linear_sgd():
 
 def test_device_views_are_keyed_crops_and_flips():
     """In-memory views: uint8 crops of the asked side, a function of the key only; with scale
-    (1, 1) and a square image the crop is the whole image, so each view is it or its mirror."""
+    (1, 1) and a square image the crop is the whole image, so each view is it or its mirror. The
+    same images in the corners of larger canvases (streamed data) give the same views."""
     data = _arrays(8, 2)
     key = jax.random.key(4)
-    a = batch_source.crop_flip_views(data.images, key, crop=8, scale=AL.SCALE)
-    b = batch_source.crop_flip_views(data.images, key, crop=8, scale=AL.SCALE)
+    sizes = jnp.full((8, 2), SIDE, jnp.int32)  # in-memory images are their own canvases
+    views = jax.jit(lambda x, s, k, crop, scale: batch_source.crop_flip_views(
+        x, s, k, crop=crop, scale=scale), static_argnums=(3, 4))
+    a = views(data.images, sizes, key, 8, AL.SCALE)
+    b = views(data.images, sizes, key, 8, AL.SCALE)
     assert a["image"].shape == (8, 8, 8, 3) and a["image"].dtype == jnp.uint8
     np.testing.assert_array_equal(a["image"], b["image"])
-    whole = batch_source.crop_flip_views(data.images, key, crop=SIDE, scale=(1.0, 1.0))["image"]
+    canvases = np.full((8, SIDE + 5, SIDE + 5, 3), 255, np.uint8)
+    canvases[:, :SIDE, :SIDE] = data.images
+    np.testing.assert_array_equal(views(canvases, sizes, key, 8, AL.SCALE)["image"], a["image"])
+    whole = views(data.images, sizes, key, SIDE, (1.0, 1.0))["image"]
     flipped = [np.array_equal(v, x[:, ::-1]) for v, x in zip(np.asarray(whole), data.images)]
     same = [np.array_equal(v, x) for v, x in zip(np.asarray(whole), data.images)]
     assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
@@ -300,8 +307,8 @@ def test_tfds_views_are_deterministic_per_seed_and_step(tiny_tfds):
 
 
 def test_tfds_probe_end_to_end(tiny_tfds, tmp_path):
-    """Streamed TFDS training split (images of several sizes), RandomResizedCrop(8) + flip on the
-    host, toy backbone on the device; test features of the centre crops."""
+    """Streamed TFDS training split (images of several sizes, as canvases), RandomResizedCrop(8) +
+    flip and a toy backbone on the device; test features of the centre crops."""
     encode, variables, _ = _toy(side=8)
     config = _tfds_config(tiny_tfds)
     train = eval_input.evaluation_input(config, "train")

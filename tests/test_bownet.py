@@ -164,7 +164,8 @@ def test_student_views_are_uint8_crops_and_teacher_view_is_unperturbed(chain_run
     config = chain_run["stage"]
     data = load_split(config, "train")
     method = create_method(config, data_info_for(config, data))
-    views = jax.jit(method.make_views)(jnp.asarray(data.images[:4]), jax.random.key(0))
+    sizes = jnp.broadcast_to(jnp.asarray(data.images.shape[1:3], jnp.int32), (4, 2))
+    views = jax.jit(method.make_views)(jnp.asarray(data.images[:4]), sizes, jax.random.key(0))
     assert views["student"].dtype == jnp.uint8 and views["teacher"].dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(views["teacher"]), data.images[:4])
     assert views["student"].shape == data.images[:4].shape

@@ -2,7 +2,7 @@
 
 References: the shared CIFAR-10 npz (the README says jpeg.npz decodes to it exactly), Pillow for
 decoding and resizing, scikit-learn's digits, numpy set arithmetic for the data order, and the
-torchvision transform definitions written out in numpy for the TF view helpers.
+torchvision transform definitions written out in numpy for the views of canvases.
 """
 import io
 import subprocess
@@ -10,11 +10,13 @@ import sys
 import time
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from bow_jax.data import datasets as D
+from bow_jax.data import geometric as G
 from bow_jax.data import pipeline as P
 
 
@@ -206,7 +208,7 @@ def test_order_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# TF view helpers (torchvision semantics).
+# View helpers (torchvision semantics): views of canvases, cut on the device.
 
 # TensorFlow is optional (the GPU machine has none): only the tests below need it.
 try:
@@ -217,38 +219,52 @@ except ImportError:
 needs_tf = pytest.mark.skipif(tf is None, reason="tensorflow / tensorflow_datasets not installed")
 
 
-def _seed(i):
-    return tf.constant([11, i], tf.int64)
+def _key(i):
+    return jax.random.fold_in(jax.random.key(11), i)
 
 
-@needs_tf
-def test_tf_random_crop_pad_and_flip():
+def _canvas(image, side, fill=255):
+    """`image` in the top-left corner of a canvas of `side`, the rest `fill` (which no view of the
+    true image may show)."""
+    canvas = np.full((side, side, 3), fill, np.uint8)
+    canvas[:image.shape[0], :image.shape[1]] = image
+    return canvas
+
+
+def test_canvas_random_crop_pad_and_flip():
+    """RandomCrop(8, padding=2) + RandomHorizontalFlip of an image on a canvas (the RotNet view,
+    cut on the device from its true size): always a window of the zero-padded true image."""
     image = np.random.default_rng(3).integers(1, 256, (8, 8, 3), dtype=np.uint8)
     padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
-    crop = tf.function(lambda s: P.tf_random_crop_pad(image, 8, 2, s))
-    flip = tf.function(lambda s: P.tf_flip(image, s))
+    canvas = _canvas(image, 13)
+    crop = jax.jit(lambda k: G.random_crop_with_padding(k, canvas, 8, 2,
+                                                        true_size=np.array([8, 8], np.int32)))
+    flip = jax.jit(lambda k: G.random_flip(k, canvas[:8, :8]))
     offsets, flips = set(), []
     for i in range(60):
-        out = crop(_seed(i)).numpy()
+        out = np.asarray(crop(_key(i)))
         # Locate the window: the output must be exactly some 8x8 window of the zero-padded image.
         found = [(t, l) for t in range(5) for l in range(5)
                  if np.array_equal(padded[t:t + 8, l:l + 8], out)]
         assert len(found) == 1
         offsets.add(found[0])
-        out = flip(_seed(i)).numpy()
+        out = np.asarray(flip(_key(i)))
         assert np.array_equal(out, image) or np.array_equal(out, image[:, ::-1])
         flips.append(np.array_equal(out, image[:, ::-1]))
     assert len(offsets) > 10  # many of the 25 offsets are drawn
     assert 0.2 < np.mean(flips) < 0.8
-    np.testing.assert_array_equal(crop(_seed(4)).numpy(), crop(_seed(4)).numpy())
+    np.testing.assert_array_equal(np.asarray(crop(_key(4))), np.asarray(crop(_key(4))))
 
 
-@needs_tf
-def test_tf_random_resized_crop_box():
-    box = tf.function(lambda s: P.tf_random_resized_crop_box(40, 30, (0.2, 0.6), (0.5, 2.0), s))
+def test_canvas_random_resized_crop_box():
+    """torchvision RandomResizedCrop boxes of a canvas's true size, traced (known only on the
+    device)."""
+    box = jax.jit(lambda k, h, w, scale: G.random_resized_crop_params(k, h, w, scale,
+                                                                      (0.5, 2.0)),
+                  static_argnums=3)
     fractions = []
     for i in range(80):
-        top, left, h, w = (int(v) for v in box(_seed(i)))
+        top, left, h, w = (int(v) for v in box(_key(i), np.int32(40), np.int32(30), (0.2, 0.6)))
         assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 30
         # Rounding w and h moves area and aspect by at most about one pixel row/column.
         assert 0.2 * 1200 - (h + w) <= h * w <= 0.6 * 1200 + (h + w) + 1
@@ -257,30 +273,59 @@ def test_tf_random_resized_crop_box():
     assert np.mean(fractions) == pytest.approx(0.4, abs=0.06)
     # No box can have area > the image: torchvision's fallback is the centred box with the
     # aspect clamped to the ratio range. 40x10 (w/h = 0.25 < 3/4): w = 10, h = round(10 / 0.75).
-    top, left, h, w = (int(v) for v in P.tf_random_resized_crop_box(
-        40, 10, (2.0, 3.0), (3 / 4, 4 / 3), _seed(0)))
+    box = jax.jit(lambda k, h, w: G.random_resized_crop_params(k, h, w, (2.0, 3.0),
+                                                               (3 / 4, 4 / 3)))
+    top, left, h, w = (int(v) for v in box(_key(0), np.int32(40), np.int32(10)))
     assert (h, w) == (round(10 / 0.75), 10) and (top, left) == ((40 - 13) // 2, 0)
-    top, left, h, w = (int(v) for v in P.tf_random_resized_crop_box(
-        10, 40, (2.0, 3.0), (3 / 4, 4 / 3), _seed(0)))
+    top, left, h, w = (int(v) for v in box(_key(0), np.int32(10), np.int32(40)))
     assert (h, w) == (10, round(10 * 4 / 3)) and (top, left) == (0, (40 - 13) // 2)
 
 
-@needs_tf
-def test_tf_resize_ops_match_pil():
+def test_resize_ops_match_pil():
+    """The evaluation's host resize (`tf_center_crop_resize`) and the device's views of a canvas
+    against PIL."""
     rng = np.random.default_rng(4)
     smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8))
                         .resize((100, 74), Image.Resampling.BILINEAR))  # 74 x 100
-    out = P.tf_center_crop_resize(smooth, 32, 28).numpy()
     # torchvision: Resize(32) -> 32 x int(32 * 100 / 74) = 32 x 43; top/left = round((size-28)/2).
     ref = np.asarray(Image.fromarray(smooth).resize((43, 32), Image.Resampling.BILINEAR))
     ref = ref[2:30, 8:36].astype(int)
+    if tf is not None:
+        out = P.tf_center_crop_resize(smooth, 32, 28).numpy()
+        assert out.shape == (28, 28, 3) and out.dtype == np.uint8
+        assert np.abs(out - ref).max() <= 1
+    canvas = _canvas(smooth, 128)
+    out = np.asarray(jax.jit(lambda x: G.resize_center_crop(x, (74, 100), 32, 28))(canvas))
     assert out.shape == (28, 28, 3) and out.dtype == np.uint8
     assert np.abs(out - ref).max() <= 1
     # Scale and ratio pinned to 1 on a square image: the crop is the whole image, resized.
     square = smooth[:74, :74]
-    out = P.tf_random_resized_crop(square, 24, (1.0, 1.0), (1.0, 1.0), _seed(0)).numpy()
+    out = np.asarray(jax.jit(lambda k, x: G.random_resized_crop(
+        k, x, 24, (1.0, 1.0), (1.0, 1.0), size=(74, 74)))(_key(0), _canvas(square, 96)))
     ref = np.asarray(Image.fromarray(square).resize((24, 24), Image.Resampling.BILINEAR))
-    assert np.abs(out - ref.astype(int)).max() <= 1
+    assert out.dtype == np.uint8 and np.abs(out - ref.astype(int)).max() <= 1
+
+
+@needs_tf
+def test_tf_canvas_holds_the_decoded_image_and_its_size():
+    """tf_canvas: the image in the top-left corner of a zero canvas and its (h, w); an image with
+    a longer side above the canvas is shrunk to fit (aspect kept) by area averaging: at an exact
+    factor of 2, the rounded means of 2x2 blocks."""
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    out = P.tf_canvas(tf.constant(image), 64)
+    canvas, size = out["image"].numpy(), out["size"].numpy()
+    assert canvas.shape == (64, 64, 3) and canvas.dtype == np.uint8
+    assert size.dtype == np.int32 and tuple(size) == (37, 50)
+    np.testing.assert_array_equal(canvas[:37, :50], image)
+    assert not canvas[37:].any() and not canvas[:, 50:].any()
+    large = rng.integers(0, 256, (74, 100, 3), dtype=np.uint8)
+    out = P.tf_canvas(tf.constant(large), 50)  # 74 x 100 -> 37 x 50
+    canvas, size = out["image"].numpy(), out["size"].numpy()
+    assert canvas.shape == (50, 50, 3) and tuple(size) == (37, 50)
+    ref = np.round(large.reshape(37, 2, 50, 2, 3).astype(np.float64).mean((1, 3)))
+    np.testing.assert_array_equal(canvas[:37], ref.astype(np.uint8))
+    assert not canvas[37:].any()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,33 +344,34 @@ def test_unprepared_tfds_fails_fast(tmp_path):
         D.tfds_builder("no_such_dataset_xyz", str(tmp_path))
 
 
-def _rotnet_like_views(image, seed):
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    return {"image": P.tf_flip(P.tf_random_crop_pad(image, 32, 4, seeds[0]), seeds[1])}
-
-
 def _take(iterator, k):
     return [next(iterator) for _ in range(k)]
 
 
 @needs_tf
-def test_tfds_mock_views(tmp_path):
+def test_tfds_mock_canvases(tmp_path):
+    """Canvases per (seed, step): the same batches again, from any resumed step; epochs differ."""
     with tfds.testing.mock_data(num_examples=24):
         source = D.load_dataset(_config(source="tfds", name="cifar10", data_dir=str(tmp_path),
-                                        num_examples=24), "train")
+                                        num_examples=24, canvas_size=40), "train")
         assert source.num_examples == 24 and source.num_classes == 10
+        assert source.canvas_size == 40
 
-        def views(start_step=0):
-            return P.tfds_train_views(source.builder, source.split, global_batch=8, seed=1,
-                                      start_step=start_step, view_fn=_rotnet_like_views,
-                                      process_index=0, process_count=1,
-                                      num_examples=source.num_examples, shuffle_buffer=24)
+        def canvases(start_step=0):
+            return P.tfds_canvases(source.builder, source.split, global_batch=8, seed=1,
+                                   canvas_size=source.canvas_size, start_step=start_step,
+                                   process_index=0, process_count=1,
+                                   num_examples=source.num_examples, shuffle_buffer=24)
 
-        full = _take(views(), 6)  # 3 steps per epoch: two epochs
-        assert full[0]["image"].shape == (8, 32, 32, 3) and full[0]["image"].dtype == np.uint8
+        full = _take(canvases(), 6)  # 3 steps per epoch: two epochs
+        assert full[0]["image"].shape == (8, 40, 40, 3) and full[0]["image"].dtype == np.uint8
         assert full[0]["label"].shape == (8,) and full[0]["label"].dtype == np.int32
-        again = _take(views(), 4)
-        resumed = _take(views(start_step=4), 2)  # mid-epoch 1
+        assert full[0]["size"].shape == (8, 2) and full[0]["size"].dtype == np.int32
+        again = _take(canvases(), 4)
+        resumed = _take(canvases(start_step=4), 2)  # mid-epoch 1
+    for b in full:  # CIFAR's 32x32 images in the corner, zeros around
+        assert (b["size"] == 32).all()
+        assert not b["image"][:, 32:].any() and not b["image"][:, :, 32:].any()
     for a, b in zip(full, again):
         np.testing.assert_array_equal(a["image"], b["image"])
     for a, b in zip(full[4:], resumed):
@@ -337,27 +383,38 @@ def test_tfds_mock_views(tmp_path):
 @needs_tf
 def test_tfds_process_shards_are_disjoint(tmp_path):
     # A real (tiny) prepared TFDS dataset, where each label is the example's id: mock_data ignores
-    # split slicing, so this is where per-process sharding is visible.
+    # split slicing, so this is where per-process sharding is visible. Images of several sizes.
     n = 40
-    images = np.random.default_rng(5).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(5)
+    shapes = [(32, 32), (20, 36), (36, 12), (48, 24)]  # the last is shrunk into the canvas
+    images = [rng.integers(0, 256, shapes[i % 4] + (3,), dtype=np.uint8) for i in range(n)]
     features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "image": tfds.features.Image(shape=(None, None, 3)),
         "label": tfds.features.ClassLabel(num_classes=n)})
     tfds.dataset_builders.store_as_tfds_dataset(
         name="tiny_ids", version="1.0.0", features=features, data_dir=str(tmp_path),
-        split_datasets={"train": tf.data.Dataset.from_tensor_slices(
-            {"image": images, "label": np.arange(n)})})
-    source = D.load_dataset(_config(source="tfds", name="tiny_ids", data_dir=str(tmp_path)),
-                            "train")
+        split_datasets={"train": tf.data.Dataset.from_generator(
+            lambda: ({"image": im, "label": i} for i, im in enumerate(images)),
+            output_signature={"image": tf.TensorSpec((None, None, 3), tf.uint8),
+                              "label": tf.TensorSpec((), tf.int64)})})
+    source = D.load_dataset(_config(source="tfds", name="tiny_ids", data_dir=str(tmp_path),
+                                    canvas_size=40), "train")
     assert source.num_examples == n and source.num_classes == n
 
     def ids(process, start_step=0, steps=4):
-        it = P.tfds_train_views(source.builder, source.split, global_batch=8, seed=2,
-                                start_step=start_step, view_fn=lambda im, s: {"image": im},
-                                process_index=process, process_count=2)
+        it = P.tfds_canvases(source.builder, source.split, global_batch=8, seed=2,
+                             canvas_size=source.canvas_size, start_step=start_step,
+                             process_index=process, process_count=2)
         batches = _take(it, steps)
-        for b in batches:  # identity views: the image is the stored image of that id
-            np.testing.assert_array_equal(b["image"], images[b["label"]])
+        for b in batches:  # the canvas holds the stored image of that id, and its true size
+            for canvas, size, label in zip(b["image"], b["size"], b["label"]):
+                h, w = images[label].shape[:2]
+                if max(h, w) <= 40:
+                    assert tuple(size) == (h, w)
+                    np.testing.assert_array_equal(canvas[:h, :w], images[label])
+                else:  # shrunk to fit, aspect kept: 48x24 -> 40x20
+                    assert tuple(size) == (40, 20)
+                assert not canvas[size[0]:].any() and not canvas[:, size[1]:].any()
         return [b["label"] for b in batches]
 
     p0, p1 = ids(0, steps=5), ids(1, steps=5)  # 40 // 8 = 5 steps per epoch

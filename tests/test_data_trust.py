@@ -279,10 +279,12 @@ def test_tfds_decodes_cmyk_jpeg_and_png_bytes_in_a_jpeg_dataset(tmp_path):
                                                   data_dir=str(tmp_path)), "train")
     # The in-memory path (splits.tfds_to_arrays) and the streamed one (pipeline) both decode.
     arrays = splits.tfds_to_arrays(source)
-    batch = next(P.tfds_train_views(source.builder, source.split, global_batch=2, seed=0,
-                                    view_fn=lambda im, s: {"image": im}, process_index=0,
-                                    process_count=1))
-    for images, labels in ((arrays.images, arrays.labels), (batch["image"], batch["label"])):
+    batch = next(P.tfds_canvases(source.builder, source.split, global_batch=2, seed=0,
+                                 canvas_size=source.canvas_size, process_index=0,
+                                 process_count=1))
+    assert (batch["size"] == 16).all()  # the decoded 16x16 image in the canvas's corner
+    streamed = batch["image"][:, :16, :16]
+    for images, labels in ((arrays.images, arrays.labels), (streamed, batch["label"])):
         for image, label in zip(images, labels):
             assert np.abs(image.astype(int) - colours[label]).max() <= 12
 

@@ -145,8 +145,10 @@ def test_two_learning_rates_reach_the_right_parameters():
 
 def test_views_are_random_resized_crops_and_flips():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 12, 12, 3), np.uint8))
-    views = jax.jit(lambda k, x: batch_source.crop_flip_views(x, k, crop=8, scale=(0.5, 1.0)))(
-        jax.random.key(0), images)["image"]
+    sizes = jnp.full((4, 2), 12, jnp.int32)  # in-memory images are their own canvases
+    views = jax.jit(lambda k, x, s: batch_source.crop_flip_views(x, s, k, crop=8,
+                                                                 scale=(0.5, 1.0)))(
+        jax.random.key(0), images, sizes)["image"]
     assert views.shape == (4, 8, 8, 3) and views.dtype == jnp.uint8
     full = jax.jit(lambda x: ft.eval_views(x, 8))(images)
     assert full.shape == (4, 8, 8, 3) and full.dtype == jnp.uint8
@@ -387,13 +389,15 @@ def test_subset_file_of_tfds_file_names_selects_exactly_those(tmp_path):
     assert [stored[p] for p in positions] == [names[i] for i in chosen]
 
     def epoch(process, count=2, seed=3, start_step=0):  # 8 examples / global batch 4: 2 steps
-        it = pipeline.tfds_subset_views(source.builder, source.split, positions, global_batch=4,
-                                        seed=seed, view_fn=lambda im, s: {"image": im},
-                                        start_step=start_step, process_index=process,
-                                        process_count=2)
+        it = pipeline.tfds_subset_canvases(source.builder, source.split, positions,
+                                           global_batch=4, seed=seed, canvas_size=20,
+                                           start_step=start_step, process_index=process,
+                                           process_count=2)
         batches = [next(it) for _ in range(count)]
-        for b in batches:  # identity views: each image is the stored image of its id (label)
-            np.testing.assert_array_equal(b["image"], images[b["label"]])
+        for b in batches:  # each canvas holds the stored image of its id (label), zeros around
+            assert b["image"].shape == (2, 20, 20, 3) and (b["size"] == 16).all()
+            np.testing.assert_array_equal(b["image"][:, :16, :16], images[b["label"]])
+            assert not b["image"][:, 16:].any() and not b["image"][:, :, 16:].any()
         return np.concatenate([b["label"] for b in batches])
 
     p0, p1 = epoch(0), epoch(1)
@@ -405,10 +409,10 @@ def test_subset_file_of_tfds_file_names_selects_exactly_those(tmp_path):
 
     # With a cache: the same batches, and once filled the split's own files are not read again.
     def cached(process):
-        it = pipeline.tfds_subset_views(source.builder, source.split, positions, global_batch=4,
-                                        seed=3, view_fn=lambda im, s: {"image": im},
-                                        process_index=process, process_count=2,
-                                        cache_dir=str(tmp_path / "cache"))
+        it = pipeline.tfds_subset_canvases(source.builder, source.split, positions,
+                                           global_batch=4, seed=3, canvas_size=20,
+                                           process_index=process, process_count=2,
+                                           cache_dir=str(tmp_path / "cache"))
         return np.concatenate([next(it)["label"] for _ in range(4)])
 
     first = cached(0)

@@ -100,12 +100,13 @@ def test_obow_view_fields_are_checked_for_length_and_range(field, value, expecte
                                r"aspect ratio"),
     ("jitter", (0.4, -0.1, 0.4, 0.1), r"config.bownet.jitter=\(0.4, -0.1, 0.4, 0.1\)"),
     ("jitter_p", -0.1, r"config.bownet.jitter_p=-0.1; expected a probability"),
+    ("teacher_resize", -1, r"config.bownet.view_size=0, teacher_resize=-1; expected both >= 0"),
 ])
 def test_bownet_view_fields_are_checked_for_length_and_range(field, value, expected):
     cfg = bownet.default_config()
     cfg[field] = value
     with pytest.raises(InputError, match=expected):
-        bownet.check_bownet_config(cfg, (32, 32, 3))
+        bownet.check_bownet_config(cfg)
 
 
 def test_the_issue_s_crop_scale_fails_when_the_method_is_created_not_at_the_first_batch():

@@ -57,7 +57,9 @@ def xla_optimizations():
 def train(method, config, images, state=None):
     """`config.num_train_steps` steps on random batches of `images` (uint8 [N, H, W, 3])."""
     state = jax.jit(method.init_state)(jax.random.key(config.seed)) if state is None else state
-    step = jax.jit(lambda s, x, k: method.train_step(s, method.make_views(x, k)),
+    # In-memory images are their own canvases: every size is the stored images' (h, w).
+    sizes = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32), (config.batch_size, 2))
+    step = jax.jit(lambda s, x, k: method.train_step(s, method.make_views(x, sizes, k)),
                    donate_argnums=0)
     rng = np.random.default_rng(config.seed)
     with xla_optimizations():

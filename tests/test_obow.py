@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from bow_jax.bow import vocabulary as voc
-from bow_jax.data import host_views
 from bow_jax.data.splits import load_split
 from bow_jax.lib import schedules, sharding
 from bow_jax.methods import DataInfo, interface, create_method, data_info_for, obow
@@ -495,7 +494,8 @@ def test_views_shapes_and_shared_patch_draw():
     cfg.grayscale_p = 0.5
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     method = obow.create(config, DataInfo(images.shape[1:], 256, 16, 32))
-    views = jax.jit(method.make_views)(jnp.asarray(images), jax.random.key(0))
+    sizes = jnp.full((16, 2), 16, jnp.int32)  # in-memory images are their own canvases
+    views = jax.jit(method.make_views)(jnp.asarray(images), sizes, jax.random.key(0))
     assert views["teacher"].shape == (16, cfg.teacher_size, cfg.teacher_size, 3)
     assert views["crops"].shape == (16, cfg.num_crops, cfg.crop_size, cfg.crop_size, 3)
     assert views["patches"].shape == (16, cfg.num_patches, cfg.patch_size, cfg.patch_size, 3)
@@ -514,33 +514,49 @@ def test_views_shapes_and_shared_patch_draw():
     np.testing.assert_allclose(teacher, np.asarray(views["teacher"]) / 255.0, atol=1e-6)
 
 
-def test_host_views_are_the_device_views_in_tensorflow():
-    """methods/obow.py has no TensorFlow: its `tf_views` are data/host_views.py's (imported only
-    when called). Shapes and dtypes as on the device; each patch is the grid cell (i, j) of its
-    source, shifted by at most `patch_jitter` (read off a coordinate-coded image)."""
+def test_views_of_a_canvas_are_the_views_of_the_image():
+    """methods/obow.py has no TensorFlow: every view is cut on the device, from in-memory images
+    and streamed canvases alike. An image in the top-left corner of a larger canvas (true size
+    given) has exactly the views of the image itself, whatever lies outside it. Each patch is the
+    grid cell (i, j) of its source, shifted by at most `patch_jitter` (read off a
+    coordinate-coded image)."""
     code = ("import sys\nfrom bow_jax.methods import obow\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-    tf = pytest.importorskip("tensorflow")
     config = worker.tiny_config()
     method = obow.create(config, DataInfo((40, 48, 3), 256, 16, 32))
+    views = jax.jit(method.make_views)
     image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    views = method.tf_views(tf.constant(image), tf.constant([3, 4], tf.int64))
-    device = jax.jit(method.make_views)(jnp.asarray(image[None]), jax.random.key(0))
-    assert sorted(views) == sorted(device)
-    for name, view in views.items():
-        assert view.dtype == tf.uint8 and tuple(view.shape) == device[name].shape[1:], name
+    canvas = np.full((64, 64, 3), 255, np.uint8)  # anything outside the image must not show
+    canvas[:40, :48] = image
+    size = jnp.asarray([[40, 48]], jnp.int32)
+    own = views(jnp.asarray(image[None]), size, jax.random.key(0))
+    cut = views(jnp.asarray(canvas[None]), size, jax.random.key(0))
+    assert sorted(own) == sorted(cut) == ["crops", "patches", "teacher"]
+    for name, view in cut.items():
+        assert view.dtype == jnp.uint8 and view.shape == own[name].shape, name
+        np.testing.assert_array_equal(np.asarray(view), np.asarray(own[name]), err_msg=name)
+    # Patches of a coordinate-coded 40x40 image on a canvas; the source crop is the whole image
+    # at its own size (scale (1, 1)), so the patches are the image's pixels.
     s, p, jitter = 40, 12, 4
+    config.obow.update(dict(patch_source_size=s, patch_source_scale=(1.0, 1.0), patch_size=p,
+                            patch_jitter=jitter))
+    method = obow.create(config, DataInfo((s, s, 3), 256, 16, 32))
     rows, cols = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     coded = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
-    patches = host_views.tf_jittered_patches(tf.constant(coded), tf.constant([1, 2], tf.int64),
-                                          patch_size=p, jitter=jitter, keep=5).numpy()
+    canvas = np.full((64, 64, 3), 255, np.uint8)
+    canvas[:s, :s] = coded
+    patches = np.asarray(jax.jit(method.make_views)(
+        jnp.asarray(canvas[None]), jnp.asarray([[s, s]], jnp.int32),
+        jax.random.key(2))["patches"][0])
     step = (s - p - jitter) // 2
     tops, lefts = patches[:, 0, 0, 0].astype(int), patches[:, 0, 0, 1].astype(int)
     cells = {(t // step, l // step) for t, l in zip(tops, lefts)}
     assert patches.shape == (5, p, p, 3) and len(cells) == 5
     assert all(0 <= t - (t // step) * step <= jitter for t in tops)
-    np.testing.assert_array_equal(patches[0], coded[tops[0]:tops[0] + p, lefts[0]:lefts[0] + p])
+    for k in range(5):
+        np.testing.assert_array_equal(patches[k],
+                                      coded[tops[k]:tops[k] + p, lefts[k]:lefts[k] + p])
 
 
 def test_ablation_vocabularies_vs_numpy():

@@ -4,7 +4,9 @@ BoWNet (Gidaris et al., CVPR 2020, section 2) quantises the teacher's feature ma
 words, the k-means centroids of the teacher's per-location feature vectors over the training
 images. Here the pure part: which locations are kept (`locations_per_image`, `dense_vectors`,
 `keep_locations`, jit-able), the k-means itself sharded over the devices, with its progress
-shown between Lloyd iterations (`build_vocabulary`), and the vocabulary file
+shown between Lloyd iterations (`build_vocabulary`; `vector_buffer` preallocates its input so
+that a streamed pass fills it in place and nothing is copied to pad it, `kmeans_footprint`
+sizes it), and the vocabulary file
 (`write_vocabulary` / `read_vocabulary` / `check_vocabulary`): an .npz
 of the centroids [K, C] float32 and JSON metadata naming the teacher, layer, border and K.
 Feature extraction and checkpoint I/O belong to the task that calls these.
@@ -58,27 +60,75 @@ def keep_locations(key, vectors: jax.Array, keep: int) -> jax.Array:
 # k-means
 
 
+def padded_rows(num_vectors: int, num_words: int, n_devices: int) -> int:
+    """Rows of the k-means input for `num_vectors` vectors: a multiple of the k-means chunk
+    (`kmeans.default_chunk_size(num_words, n_devices)`, on this backend), so that
+    `build_vocabulary` shards it as it is."""
+    chunk = kmeans.default_chunk_size(num_words, n_devices)
+    return max(1, -(-int(num_vectors) // chunk)) * chunk
+
+
+def vector_buffer(num_vectors: int, channels: int, num_words: int,
+                  n_devices: int) -> np.ndarray:
+    """Zeros float32 [padded_rows(...), channels]: the k-means input, to be filled in place with
+    `num_vectors` rows (then `build_vocabulary(..., num_vectors=num_vectors)`: the rest is
+    padding of weight 0). A streamed pass then holds the vectors once on the host, never a copy
+    made to pad them."""
+    return np.zeros((padded_rows(num_vectors, num_words, n_devices), int(channels)), np.float32)
+
+
+def kmeans_footprint(num_vectors: int, channels: int, num_words: int,
+                     n_devices: int) -> dict:
+    """Bytes of the k-means of `num_vectors` float32 vectors of `channels` into `num_words` words
+    on `n_devices` devices of this backend (`kmeans.default_chunk_size`):
+    'host_vectors' the k-means input on the host (`vector_buffer`), 'device_vectors' each
+    device's rows of it, 'distance_block' each device's [chunk rows, K padded to 128] float32
+    scores of one assignment step, 'centroids' one [K, C] float32 array (Lloyd keeps a few:
+    centroids, their update, the per-word sums), 'seeding_sample' k-means++'s subsample
+    [min(N, max(32 K, 8192)), C] (`kmeans.default_init_sample_size`), 'chunk_rows' the rows of
+    one assignment step over all devices."""
+    chunk = kmeans.default_chunk_size(num_words, n_devices)
+    rows = padded_rows(num_vectors, num_words, n_devices)
+    words = -(-num_words // 128) * 128 if num_words > 128 else num_words
+    seeding = kmeans.default_init_sample_size(num_vectors, num_words)
+    return {"chunk_rows": chunk, "host_vectors": 4 * rows * channels,
+            "device_vectors": 4 * rows * channels // n_devices,
+            "distance_block": 4 * (chunk // n_devices) * words,
+            "centroids": 4 * num_words * channels, "seeding_sample": 4 * seeding * channels}
+
+
 def build_vocabulary(key, vectors: np.ndarray, num_words: int, *, method: str = "lloyd",
                      n_iter: int = 50, tol: float = 1e-4, n_init: int = 1, mesh=None,
-                     field: str = "config.bownet.num_words") -> tuple[np.ndarray, dict]:
+                     field: str = "config.bownet.num_words",
+                     num_vectors: int | None = None) -> tuple[np.ndarray, dict]:
     """k-means of the feature vectors [N, C] (float32 numpy) into `num_words` visual words.
 
     The rows are padded (weight 0) to a multiple of the k-means chunk and sharded over `mesh`
-    (default: every device), so each device assigns its own rows (`bow.kmeans`). Returns
-    (centroids float32 [num_words, C] numpy, meta) with meta = {'num_words', 'num_vectors',
-    'inertia', 'mean_sq_distance', 'kmeans_method', 'kmeans_iters', 'kmeans_seconds'}.
-    ValueError naming `field` when there are fewer vectors than words.
+    (default: every device), so each device assigns its own rows (`bow.kmeans`). `num_vectors`:
+    only the first rows are vectors, the others padding (a `vector_buffer`: no copy is made when
+    its rows are already a multiple of the chunk). Returns (centroids float32 [num_words, C]
+    numpy, meta) with meta = {'num_words', 'num_vectors', 'inertia', 'mean_sq_distance',
+    'kmeans_method', 'kmeans_iters', 'kmeans_seconds'}. ValueError naming `field` when there
+    are fewer vectors than words.
     """
     vectors = np.asarray(vectors, np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be [N, C] feature vectors, got shape {vectors.shape}.")
-    if vectors.shape[0] < num_words:
-        raise InputError(f"{field}={num_words} is more than the {vectors.shape[0]} feature "
+    count = vectors.shape[0] if num_vectors is None else int(num_vectors)
+    if not 0 <= count <= vectors.shape[0]:
+        raise ValueError(f"num_vectors={num_vectors} must lie in [0, {vectors.shape[0]}] (the "
+                         "rows of `vectors`).")
+    if count < num_words:
+        raise InputError(f"{field}={num_words} is more than the {count} feature "
                          "vectors sampled (vocab_images / vocab_max_vectors).")
     mesh = sharding.make_mesh() if mesh is None else mesh
     start = time.time()
     chunk = kmeans.default_chunk_size(num_words, mesh.size)
-    x, weights = kmeans.pad_rows(vectors, chunk)
+    weights = None
+    if num_vectors is not None:
+        weights = np.zeros(vectors.shape[0], np.float32)
+        weights[:count] = 1.0
+    x, weights = kmeans.pad_rows(vectors, chunk, weights)
     rows = sharding.batch_sharded(mesh)
     # Progress (rate, ETA) between compiled calls of one Lloyd iteration (a pass over every
     # vector) or of 100 mini-batch steps; the result is the one-shot fit's.

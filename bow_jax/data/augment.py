@@ -5,7 +5,7 @@ Conventions
 -----------
 * Images come from the host as uint8; `to_float` maps them to float32 in [0, 1] (what the colour
   ops of `photometric` expect, as torchvision's tensor ops do); `to_uint8` rounds float images on
-  the 0..255 scale back (what the resampling ops of `geometric` return for uint8 input);
+  the 0..255 scale back (the resampling ops of `geometric` round their own output);
   `normalize` makes the network input.
 * Single-image functions take `(key, image)` with `image` of shape [H, W, C]; `*_batch` functions
   split the key into one key per image (`jax.random.split(key, B)`) and vmap (`keyed.per_image`).
@@ -24,10 +24,11 @@ import jax.numpy as jnp
 
 # The geometric and photometric ops, under the names their callers have always used.
 from bow_jax.data.geometric import (  # noqa: F401
-    center_crop, cutmix, cutmix_params, hflip, jittered_patch_params, jittered_patches,
+    axis_taps, center_crop, cutmix, cutmix_params, hflip, jittered_patch_params, jittered_patches,
     jittered_patches_batch, random_crop_params, random_crop_with_padding,
     random_crop_with_padding_batch, random_flip, random_flip_batch, random_resized_crop,
-    random_resized_crop_batch, random_resized_crop_params, resize, resized_crop, rotate4)
+    random_resized_crop_batch, random_resized_crop_params, resample, resize, resize_center_crop,
+    resize_random_crop, resized_box, resized_window, rotate4)
 from bow_jax.data.keyed import per_image, random_apply  # noqa: F401
 from bow_jax.data.photometric import (  # noqa: F401
     BRIGHTNESS, COLOR_OPS, CONTRAST, GRAY_WEIGHTS, HUE, PIL_BLUR_PASSES, SATURATION,

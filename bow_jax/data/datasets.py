@@ -4,7 +4,7 @@ and TFDS datasets by name.
 In-memory sources return an `ArrayDataset` (uint8 [N,H,W,3] + int32 labels) that the training loop
 puts on the device once; per step only indices travel. They never import TensorFlow, so training
 from memory works on machines without it. TFDS sources return a `TfdsSource` handle that
-`pipeline.tfds_train_views` turns into batches; TensorFlow is imported only there.
+`pipeline.tfds_canvases` turns into batches; TensorFlow is imported only there.
 
 Image files are decoded by Pillow into the 8-bit RGB picture an image viewer shows (`to_rgb`):
 EXIF orientation applied, transparency composited over white, 16-bit samples scaled (65535 ->
@@ -47,6 +47,9 @@ CIFAR_NPZ_LAYOUT = ("CIFAR-10 npz files as in ../shared/data/cifar10 "
 JPEG_NPZ_LAYOUT = ("a JPEG-bytes npz as ../shared/data/cifar10/jpeg.npz ({split}_jpeg bytes, "
                    "{split}_offsets [N+1], {split}_labels [N])")
 # TFDS names some evaluation splits differently from 'test'.
+# Streamed images are padded into a canvas of this side (config.data.canvas_size): ImageNet's
+# photographs are mostly at most 500 pixels on their longer side, so nearly all pass unscaled.
+DEFAULT_CANVAS_SIZE = 512
 TFDS_SPLIT_NAMES = {"imagenet2012": {"test": "validation"}}
 
 
@@ -96,12 +99,15 @@ class ArrayDataset:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSource:
-    """A prepared TFDS dataset and one of its splits, ready for `pipeline.tfds_train_views`."""
+    """A prepared TFDS dataset and one of its splits, ready for `pipeline.tfds_canvases`.
+    canvas_size: the side of the uint8 canvas each streamed image is padded into (images with a
+    longer side are shrunk to fit; `pipeline.tf_canvas`), config.data.canvas_size."""
     builder: Any
     split: str
     num_examples: int
     num_classes: int
     name: str
+    canvas_size: int = DEFAULT_CANVAS_SIZE
 
     def __len__(self) -> int:
         return self.num_examples
@@ -583,6 +589,16 @@ def _config_get(config, field: str, default=None):
     return default if value is None else value
 
 
+def with_canvas(source: TfdsSource, data_config) -> TfdsSource:
+    """`source` with the canvas side of `data_config.canvas_size` (InputError naming the field
+    unless it is a positive int; absent: the default)."""
+    size = _config_get(data_config, "canvas_size", DEFAULT_CANVAS_SIZE)
+    if not isinstance(size, (int, np.integer)) or size <= 0:
+        raise InputError(f"config.data.canvas_size={size!r}; expected a positive number of "
+                         "pixels (the side of the padded image the device cuts views from).")
+    return dataclasses.replace(source, canvas_size=int(size))
+
+
 def tfds_source(name: str, split: str, data_dir: str | None = None,
                 manual_dir: str | None = None, num_examples: int | Mapping[str, int] | None = None,
                 split_names: Mapping[str, str] | None = None) -> TfdsSource:
@@ -700,10 +716,11 @@ def load_dataset(data_config, split: str = "train") -> ArrayDataset | TfdsSource
         if not name:
             raise InputError("config.data.name must name a TFDS dataset (e.g. 'cifar10', "
                              "'imagenet2012') for source 'tfds'.")
-        return tfds_source(name, split, _config_get(data_config, "data_dir"),
-                           _config_get(data_config, "manual_dir"),
-                           _config_get(data_config, "num_examples"),
-                           _config_get(data_config, "split_names"))
+        source = tfds_source(name, split, _config_get(data_config, "data_dir"),
+                             _config_get(data_config, "manual_dir"),
+                             _config_get(data_config, "num_examples"),
+                             _config_get(data_config, "split_names"))
+        return with_canvas(source, data_config)
     raise InputError(f"config.data.source={source!r} is not a known source; valid: {SOURCES}.")
 
 

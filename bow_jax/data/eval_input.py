@@ -291,7 +291,8 @@ class TfdsInput(EvalInput):
                                 shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
 
         def prepare(example):
-            image = self.transform.tf(feature.decode_example(example["image"]))
+            image = self.transform.tf(pipeline.tf_decode(example["image"],
+                                                         feature.decode_example))
             return image, self._labels(example)
 
         ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -495,5 +496,6 @@ def tfds_eval_source(config, split: str) -> datasets.TfdsSource:
                          f"{sorted(splits)}.")
     count = sum(splits[p].num_examples for p in parts)
     label = builder.info.features["label"] if "label" in builder.info.features else None
-    return datasets.TfdsSource(builder, tfds_split, int(count),
-                               int(getattr(label, "num_classes", 0) or 0), name)
+    return datasets.with_canvas(datasets.TfdsSource(
+        builder, tfds_split, int(count), int(getattr(label, "num_classes", 0) or 0), name),
+        data_config)

@@ -6,17 +6,17 @@ loads its contiguous slice of that global batch. So multi-host sharding is index
 resumed at any step sees exactly the batches an uninterrupted run would have seen.
 
 For in-memory datasets the host produces only indices (`IndexLoader`); the device gathers and
-augments. For TFDS datasets `tfds_train_views` decodes, crops (geometric ops only) and batches
-uint8 views with tf.data; photometric augmentation happens later on the device; for a labelled
-subset of a TFDS split (semi-supervised fine-tuning) `tfds_subset_views` streams only the subset.
-TensorFlow is imported only inside the TFDS functions.
+augments. For TFDS datasets `tfds_canvases` reads and decodes each image once with tf.data and
+pads it into a fixed uint8 canvas with its true size (`tf_canvas`): nothing else per image on the
+host; every view is cut on the device (`data/batches.py`). For a labelled subset of a TFDS split
+(semi-supervised fine-tuning) `tfds_subset_canvases` streams only the subset. TensorFlow is
+imported only inside the TFDS functions.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -123,8 +123,8 @@ class IndexLoader:
 
 
 # ------------------------------------------------------------------------------------------------
-# TFDS: tf.data views. Random ops are stateless, keyed by a [2] int64 seed tensor, so every view
-# is a function of (seed, epoch, process, position) and a resumed pipeline repeats itself exactly.
+# TFDS: tf.data decodes each image once into a canvas. The file order and shuffle are seeded by
+# (seed, epoch, process), so a resumed pipeline repeats itself exactly; no randomness per image.
 
 
 def import_tensorflow():
@@ -145,56 +145,6 @@ def tf_resize(image, height, width):
                                          antialias=True))
 
 
-def tf_random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=None,
-                               attempts: int = 10):
-    """(top, left, crop_height, crop_width) int32, sampled as torchvision RandomResizedCrop does.
-
-    Up to `attempts` tries: area fraction ~ U(scale), log aspect ~ U(log ratio), w = round(
-    sqrt(area * aspect)), h = round(sqrt(area / aspect)); the first box that fits is placed
-    uniformly. If none fits: the largest centred box with aspect clamped to `ratio`.
-    """
-    if seed is None:
-        raise ValueError("seed: a [2] integer tensor is required (stateless random ops).")
-    tf = import_tensorflow()
-    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
-    area = tf.cast(height * width, tf.float32)
-    target_area = area * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1])
-    log_aspect = tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
-                                             math.log(ratio[1]))
-    aspect = tf.exp(log_aspect)
-    # tf.round rounds half to even, like Python's round() in torchvision.
-    w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
-    h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-
-    def sampled():
-        ch, cw = h[first], w[first]
-        top = tf.random.stateless_uniform([], seeds[2], 0, height - ch + 1, dtype=tf.int32)
-        left = tf.random.stateless_uniform([], seeds[3], 0, width - cw + 1, dtype=tf.int32)
-        return top, left, ch, cw
-
-    def centred():
-        in_ratio = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
-        wf, hf = tf.cast(width, tf.float32), tf.cast(height, tf.float32)
-        cw = tf.where(in_ratio < ratio[0], width,
-                      tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32),
-                               width))
-        ch = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), height)
-        return (height - ch) // 2, (width - cw) // 2, ch, cw
-
-    return tf.cond(tf.reduce_any(fits), sampled, centred)
-
-
-def tf_random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=None):
-    """torchvision RandomResizedCrop(size, scale, ratio): uint8 [H,W,3] -> [size,size,3]."""
-    tf = import_tensorflow()
-    shape = tf.shape(image)
-    top, left, ch, cw = tf_random_resized_crop_box(shape[0], shape[1], scale, ratio, seed)
-    return tf_resize(image[top:top + ch, left:left + cw], size, size)
-
-
 def tf_center_crop_resize(image, resize_shorter: int, crop: int):
     """torchvision Resize(resize_shorter) + CenterCrop(crop) on a uint8 [H,W,3] tensor."""
     tf = import_tensorflow()
@@ -213,22 +163,61 @@ def tf_center_crop_resize(image, resize_shorter: int, crop: int):
     return resized[top:top + crop, left:left + crop]
 
 
-def tf_random_crop_pad(image, size: int, padding: int, seed):
-    """torchvision RandomCrop(size, padding): zero-pad every side, take a uniform window."""
+def tf_decode(encoded, decode, canvas_size: int = 0):
+    """Decode one encoded image -> uint8 [h, w, 3].
+
+    A JPEG is decoded by libjpeg with the accurate integer IDCT, the one Pillow (hence the
+    official PyTorch code) uses: the same pixels, where TensorFlow's default fast IDCT is about
+    one grey level off on average. With a `canvas_size`, a JPEG whose longer side is at least
+    twice the canvas is decoded at 1/2, 1/4 or 1/8 scale (the smallest that keeps the longer
+    side >= canvas_size): much cheaper than decoding every pixel to shrink them. Other formats:
+    `decode(encoded)` (the dataset's own decoder)."""
     tf = import_tensorflow()
-    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-    shape = tf.shape(padded)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - size + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - size + 1, dtype=tf.int32)
-    return padded[top:top + size, left:left + size]
+
+    def jpeg():
+        if not canvas_size:
+            return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+        shape = tf.io.extract_jpeg_shape(encoded)
+        longer = tf.maximum(shape[0], shape[1])
+        branch = sum(tf.cast(longer >= r * canvas_size, tf.int32) for r in (2, 4, 8))
+        return tf.switch_case(branch, [
+            lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r,
+                                          dct_method="INTEGER_ACCURATE")
+            for r in (1, 2, 4, 8)])
+
+    return tf.cond(tf.io.is_jpeg(encoded), jpeg, lambda: decode(encoded))
 
 
-def tf_flip(image, seed):
-    """Horizontal flip with probability 1/2 (torchvision RandomHorizontalFlip)."""
+def tf_canvas(image, canvas_size: int) -> dict:
+    """One decoded uint8 image [h, w, 3] -> {'image': uint8 [S, S, 3], 'size': int32 [2]}: the
+    image in the top-left corner of a zero canvas of side S = canvas_size, and its (h, w) there.
+
+    An image whose longer side exceeds S is first shrunk to fit (aspect kept, the shorter side
+    rounded) by area averaging (antialiased; half the CPU of TensorFlow's antialiased bilinear):
+    the one resize the host may make, for the photographs above S (ImageNet's are mostly <= 500
+    pixels); every view is cut on the device from what this returns."""
     tf = import_tensorflow()
-    flip = tf.random.stateless_uniform([], tf.cast(seed, tf.int64)) < 0.5
-    return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    longer = tf.maximum(h, w)
+
+    def shrunk():
+        scale = canvas_size / tf.cast(longer, tf.float64)
+        new_h = tf.maximum(1, tf.cast(tf.round(tf.cast(h, tf.float64) * scale), tf.int32))
+        new_w = tf.maximum(1, tf.cast(tf.round(tf.cast(w, tf.float64) * scale), tf.int32))
+        size = tf.stack([tf.minimum(new_h, canvas_size), tf.minimum(new_w, canvas_size)])
+        return _to_uint8(tf, tf.image.resize(image, size, method="area"))
+
+    image = tf.cond(longer > canvas_size, shrunk, lambda: image)
+    shape = tf.shape(image)
+    canvas = tf.pad(image, [[0, canvas_size - shape[0]], [0, canvas_size - shape[1]], [0, 0]])
+    return {"image": tf.ensure_shape(canvas, (canvas_size, canvas_size, 3)),
+            "size": tf.cast(shape[:2], tf.int32)}
+
+
+def tf_encoded_canvas(encoded, canvas_size: int, decode) -> dict:
+    """`tf_canvas` of an encoded image (`tf_decode`): what the host does per image."""
+    return tf_canvas(tf_decode(encoded, decode, canvas_size), canvas_size)
 
 
 def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
@@ -237,11 +226,8 @@ def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
     return int(state & 0x7FFFFFFF)
 
 
-ViewFn = Callable[[Any, Any], dict]
-
-
-def _epoch_views(builder, split, *, epoch_key, take, skip, local_batch, view_fn, shuffle_buffer,
-                 image_key, label_key, prefetch, options=None):
+def _epoch_canvases(builder, split, *, epoch_key, take, skip, local_batch, canvas_size,
+                    shuffle_buffer, image_key, label_key, prefetch, options=None):
     """One process's batches of one epoch, from example `skip` on."""
     tf = import_tensorflow()
     import tensorflow_datasets as tfds
@@ -252,32 +238,29 @@ def _epoch_views(builder, split, *, epoch_key, take, skip, local_batch, view_fn,
                             decoders={image_key: tfds.decode.SkipDecoding()},
                             read_config=tfds.ReadConfig(shuffle_seed=epoch_key))
     ds = ds.shuffle(shuffle_buffer, seed=epoch_key, reshuffle_each_iteration=False)
-    ds = ds.take(take).enumerate().skip(skip)
+    ds = ds.take(take).skip(skip)
 
-    def make_views(position, example):
-        seed = tf.stack([tf.constant(epoch_key, tf.int64), position])
-        views = dict(view_fn(image_feature.decode_example(example[image_key]), seed))
+    def canvas(example):
+        out = tf_encoded_canvas(example[image_key], canvas_size, image_feature.decode_example)
         if label_key in example:
-            views["label"] = tf.cast(example[label_key], tf.int32)
-        return views
+            out["label"] = tf.cast(example[label_key], tf.int32)
+        return out
 
-    ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(canvas, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
     # Options (e.g. a private threadpool) apply to the whole pipeline, file reads included.
     return ds if options is None else ds.with_options(options)
 
 
-def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_fn: ViewFn,
-                     start_step: int = 0, process_index: int | None = None,
+def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_size: int,
+                  start_step: int = 0, process_index: int | None = None,
                      process_count: int | None = None, num_examples: int | None = None,
                      shuffle_buffer: int = 16_384, image_key: str = "image",
                      label_key: str = "label", prefetch: int = 2,
                      options=None) -> Iterator[dict[str, np.ndarray]]:
-    """Endless numpy batches of uint8 views for this process, from global step `start_step` on.
-
-    view_fn(image uint8 [H,W,3] tensor, seed int64 [2] tensor) -> dict of uint8 tensors (fixed
-    shapes), using stateless random ops keyed by `seed`. Each batch is that dict stacked to
-    [global_batch // process_count, ...], plus 'label' int32 when the dataset has labels.
+    """Endless numpy batches of canvases for this process, from global step `start_step` on:
+    {'image': uint8 [L, S, S, 3], 'size': int32 [L, 2]} (`tf_canvas`, S = canvas_size), plus
+    'label' int32 [L] when the dataset has labels; L = global_batch // process_count.
 
     Process p reads shard p of `tfds.even_splits(split, process_count)`; epoch e is shuffled with
     a seed from (seed, e, p); every process takes num_examples // global_batch steps per epoch;
@@ -301,11 +284,11 @@ def tfds_train_views(builder, split: str, *, global_batch: int, seed: int, view_
     step = int(start_step)
     while True:
         epoch, step_in_epoch = divmod(step, epoch_steps)
-        batches = _epoch_views(builder, shard, epoch_key=_epoch_key(seed, epoch, process_index),
-                               take=epoch_steps * local, skip=step_in_epoch * local,
-                               local_batch=local, view_fn=view_fn, shuffle_buffer=shuffle_buffer,
-                               image_key=image_key, label_key=label_key, prefetch=prefetch,
-                               options=options)
+        batches = _epoch_canvases(
+            builder, shard, epoch_key=_epoch_key(seed, epoch, process_index),
+            take=epoch_steps * local, skip=step_in_epoch * local, local_batch=local,
+            canvas_size=canvas_size, shuffle_buffer=shuffle_buffer, image_key=image_key,
+            label_key=label_key, prefetch=prefetch, options=options)
         yield from batches.as_numpy_iterator()
         step = (epoch + 1) * epoch_steps
 
@@ -353,9 +336,9 @@ def _subset_records(builder, split, keep, image_key, cache_file):
     return ds
 
 
-def _subset_epoch_views(builder, split, keep, *, epoch_key, count, local_batch, skip,
-                        process_index, process_count, view_fn, shuffle_buffer, image_key,
-                        label_key, prefetch, options, cache_file):
+def _subset_epoch_canvases(builder, split, keep, *, epoch_key, count, local_batch, skip,
+                           process_index, process_count, canvas_size, shuffle_buffer, image_key,
+                           label_key, prefetch, options, cache_file):
     """One process's batches of one epoch of the subset `keep` (bool [N] by stored position)."""
     tf = import_tensorflow()
     image_feature = builder.info.features[image_key]
@@ -364,35 +347,32 @@ def _subset_epoch_views(builder, split, keep, *, epoch_key, count, local_batch, 
     # the processes' shards of an epoch are disjoint and together the whole subset.
     ds = ds.shuffle(max(1, min(shuffle_buffer, count)), seed=epoch_key,
                     reshuffle_each_iteration=False)
-    ds = ds.shard(process_count, process_index).take(count // process_count)
-    ds = ds.enumerate().skip(skip)
+    ds = ds.shard(process_count, process_index).take(count // process_count).skip(skip)
 
-    def make_views(position, example):
-        global_position = position * process_count + process_index
-        seed = tf.stack([tf.constant(epoch_key, tf.int64), global_position])
-        views = dict(view_fn(image_feature.decode_example(example[image_key]), seed))
-        views["label"] = tf.cast(example[label_key], tf.int32)
-        return views
+    def canvas(example):
+        out = tf_encoded_canvas(example[image_key], canvas_size, image_feature.decode_example)
+        out["label"] = tf.cast(example[label_key], tf.int32)
+        return out
 
-    ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(canvas, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
     return ds if options is None else ds.with_options(options)
 
 
-def tfds_subset_views(builder, split: str, positions, *, global_batch: int, seed: int,
-                      view_fn: ViewFn, start_step: int = 0, num_examples: int | None = None,
+def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, seed: int,
+                         canvas_size: int, start_step: int = 0, num_examples: int | None = None,
                       process_index: int | None = None, process_count: int | None = None,
                       shuffle_buffer: int = 16_384, image_key: str = "image",
                       label_key: str = "label", prefetch: int = 2, options=None,
                       cache_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Endless numpy batches of views of the examples at `positions` (int, into `split`'s stored
-    order, e.g. from `tfds_feature_values` + a subset file) for this process, from `start_step`.
+    """Endless numpy batches of canvases (`tfds_canvases`' batches) of the examples at
+    `positions` (int, into `split`'s stored order, e.g. from `tfds_feature_values` + a subset
+    file) for this process, from `start_step`.
 
     Each epoch streams the split's records once, keeps the subset (undecoded), shuffles it with a
     seed from (seed, epoch) (a buffer of min(shuffle_buffer, subset) records), gives process p
-    every P-th example, and decodes + makes `view_fn(image, seed [2] int64)` (stateless ops) of
-    the kept ones only: each batch is a function of (seed, step). Batches: the views stacked to
-    [global_batch // process_count, ...] plus 'label' int32; subset // global_batch steps per
+    every P-th example, and decodes the kept ones only into canvases: each batch is a function
+    of (seed, step). Batches as `tfds_canvases`' with 'label'; subset // global_batch steps per
     epoch (the remainder is dropped). ValueError for a position outside the split or a subset
     smaller than one global batch. Only the subset's shuffle buffer is held in memory.
 
@@ -420,10 +400,10 @@ def tfds_subset_views(builder, split: str, positions, *, global_batch: int, seed
     step = int(start_step)
     while True:
         epoch, step_in_epoch = divmod(step, epoch_steps)
-        batches = _subset_epoch_views(
+        batches = _subset_epoch_canvases(
             builder, split, keep, epoch_key=_epoch_key(seed, epoch, 0),
             count=epoch_steps * global_batch, local_batch=local, skip=step_in_epoch * local,
-            process_index=process_index, process_count=process_count, view_fn=view_fn,
+            process_index=process_index, process_count=process_count, canvas_size=canvas_size,
             shuffle_buffer=shuffle_buffer, image_key=image_key, label_key=label_key,
             prefetch=prefetch, options=options, cache_file=cache_file)
         yield from batches.as_numpy_iterator()

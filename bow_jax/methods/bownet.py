@@ -70,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Student and head.
     b.student_feature = "pooled"  # backbone output the BoW head reads (maps are average-pooled)
     b.gamma_init = 1.0
+    # Views: the teacher sees the unperturbed image, the student g(x); both view_size square.
+    b.view_size = 0  # 0: the stored image size (in-memory data); ImageNet: 224
+    b.teacher_resize = 0  # > 0: the teacher's view is Resize(teacher_resize) + CenterCrop(
+    #                       view_size) (ImageNet: 256); 0: the whole image resized to view_size
     # Perturbations g(.) of the student view.
     b.crop_scale = (0.2, 1.0)  # random resized crop: area fraction (32x32 CIFAR: not below 0.2)
     b.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio distortion
@@ -193,26 +197,39 @@ def bow_loss(logits, targets) -> jax.Array:
     return interface.soft_cross_entropy(logits.reshape(-1, k), targets.reshape(-1, k))
 
 
-def check_bownet_config(cfg, image_shape, training: bool = True) -> None:
-    """InputError naming the config.bownet field: the targets' settings and the in-memory data
-    always (they shape the state and the teacher's map); the student's perturbations (tuple
-    fields checked for length and range, probabilities) when `training`."""
+def check_bownet_config(cfg, training: bool = True) -> None:
+    """InputError naming the config.bownet field: the targets' settings always (they shape the
+    state and the teacher's map); the views and the student's perturbations (tuple fields
+    checked for length and range, probabilities) when `training`."""
     if cfg.target not in TARGET_MODES:
         raise InputError(f"config.bownet.target={cfg.target!r}; expected one of {TARGET_MODES}.")
     if cfg.border < 0:
         raise InputError(f"config.bownet.border={cfg.border}; expected >= 0.")
     if cfg.num_words < 2:
         raise InputError(f"config.bownet.num_words={cfg.num_words}; expected >= 2.")
-    if image_shape is None:
-        raise InputError("BoWNet trains from in-memory data (config.data.in_memory=True): its "
-                         "views are made on the device.")
     if training:
         check_bownet_views(cfg)
 
 
+def view_shape(cfg, image_shape) -> tuple:
+    """(side, side, 3) of both views: config.bownet.view_size, or the stored images' shape
+    (in-memory data). InputError naming the field when streamed images (sizes vary) have none."""
+    if cfg.view_size:
+        return (int(cfg.view_size), int(cfg.view_size), 3)
+    if image_shape is None:
+        raise InputError("config.bownet.view_size=0 takes the stored images' size, but these "
+                         "are streamed (sizes vary); set it, e.g. 224 with "
+                         "config.bownet.teacher_resize=256 on ImageNet.")
+    return tuple(image_shape)
+
 def check_bownet_views(cfg) -> None:
     """The student's perturbations g(.): crop scale and ratio ranges, colour jitter strengths,
     probabilities, the CutMix beta; InputError naming the field."""
+    if cfg.view_size < 0 or cfg.teacher_resize < 0 or (
+            cfg.teacher_resize and cfg.teacher_resize < cfg.view_size):
+        raise InputError(f"config.bownet.view_size={cfg.view_size}, teacher_resize="
+                         f"{cfg.teacher_resize}; expected both >= 0 and teacher_resize (when "
+                         "set) at least view_size (the centre crop must fit).")
     config_checks.interval(cfg.crop_scale, "config.bownet.crop_scale", 0.0, 1.0,
                            "(min, max) area fraction of the random resized crop")
     config_checks.interval(cfg.crop_ratio, "config.bownet.crop_ratio", 0.0, None,
@@ -239,14 +256,14 @@ class Setup:
     lr_schedule: Callable
     mean: tuple
     std: tuple
-    image_shape: tuple  # (H, W, 3) of the stored images
+    view_shape: tuple  # (H, W, 3) of both views (`view_shape`)
     eval_feature: str  # config.eval.feature
 
 
-def teacher_map_shape(cfg, teacher: nn.Module, teacher_config: dict, image_shape) -> tuple:
-    """[1, h, w, C] of the teacher's `teacher_layer` on one image; InputError naming
+def teacher_map_shape(cfg, teacher: nn.Module, teacher_config: dict, view_shape) -> tuple:
+    """[1, h, w, C] of the teacher's `teacher_layer` on one view [H, W, 3]; InputError naming
     config.bownet.teacher_layer (or pyramid) when it is not a map BoWNet can quantise."""
-    dims = feature_dims(teacher, (1,) + tuple(image_shape))
+    dims = feature_dims(teacher, (1,) + tuple(view_shape))
     check_feature_names([cfg.teacher_layer], dims, "config.bownet.teacher_layer",
                         teacher_config["model"]["name"])
     shape = dims[cfg.teacher_layer]
@@ -259,12 +276,12 @@ def teacher_map_shape(cfg, teacher: nn.Module, teacher_config: dict, image_shape
     return shape
 
 
-def load_frozen_inputs(cfg, image_shape):
+def load_frozen_inputs(cfg, view_shape):
     """(teacher backbone, its variables as numpy, vocabulary [K, C] float32) from the previous
     stages (`teacher_workdir`, `vocabulary`), checked against each other and the config."""
     teacher_step, teacher_config = teacher_checkpoint(cfg.teacher_workdir)
     teacher = teacher_backbone(teacher_config)
-    channels = teacher_map_shape(cfg, teacher, teacher_config, image_shape)[-1]
+    channels = teacher_map_shape(cfg, teacher, teacher_config, view_shape)[-1]
     centroids, meta = build.read_vocabulary(cfg.vocabulary)
     build.check_vocabulary(meta, centroids.shape, teacher_step=teacher_step,
                            layer=cfg.teacher_layer, border=cfg.border, num_words=cfg.num_words,
@@ -277,11 +294,13 @@ def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup
     anything is compiled (InputError / MissingInputError naming the config field; `training`
     False skips the perturbations' checks)."""
     cfg = config.bownet
-    check_bownet_config(cfg, data_info.image_shape, training)
-    teacher, teacher_variables, centroids = load_frozen_inputs(cfg, data_info.image_shape)
+    check_bownet_config(cfg, training)
+    shape = view_shape(cfg, data_info.image_shape) if training or cfg.view_size or (
+        data_info.image_shape is not None) else (224, 224, 3)  # not training: any shape will do
+    teacher, teacher_variables, centroids = load_frozen_inputs(cfg, shape)
     backbone = interface.backbone_from_config(config)
     check_feature_names([cfg.student_feature, config.eval.feature],
-                        feature_dims(backbone, (1,) + tuple(data_info.image_shape)),
+                        feature_dims(backbone, (1,) + shape),
                         "config.bownet.student_feature / config.eval.feature", config.model.name)
     num_bows = sum(n * n for n in PYRAMID_GRIDS) if cfg.pyramid else 1
     model = BoWNetModel(backbone=backbone, num_words=cfg.num_words, num_bows=num_bows,
@@ -291,7 +310,7 @@ def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup
     return Setup(cfg=cfg, backbone=backbone, model=model, teacher=teacher,
                  teacher_variables=teacher_variables, vocabulary=centroids, tx=tx,
                  lr_schedule=lr_schedule, mean=mean, std=std,
-                 image_shape=tuple(data_info.image_shape), eval_feature=config.eval.feature)
+                 view_shape=shape, eval_feature=config.eval.feature)
 
 
 def init_state(s: Setup, key) -> BoWNetState:
@@ -302,7 +321,7 @@ def init_state(s: Setup, key) -> BoWNetState:
     exists); a checkpoint then carries them.
     """
     init_key, state_key = jax.random.split(key)
-    variables = s.model.init({"params": init_key}, jnp.zeros((1,) + s.image_shape[:2] + (3,)),
+    variables = s.model.init({"params": init_key}, jnp.zeros((1,) + s.view_shape),
                              train=False)
     return BoWNetState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables["batch_stats"],
@@ -311,21 +330,29 @@ def init_state(s: Setup, key) -> BoWNetState:
                        vocabulary=jnp.asarray(s.vocabulary, jnp.float32))
 
 
-def student_view(cfg, image_shape, key, image):
-    """Random resized crop (scale and aspect-ratio distortion) + flip of one uint8 image."""
+def teacher_view(s: Setup, image, size):
+    """The unperturbed view x of the true (h, w) = `size` image of a uint8 canvas: Resize(
+    teacher_resize) + CenterCrop(view), or the whole image resized to the view's size (an
+    in-memory image of that size: itself) -> uint8 [H, W, 3]."""
+    return geometric.resize_center_crop(image, size, s.cfg.teacher_resize, s.view_shape[:2])
+
+
+def student_view(s: Setup, key, image, size):
+    """g(x)'s geometric part: random resized crop (scale and aspect-ratio distortion) + flip of
+    the true image of a uint8 canvas -> uint8 [H, W, 3]."""
     crop_key, flip_key = jax.random.split(key)
-    view = geometric.random_resized_crop(crop_key, image, tuple(image_shape[:2]),
-                                         tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
-    if cfg.flip:
-        view = geometric.random_flip(flip_key, view)
-    return augment.to_uint8(view)
+    view = geometric.random_resized_crop(crop_key, image, s.view_shape[:2],
+                                         tuple(s.cfg.crop_scale), tuple(s.cfg.crop_ratio),
+                                         size=size)
+    return geometric.random_flip(flip_key, view) if s.cfg.flip else view
 
 
-def make_views(s: Setup, images, key) -> dict:
-    """Unperturbed image for the teacher; random resized crop + flip for the student (uint8)."""
+def make_views(s: Setup, images, sizes, key) -> dict:
+    """{'teacher': the unperturbed views, 'student': g(x)'s geometric part} (uint8 [B, H, W, 3])
+    of canvases [B, S, S, 3] with true sizes [B, 2], one key per image."""
     keys = jax.random.split(key, images.shape[0])
-    view = functools.partial(student_view, s.cfg, s.image_shape)
-    return {"teacher": images.astype(jnp.uint8), "student": jax.vmap(view)(keys, images)}
+    return {"teacher": jax.vmap(functools.partial(teacher_view, s))(images, sizes),
+            "student": jax.vmap(functools.partial(student_view, s))(keys, images, sizes)}
 
 
 def teacher_bows(s: Setup, state: BoWNetState, images):

@@ -1,9 +1,10 @@
 """What every method shares: the `Method` interface, the backbone, normalisation, the optimizer.
 
-A method is a bundle of pure functions; `train.py` jits them over the device mesh:
+A method is a bundle of pure functions; `pretrain.py` jits them over the device mesh:
 - `init_state(key) -> state`
-- `make_views(images_uint8 [B,H,W,3], key) -> batch`: geometric views of in-memory images, on the
-  device (for TFDS input the host pipeline makes the same views with TensorFlow ops);
+- `make_views(canvases uint8 [B,S,S,3], sizes int32 [B,2], key) -> batch`: the geometric views,
+  on the device, of the true (h, w) image in the corner of each canvas (in-memory images are their
+  own canvases; streamed ones are padded by the host, `data/batches.py`);
 - `train_step(state, batch) -> (state, metrics)`: photometric augmentation, forward, loss, update;
 - `encode(state, images_uint8) -> [B, D]`: frozen features for evaluation (eval-mode BatchNorm);
 - `backbone_variables(state) -> {'params', 'batch_stats'}`: the student backbone's variables.
@@ -43,7 +44,6 @@ class Method:
     train_step: Callable
     make_views: Callable
     encode: Callable
-    tf_views: Optional[Callable] = None  # (image tf.Tensor uint8, seed) -> dict, for TFDS input
     # (state, images_uint8) -> {name: per-image score [B]}: the pretext task scored on held-out
     # images (RotNet: rotation accuracy), averaged over the test split by the evaluation.
     pretext_scores: Optional[Callable] = None

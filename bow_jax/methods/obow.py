@@ -18,7 +18,7 @@ teacher features that is refreshed every step. One step, in the order of the off
 5. optional monitor: a linear classifier on the detached teacher features (needs labels);
 6. one SGD step on the student backbone, the weight generators (and the monitor).
 
-Views (`make_views` on the device for in-memory data, `tf_views` on the host for TFDS): the teacher
+Views (`make_views`, on the device, from in-memory or streamed canvases alike): the teacher
 view (Resize + CenterCrop + flip, no colour), `num_crops` RandomResizedCrops, and `num_patches` of
 the 3x3 jittered grid patches cut from one RandomResizedCrop. Colour jitter, grayscale, blur and
 the crops' flips run inside `train_step`; the patches of an image share one photometric draw.
@@ -39,7 +39,7 @@ import ml_collections
 import optax
 
 from bow_jax.bow import quantize, vocabulary
-from bow_jax.data import augment, geometric, host_views, photometric
+from bow_jax.data import augment, geometric, photometric
 from bow_jax.lib import config_checks, ops, schedules
 from bow_jax.lib.errors import InputError
 from bow_jax.lib.state import TrainState
@@ -329,6 +329,10 @@ def check_obow_views(cfg) -> None:
     if not 0 <= cfg.num_patches <= 9:
         raise InputError(f"config.obow.num_patches={cfg.num_patches}; expected 0 to 9 (3x3 "
                          "grid).")
+    if cfg.teacher_resize and cfg.teacher_resize < cfg.teacher_size:
+        raise InputError(f"config.obow.teacher_resize={cfg.teacher_resize} is smaller than "
+                         f"teacher_size={cfg.teacher_size}: the centre crop must fit the resized "
+                         "image (0: resize the whole image to teacher_size).")
     if cfg.num_patches > 0 and cfg.patch_size + cfg.patch_jitter > cfg.patch_source_size:
         raise InputError(
             f"config.obow.patch_size + patch_jitter = {cfg.patch_size}+{cfg.patch_jitter} does "
@@ -467,50 +471,36 @@ def init_state(s: Setup, key) -> OBoWState:
         kmeans=init_kmeans(s.cfg, vocabs))
 
 
-def teacher_view(cfg, key, image):
+def teacher_view(cfg, key, image, size):
     """Resize(teacher_resize) + CenterCrop(teacher_size) (or a resize of the whole image to
-    teacher_size when teacher_resize is 0) + flip of one uint8 image [H, W, 3] -> uint8."""
-    teacher = image
-    if cfg.teacher_resize > 0:
-        teacher = geometric.center_crop(
-            augment.to_uint8(geometric.resize(image, cfg.teacher_resize)), cfg.teacher_size)
-    elif teacher.shape[:2] != (cfg.teacher_size, cfg.teacher_size):
-        teacher = augment.to_uint8(geometric.resize(image, (cfg.teacher_size, cfg.teacher_size)))
-    if cfg.flip:
-        teacher = geometric.random_flip(key, teacher)
-    return teacher
+    teacher_size when teacher_resize is 0) + flip of the true (h, w) = `size` image of a uint8
+    canvas [S, S, 3] -> uint8 [teacher_size, teacher_size, 3]."""
+    teacher = geometric.resize_center_crop(image, size, cfg.teacher_resize, cfg.teacher_size)
+    return geometric.random_flip(key, teacher) if cfg.flip else teacher
 
 
-def image_views(cfg, key, image) -> dict:
-    """OBoW's uint8 views of one in-memory image [H, W, 3] (see the module docstring)."""
+def image_views(cfg, key, image, size) -> dict:
+    """OBoW's uint8 views of the true (h, w) = `size` image of a uint8 canvas [S, S, 3] (see the
+    module docstring)."""
     k_flip, k_crops, k_src, k_patch = jax.random.split(key, 4)
-    crop = lambda k: augment.to_uint8(geometric.random_resized_crop(
-        k, image, cfg.crop_size, scale=tuple(cfg.crop_scale)))
-    views = {"teacher": teacher_view(cfg, k_flip, image),
+    crop = lambda k: geometric.random_resized_crop(k, image, cfg.crop_size,
+                                                   scale=tuple(cfg.crop_scale), size=size)
+    views = {"teacher": teacher_view(cfg, k_flip, image, size),
              "crops": jax.vmap(crop)(jax.random.split(k_crops, cfg.num_crops))}
     if cfg.num_patches > 0:
-        source = augment.to_uint8(geometric.random_resized_crop(
-            k_src, image, cfg.patch_source_size, scale=tuple(cfg.patch_source_scale)))
+        source = geometric.random_resized_crop(k_src, image, cfg.patch_source_size,
+                                               scale=tuple(cfg.patch_source_scale), size=size)
         views["patches"] = geometric.jittered_patches(
             k_patch, source, patch_size=cfg.patch_size, jitter=cfg.patch_jitter,
             keep=cfg.num_patches)
     return views
 
 
-def make_views(cfg, images, key) -> dict:
-    """Geometric views of in-memory uint8 images [B, H, W, 3], one key per image."""
+def make_views(cfg, images, sizes, key) -> dict:
+    """OBoW's geometric views of uint8 canvases [B, S, S, 3] with true sizes int32 [B, 2], one
+    key per image (`data/batches.py`): in-memory and streamed images alike."""
     one = functools.partial(image_views, cfg)
-    return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
-
-
-def tf_views(cfg, image, seed) -> dict:
-    """The same views on the host with TensorFlow (streamed TFDS data, e.g. ImageNet)."""
-    return host_views.tf_obow_views(
-        image, seed, teacher_size=cfg.teacher_size, teacher_resize=cfg.teacher_resize,
-        flip=cfg.flip, num_crops=cfg.num_crops, crop_size=cfg.crop_size,
-        crop_scale=tuple(cfg.crop_scale), num_patches=cfg.num_patches,
-        patch_size=cfg.patch_size, patch_source_size=cfg.patch_source_size,
-        patch_source_scale=tuple(cfg.patch_source_scale), patch_jitter=cfg.patch_jitter)
+    return jax.vmap(one)(jax.random.split(key, images.shape[0]), images, sizes)
 
 
 def teacher_features(s: Setup, teacher_params, teacher_batch_stats, x):
@@ -613,7 +603,6 @@ def create(config, data_info: interface.DataInfo, training: bool = True) -> inte
     False: only the checks that a trained state's use needs, see `check_obow_config`)."""
     s = setup(config, data_info, training)
     return interface.Method(init_state=functools.partial(init_state, s),
-                         train_step=functools.partial(train_step, s),
-                         make_views=functools.partial(make_views, s.cfg),
-                         encode=functools.partial(encode, s),
-                         tf_views=functools.partial(tf_views, s.cfg))
+                            train_step=functools.partial(train_step, s),
+                            make_views=functools.partial(make_views, s.cfg),
+                            encode=functools.partial(encode, s))

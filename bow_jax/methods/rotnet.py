@@ -61,8 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
     r = ml_collections.ConfigDict()
     r.head = "linear"  # 'linear' on the pooled vector, or 'residual' (BoWNet paper's RotNet)
     r.head_feature = "pooled"  # input map of the residual head
-    r.crop_size = 0  # 0: the stored image size
+    r.crop_size = 0  # 0: the stored image size (in-memory data); streamed data need a size
     r.crop_padding = 4  # CIFAR: RandomCrop(32, padding=4)
+    r.resize = 0  # > 0: Resize(shorter side) before RandomCrop(crop_size) (ImageNet: 256 -> 224,
+    #               github.com/gidariss/FeatureLearningRotNet); 0: crop the stored image
     r.flip = True
     return r
 
@@ -77,8 +79,7 @@ class Setup:
     lr_schedule: Callable
     mean: tuple
     std: tuple
-    height: int  # of the stored images
-    crop: int  # of the training views
+    crop: int  # side of the training views
     eval_feature: str  # config.eval.feature
 
 
@@ -87,10 +88,28 @@ def check_rotnet_config(cfg, training: bool = True) -> None:
     view's crop and padding when `training`."""
     if cfg.head not in ("linear", "residual"):
         raise InputError(f"config.rotnet.head={cfg.head!r}; expected 'linear' or 'residual'.")
-    if training and (cfg.crop_size < 0 or cfg.crop_padding < 0):
+    if training and (cfg.crop_size < 0 or cfg.crop_padding < 0 or cfg.resize < 0):
         raise InputError(f"config.rotnet.crop_size={cfg.crop_size}, crop_padding="
-                         f"{cfg.crop_padding}; expected both >= 0 (crop_size 0: the stored "
-                         "image size).")
+                         f"{cfg.crop_padding}, resize={cfg.resize}; expected all >= 0 (crop_size "
+                         "0: the stored image size).")
+    if training and cfg.resize and cfg.resize < cfg.crop_size:
+        raise InputError(f"config.rotnet.resize={cfg.resize} is smaller than crop_size="
+                         f"{cfg.crop_size}: the crop must fit the resized image.")
+
+
+def view_size(cfg, image_shape) -> int:
+    """Side of RotNet's training views: config.rotnet.crop_size, or the stored images' side
+    (in-memory square images). InputError naming the field when neither gives one (streamed
+    images of many sizes, non-square images)."""
+    if cfg.crop_size:
+        return int(cfg.crop_size)
+    if image_shape is None or image_shape[0] != image_shape[1]:
+        raise InputError("config.rotnet.crop_size=0 takes the stored images' side, but these "
+                         + ("are streamed (sizes vary)" if image_shape is None else
+                            f"are {image_shape[0]}x{image_shape[1]}")
+                         + "; set the side of the square views (rotations need squares), e.g. "
+                         "224 with config.rotnet.resize=256 on ImageNet.")
+    return int(image_shape[0])
 
 
 def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup:
@@ -103,10 +122,12 @@ def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup
                         name=None)
     tx, lr_schedule = interface.optimizer_from_config(config, data_info)
     mean, std = interface.normalization(config)
-    height = data_info.image_shape[0]
+    # A task that does not train only needs a shape to initialise the state with (the
+    # parameters do not depend on it): any side will do when the views have none.
+    crop = (view_size(cfg, data_info.image_shape) if training
+            else cfg.crop_size or (data_info.image_shape or (224,))[0])
     return Setup(cfg=cfg, backbone=backbone, model=model, tx=tx, lr_schedule=lr_schedule,
-                 mean=mean, std=std, height=height, crop=cfg.crop_size or height,
-                 eval_feature=config.eval.feature)
+                 mean=mean, std=std, crop=crop, eval_feature=config.eval.feature)
 
 
 def init_state(s: Setup, key) -> TrainState:
@@ -119,20 +140,28 @@ def init_state(s: Setup, key) -> TrainState:
                       opt_state=s.tx.init(variables["params"]), rng=state_key)
 
 
-def image_view(s: Setup, key, image):
-    """The split's geometric augmentation of one uint8 image (CIFAR: RandomCrop(pad 4) + flip)."""
+def image_view(s: Setup, key, image, size):
+    """The geometric augmentation of the true (h, w) = `size` image of a uint8 canvas: Resize +
+    RandomCrop (config.rotnet.resize, ImageNet) or RandomCrop with zero padding (CIFAR: 32,
+    pad 4), then a flip -> uint8 [crop, crop, 3]. An in-memory image that already has the
+    view's size and no padding is used as it is."""
     crop_key, flip_key = jax.random.split(key)
-    if s.cfg.crop_padding or s.crop != s.height:
-        image = geometric.random_crop_with_padding(crop_key, image, s.crop, s.cfg.crop_padding)
-    if s.cfg.flip:
+    cfg = s.cfg
+    if cfg.resize:
+        image = geometric.resize_random_crop(crop_key, image, size, cfg.resize, s.crop)
+    elif cfg.crop_padding or image.shape[:2] != (s.crop, s.crop):
+        image = geometric.random_crop_with_padding(crop_key, image, s.crop, cfg.crop_padding,
+                                                   true_size=size)
+    if cfg.flip:
         image = geometric.random_flip(flip_key, image)
     return image
 
 
-def make_views(s: Setup, images, key) -> dict:
-    """{'image': uint8 [B, crop, crop, 3]}: one view per image, one key per image."""
+def make_views(s: Setup, images, sizes, key) -> dict:
+    """{'image': uint8 [B, crop, crop, 3]}: one view per canvas [B, S, S, 3] of true sizes
+    [B, 2], one key per image."""
     keys = jax.random.split(key, images.shape[0])
-    return {"image": jax.vmap(functools.partial(image_view, s))(keys, images).astype(jnp.uint8)}
+    return {"image": jax.vmap(functools.partial(image_view, s))(keys, images, sizes)}
 
 
 def rotation_loss(s: Setup, params, batch_stats, inputs, labels):

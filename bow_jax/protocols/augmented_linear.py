@@ -11,11 +11,10 @@ donated step, data parallel over the mesh: the head state is replicated, the bat
 'data', so the gradient is the global mean.
 
 Data (`training_data`), from the one batch source (`data.batches.training_batches`):
-* TFDS (`data.eval_input.TfdsInput`): streamed by tf.data with the stateless crop + flip of
-  `batches.tf_crop_flip_views` (host side, uint8 views).
+* TFDS (`data.eval_input.TfdsInput`): streamed by tf.data, each image decoded once into a
+  canvas; the device crops and flips (`batches.crop_flip_views`), keyed by (seed, step).
 * In-memory arrays (`ArraysInput`: npz, digits): the split lives on every device; the host
-  produces the batch indices and the device gathers, crops and flips
-  (`batches.crop_flip_views`), keyed by (seed, step).
+  produces the batch indices and the device gathers, crops and flips (the same views).
 * Image folders raise `UnsupportedSourceError` (not implemented yet: use TFDS, e.g.
   `tfds.ImageFolder`, or a precached protocol).
 Either way the views of step s are a function of (seed, s) only, so a resumed run sees the
@@ -140,7 +139,6 @@ def probe_batches(data, num_examples: int, *, batch_size: int, crop: int, seed: 
     return batch_source.training_batches(
         data, batch_size=batch_size, seed=seed, mesh=mesh, start_step=start_step,
         device_views=functools.partial(batch_source.crop_flip_views, crop=crop, scale=SCALE),
-        host_views=batch_source.tf_crop_flip_views(crop, SCALE),
         view_key=jax.random.key(seed), limit=num_examples)
 
 

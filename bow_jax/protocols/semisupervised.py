@@ -233,10 +233,9 @@ def eval_views(images, crop_size: int):
     if images.shape[1:3] == (crop_size, crop_size):
         return images
 
-    def one(image):
-        return augment.center_crop(augment.to_uint8(augment.resize(image, crop_size)), crop_size)
-
-    return jax.vmap(one)(images)
+    size = images.shape[1:3]
+    return jax.vmap(lambda image: augment.resize_center_crop(image, size, crop_size,
+                                                             crop_size))(images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +453,7 @@ def _finetune_run(backbone, variables, data, positions, num_classes: int, crop: 
         return batch_source.training_batches(
             data, batch_size=r["batch_size"], seed=seed, mesh=mesh, start_step=start,
             device_views=functools.partial(batch_source.crop_flip_views, **views),
-            host_views=batch_source.tf_crop_flip_views(**views), positions=positions,
+            positions=positions,
             cache_dir=cache_dir)
 
     run = FinetuneRun(r, steps_per_epoch, _compile_step(model, tx, mean, std, mesh), batches,
@@ -494,7 +493,8 @@ def finetune(backbone: nn.Module, variables, train: datasets.ArrayDataset,
 
 # ------------------------------------------------------------------------------------------------
 # Streamed: a TFDS training split (ImageNet), the subset selected by position and streamed by
-# tf.data (`pipeline.tfds_subset_views`), the test split read by `eval_input` batches.
+# tf.data as canvases (`pipeline.tfds_subset_canvases`), the test split read by `eval_input`
+# batches.
 
 
 def tfds_subset_positions(source: datasets.TfdsSource, r: dict,
@@ -537,11 +537,12 @@ def finetune_streamed(backbone: nn.Module, variables, train: datasets.TfdsSource
                       checkpoint_dir: Optional[str] = None,
                       hooks: Sequence[Callable[[int], None]] = ()) -> dict:
     """`finetune` for a streamed TFDS training split (ImageNet): the labelled subset
-    (`positions`, default `tfds_subset_positions`) is streamed with RandomResizedCrop + flip made
-    by tf.data (`pipeline.tfds_subset_views`, deterministic in (seed, step)); `test` (an
+    (`positions`, default `tfds_subset_positions`) is streamed as canvases by tf.data
+    (`pipeline.tfds_subset_canvases`) and cut into RandomResizedCrop + flip views on the device
+    (deterministic in (seed, step)); `test` (an
     `eval_input.evaluation_input`, e.g. Resize 256 + CenterCrop 224) is scored in batches. The
     training crop is config.finetune.crop_size, else the test images' side. `cache_dir`: keep
-    the subset's encoded records there after the first pass (see `tfds_subset_views`).
+    the subset's encoded records there after the first pass (see `tfds_subset_canvases`).
     `checkpoint_dir`, `hooks`: as `finetune` (a resumed run streams from its step on). Same
     result dict."""
     r = recipe(cfg)

@@ -17,6 +17,16 @@ RotNet config); BoWNet rounds are the chain config itself with `bownet.teacher_w
 `bownet.vocabulary` pointed at the previous stages. Every stage shares the chain's `data`, `seed`
 and `eval` blocks, so the teacher and the students are trained on, and scored with, the same data.
 
+Streamed training data (TFDS with `config.data.in_memory=False`, ImageNet:
+configs/bownet_resnet50_imagenet.py) work in every stage: the training stages cut their views on
+the device from streamed canvases; the vocabulary streams the canvases of `vocab_images` random
+training images, cuts each one's unperturbed teacher view on the device (the view the BoWNet
+targets are computed on: Resize(teacher_resize) + CenterCrop(view_size)) and brings only the
+`vocab_max_vectors` kept vectors to the host (`streamed_dense_features`); the evaluation reads
+both splits streamed, as the `evaluate` task does, and caches each stage's features (and the
+augmented linear probe's checkpoints) in the stage's workdir, where `--config.task=evaluate` on
+that stage reuses them.
+
 Re-running the command continues where it stopped: a finished training stage (a checkpoint at its
 total step count, written under the same method and model) and an existing vocabulary (built from
 the same teacher step, layer, border and K, else an error) are reused, an interrupted training
@@ -31,6 +41,7 @@ import functools
 import json
 import os
 import time
+import types
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import jax
@@ -39,10 +50,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bow_jax.bow import build
+from bow_jax.data import datasets, eval_input, pipeline
 from bow_jax.data.splits import load_split
-from bow_jax.protocols import features, runner
+from bow_jax.protocols import checks, features, runner
 from bow_jax.protocols import api as protocols
-from bow_jax.lib import checkpoint, errors, files, logs, sharding, stop
+from bow_jax.lib import checkpoint, errors, files, logs, sharding, stop, writers
 from bow_jax.methods import bownet, interface, data_info_for
 from bow_jax.models import feature_dims
 from bow_jax.tasks import common
@@ -166,11 +178,141 @@ def dense_teacher_features(config, teacher, variables, images, key, mesh) -> np.
     return kept.reshape(-1, kept.shape[-1])
 
 
+def vocabulary_positions(key, num_examples: int, vocab_images: int) -> Optional[np.ndarray]:
+    """Sorted positions of the vocabulary's images among `num_examples` training images: a
+    uniform draw of `vocab_images` without replacement from `key`, or None (all of them) when
+    `vocab_images` is 0 or not smaller."""
+    if vocab_images and vocab_images < num_examples:
+        chosen = jax.random.choice(key, num_examples, (vocab_images,), replace=False)
+        return np.sort(np.asarray(chosen))
+    return None
+
+
+def streamed_examples(config, source: datasets.TfdsSource) -> int:
+    """How many first examples of the streamed training split the stages train on: all, or
+    `config.data.limit` when set."""
+    limit = int(config.data.limit or 0)
+    return min(limit, source.num_examples) if limit else source.num_examples
+
+
+def vocabulary_canvases(source: datasets.TfdsSource, count: int,
+                        positions: Optional[np.ndarray], local_batch: int):
+    """Batches of canvases of the vocabulary's images, in the split's stored order: (uint8
+    [local_batch, S, S, 3], true sizes int32 [local_batch, 2], number of real rows); the last
+    batch is padded with black S x S images. Streamed by tf.data (`pipeline.tf_encoded_canvas`, as the
+    training batches), decoding only the chosen images: one batch alive on the host (plus two
+    prefetched), never the split."""
+    tf = pipeline.import_tensorflow()
+    tfds = datasets.import_tfds()
+    builder = source.builder
+    feature = builder.info.features["image"]
+    split = source.split if count >= source.num_examples else f"{source.split}[:{count}]"
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    if positions is not None:  # the records of the others are read, never decoded
+        keep = np.zeros(count, bool)
+        keep[positions] = True
+        keep = tf.constant(keep)
+        ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i))
+        ds = ds.map(lambda i, example: example)
+    ds = ds.map(lambda example: pipeline.tf_encoded_canvas(example["image"], source.canvas_size,
+                                                           feature.decode_example),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    side = source.canvas_size
+    for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
+        images, sizes = batch["image"], batch["size"]
+        real = len(sizes)
+        if real < local_batch:
+            images = np.concatenate([images, np.zeros((local_batch - real,) + images.shape[1:],
+                                                      np.uint8)])
+            sizes = np.concatenate([sizes, np.full((local_batch - real, 2), side, np.int32)])
+        yield images, sizes, real
+
+
+def streamed_dense_features(config, teacher, variables, source: datasets.TfdsSource,
+                            positions: Optional[np.ndarray], count: int, view_shape, key, mesh
+                            ) -> tuple[np.ndarray, int, int]:
+    """`dense_teacher_features` of streamed images: the teacher's `teacher_layer` vectors
+    (eval-mode BN, border skipped) of the unperturbed teacher view of each image
+    (`bownet.teacher_view`: Resize(teacher_resize) + CenterCrop(view_size), the view BoWNet's
+    targets are computed on), cut on the device from streamed canvases (`vocabulary_canvases`;
+    the images at `positions` of the first `count`, or all), in equal batches of
+    config.eval.batch_size sharded over the mesh. Under the vocab_max_vectors cap only `keep`
+    locations per image, drawn on the device (`build.keep_locations`, keyed by `key` and the
+    batch index), travel to the host, into one `build.vector_buffer` of n x keep rows.
+
+    Returns (buffer float32 [rows >= n x keep, C], n x keep vectors filled, keep)."""
+    cfg = config.bownet
+    mean, std = interface.normalization(config)
+    batch = config.eval.batch_size
+    sharding.check_divisible(batch, mesh.size, "config.eval.batch_size", "the number of devices")
+    shape = feature_dims(teacher, (1,) + tuple(view_shape))[cfg.teacher_layer]
+    locations = (shape[1] - 2 * cfg.border) * (shape[2] - 2 * cfg.border)
+    num_images = count if positions is None else len(positions)
+    keep = build.locations_per_image(cfg.vocab_max_vectors, num_images, locations)
+    total = num_images * keep
+    buffer = build.vector_buffer(total, shape[-1], cfg.num_words, mesh.size)
+    logs.say(f"vocabulary: {num_images} streamed images x {keep} of {locations} "
+             f"{cfg.teacher_layer} locations = {total} vectors of {shape[-1]} "
+             f"({buffer.nbytes / 2 ** 30:.2f} GiB on the host)")
+    views = types.SimpleNamespace(cfg=cfg, view_shape=tuple(view_shape))
+
+    def sample(variables, canvases, sizes, key):
+        x = jax.vmap(functools.partial(bownet.teacher_view, views))(canvases, sizes)
+        out = teacher.apply(variables, interface.to_network_input(x, mean, std), train=False)
+        return build.keep_locations(key, build.dense_vectors(out[cfg.teacher_layer], cfg.border),
+                                    keep)
+
+    rows, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
+    compiled = jax.jit(sample, in_shardings=(replicated, rows, rows, replicated),
+                       out_shardings=rows)
+    variables = jax.device_put(variables, replicated)
+    filled = 0
+
+    def write(out, real):
+        nonlocal filled
+        kept = np.asarray(out, np.float32)[:real].reshape(-1, buffer.shape[1])
+        if filled + len(kept) > total:
+            raise errors.InputError(f"{source.name}: the vocabulary pass read more than the "
+                                    f"{num_images} images it expected.")
+        buffer[filled:filled + len(kept)] = kept
+        filled += len(kept)
+
+    batches = vocabulary_canvases(source, count, positions, batch)
+    pending = None
+    for i, (canvases, sizes, real) in enumerate(writers.progress(
+            batches, -(-num_images // batch), f"dense {cfg.teacher_layer} features", "batch")):
+        out = compiled(variables, sharding.shard_batch(canvases, mesh),
+                       sharding.shard_batch(sizes, mesh), jax.random.fold_in(key, i))
+        if pending is not None:  # the device computes batch i while the host copies i - 1
+            write(*pending)
+        pending = (out, real)
+    if pending is not None:
+        write(*pending)
+    if filled != total:
+        raise errors.InputError(f"{source.name} split {source.split!r}: the vocabulary pass "
+                                f"read {filled // keep} of the {num_images} images it expected "
+                                "(config.data.num_examples?).")
+    return buffer, total, keep
+
+
+def stage_view_shape(config, train_data) -> tuple:
+    """(side, side, 3) of the teacher's view the vocabulary and the targets are computed on:
+    `bownet.view_shape` (config.bownet.view_size; in-memory data: the stored size)."""
+    return bownet.view_shape(config.bownet, getattr(train_data, "image_shape", None))
+
+
 def build_stage_vocabulary(config, teacher_workdir: str, path: str) -> dict:
     """k-means vocabulary of the frozen teacher in `teacher_workdir` → `path` (npz, atomic).
 
+    In-memory training data: the teacher's dense features of the stored images (a random subset
+    of `vocab_images`), `dense_teacher_features`. Streamed data (`config.data.in_memory=False`,
+    ImageNet): the same random subset of positions, streamed, each image's unperturbed teacher
+    view cut on the device, `streamed_dense_features`; the host holds only the kept vectors
+    (vocab_images x keep, bounded by `vocab_max_vectors`), so one of the two must be set.
+
     Returns the metadata stored beside the centroids: teacher checkpoint and step, layer, border,
-    K, number of vectors, inertia, iterations.
+    K, number of images and vectors, inertia, iterations.
     """
     if jax.process_count() > 1:
         raise NotImplementedError("The vocabulary stage runs in a single process; build it there "
@@ -179,23 +321,41 @@ def build_stage_vocabulary(config, teacher_workdir: str, path: str) -> dict:
     step, teacher_config = bownet.teacher_checkpoint(teacher_workdir, "teacher workdir")
     teacher = bownet.teacher_backbone(teacher_config)
     variables = bownet.load_teacher_variables(teacher_workdir, step)
-    images = load_split(config, "train").images
+    train = load_split(config, "train")
     key = jax.random.key(config.seed)
     subset_key, sample_key, kmeans_key = jax.random.split(jax.random.fold_in(key, 7), 3)
-    if cfg.vocab_images and cfg.vocab_images < len(images):
-        chosen = jax.random.choice(subset_key, len(images), (cfg.vocab_images,), replace=False)
-        images = images[np.sort(np.asarray(chosen))]
     mesh = sharding.make_mesh()
     start = time.time()
-    x = dense_teacher_features(config, teacher, variables, images, sample_key, mesh)
+    num_vectors, extra = None, {}
+    if isinstance(train, datasets.TfdsSource):
+        if not (cfg.vocab_max_vectors or cfg.vocab_images):
+            raise errors.InputError(
+                "config.bownet.vocab_max_vectors=0 and vocab_images=0 on streamed data: the "
+                "vocabulary would hold every location of every training image on the host; set "
+                "the cap (e.g. 2_000_000) or the number of images.")
+        count = streamed_examples(config, train)
+        positions = vocabulary_positions(subset_key, count, cfg.vocab_images)
+        view = stage_view_shape(config, train)
+        x, num_vectors, keep = streamed_dense_features(config, teacher, variables, train,
+                                                       positions, count, view, sample_key, mesh)
+        num_images = count if positions is None else len(positions)
+        extra = {"streamed": True, "view_size": int(view[0]),
+                 "teacher_resize": int(cfg.teacher_resize), "locations_per_image": int(keep)}
+    else:
+        images = train.images
+        positions = vocabulary_positions(subset_key, len(images), cfg.vocab_images)
+        if positions is not None:
+            images = images[positions]
+        x = dense_teacher_features(config, teacher, variables, images, sample_key, mesh)
+        num_images = len(images)
     features_s = time.time() - start
     centroids, kmeans_meta = build.build_vocabulary(
         kmeans_key, x, cfg.num_words, method=cfg.kmeans_method, n_iter=cfg.kmeans_iters,
-        tol=cfg.kmeans_tol, n_init=cfg.kmeans_n_init, mesh=mesh)
+        tol=cfg.kmeans_tol, n_init=cfg.kmeans_n_init, mesh=mesh, num_vectors=num_vectors)
     meta = {"teacher_workdir": os.path.abspath(teacher_workdir), "teacher_step": int(step),
             "teacher_model": teacher_config["model"], "layer": cfg.teacher_layer,
-            "border": int(cfg.border), "num_images": int(len(images)), **kmeans_meta,
-            "features_seconds": features_s}
+            "border": int(cfg.border), "num_images": int(num_images), **kmeans_meta,
+            "features_seconds": features_s, **extra}
     build.write_vocabulary(path, centroids, meta)
     logs.say(f"vocabulary: K={cfg.num_words} from {meta['num_vectors']} vectors, mean squared "
              f"distance {meta['mean_sq_distance']:.4g} ({meta['kmeans_iters']} iterations) -> "
@@ -208,8 +368,9 @@ def vocabulary_stage(config, teacher_workdir: str, path: str) -> str:
     if os.path.isfile(path):
         cfg = config.bownet
         step, teacher_config = bownet.teacher_checkpoint(teacher_workdir, "teacher workdir")
-        channels = feature_dims(bownet.teacher_backbone(teacher_config), (
-            1,) + load_split(config, "train").image_shape)[cfg.teacher_layer][-1]
+        view = stage_view_shape(config, load_split(config, "train"))
+        channels = feature_dims(bownet.teacher_backbone(teacher_config),
+                                (1,) + tuple(view))[cfg.teacher_layer][-1]
         centroids, meta = build.read_vocabulary(path, "vocabulary file")
         build.check_vocabulary(meta, centroids.shape, teacher_step=step,
                                layer=cfg.teacher_layer, border=cfg.border,
@@ -258,10 +419,33 @@ def _reusable(saved: dict, features: Sequence[str], **match) -> dict:
             if f in features and all(r.get(k) == v for k, v in match.items())}
 
 
+def streamed(config) -> bool:
+    """Whether the training split is streamed (TFDS with config.data.in_memory=False, ImageNet):
+    then the evaluation stage reads both splits as the `evaluate` task does
+    (`eval_input.evaluation_input`: streamed, Resize + CenterCrop where sizes vary) and caches
+    each stage's features in its workdir."""
+    return config.data.source == "tfds" and not config.data.in_memory
+
+
+def _feature_config(config, feature: str) -> ml_collections.ConfigDict:
+    feature_config = _copy(config)
+    feature_config.eval.feature = feature
+    return feature_config
+
+
+def _stage_tag(config, step: int, feature: str) -> str:
+    """The cache tag of a streamed stage's scores of `feature`: 'step_<N>' for
+    config.eval.feature (the `evaluate` task's), 'step_<N>_<feature>' for the others, so that
+    per-tag results (the augmented linear probe's, under eval/linear/<tag>) never mix features."""
+    return f"step_{step}" if feature == config.eval.feature else f"step_{step}_{feature}"
+
+
 def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict, str]:
     """Scores the stage's final backbone on each of `features`; results already in
     <workdir>/eval/results.json for the same step and evaluation settings are reused.
-    Returns ({feature: result}, 'ran' or 'reused')."""
+    Returns ({feature: result}, 'ran' or 'reused'). Streamed data (`streamed`): both splits
+    streamed and the features cached under <workdir>/eval/features (config.eval.cache_features),
+    the augmented linear probe checkpointed under <workdir>/eval/linear."""
     path = os.path.join(workdir, "eval", "results.json")
     settings = eval_settings(config)
     have = _reusable(_read_json(path) or {}, features, step=finished_step(config, workdir),
@@ -271,7 +455,12 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
         return have, "reused"
     with common.restore(config, workdir, training=False) as run_:  # scores a finished stage
         train_data, method, mesh, state = run_.train_data, run_.method, run_.mesh, run_.state
-    test_data = load_split(config, "test")
+    if isinstance(train_data, datasets.TfdsSource):
+        train_data = eval_input.evaluation_input(config, "train")
+        test_data = eval_input.evaluation_input(config, "test")
+        where = workdir if getattr(config.eval, "cache_features", True) else None
+    else:
+        test_data, where = load_split(config, "test"), None
     backbone = interface.backbone_from_config(config)
     mean, std = interface.normalization(config)
     pretext = None
@@ -279,8 +468,12 @@ def evaluate_stage(config, workdir: str, features: Sequence[str]) -> tuple[dict,
         # The stage's encoder of `feature`; its pretext task is scored once.
         encoder = protocols.Encoder(
             functools.partial(_encode_state, backbone, feature, mean, std), state)
-        scored = runner.score(encoder, train_data, test_data, config, mesh,
-                              pretext_scores=method.pretext_scores if pretext is None else None)
+        extra = {} if where is None else dict(workdir=where,
+                                              tag=_stage_tag(config, int(state.step), feature))
+        scored = runner.score(encoder, train_data, test_data,
+                              config if where is None else _feature_config(config, feature),
+                              mesh, pretext_scores=method.pretext_scores if pretext is None
+                              else None, **extra)
         pretext = scored["pretext"] if pretext is None else pretext
         have[feature] = {"step": int(state.step), "settings": settings,
                          **scored, "pretext": pretext}
@@ -296,7 +489,11 @@ def evaluate_random_init(config, workdir: str, features: Sequence[str]) -> dict:
     have = _reusable(_read_json(path) or {}, features, settings=settings)
     missing = [f for f in features if f not in have]
     if missing:
-        train_data, test_data = load_split(config, "train"), load_split(config, "test")
+        if streamed(config):
+            train_data = eval_input.evaluation_input(config, "train")
+            test_data = eval_input.evaluation_input(config, "test")
+        else:
+            train_data, test_data = load_split(config, "train"), load_split(config, "test")
         backbone = interface.backbone_from_config(config)
         mean, std = interface.normalization(config)
         init = runner.backbone_init(backbone, train_data.image_shape)
@@ -392,6 +589,8 @@ def run(config, workdir: str,
     """
     if config.bownet.rounds < 1:
         raise errors.InputError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
+    if streamed(config) and config.eval.after_training:
+        checks.check_evaluation_data(config)  # fails now, not after days of training
     os.makedirs(workdir, exist_ok=True)
     files.write_config_json(workdir, config)
     record = StageRecord(workdir)
