@@ -23,10 +23,10 @@ ImageNet implementation details state batch 192, lr 0.01 and 30 epochs, x0.1 aft
 the released code trains longer, and is what its authors ran). Both are AlexNet schedules. An
 epoch is 1,281,167 // 192 = 6672 steps.
 
-Views: Resize(256) + RandomCrop(224) + horizontal flip, the ImageNet training transform of the
-official code's dataloader.py (GenericDataset with random_sized_crop=False). Note: its ImageNet
-config sets random_sized_crop=True (RandomSizedCrop(224) + flip), which config.rotnet does not
-offer (no random-resized-crop view for RotNet).
+Views: RandomResizedCrop(224) (scale 0.08-1, aspect 3/4-4/3) + horizontal flip, what the
+official ImageNet config asks for (random_sized_crop=True: torchvision's RandomSizedCrop(224)).
+`--config.rotnet.view=crop --config.rotnet.resize=256` gives the code's other ImageNet transform,
+Resize(256) + RandomCrop(224) + flip.
 
 Data: the prepared TFDS `imagenet2012` (in $TFDS_DATA_DIR or ~/tensorflow_datasets), streamed
 (`config.data.in_memory=False`: each image decoded once into a canvas, the view cut on the
@@ -50,7 +50,8 @@ def get_config():
     sgd(c, 0.01, nesterov=True, weight_decay=5e-4, schedule="step", milestones=(15, 30, 45))
     r = c.rotnet
     r.head, r.head_feature = "residual", "layer4"
-    r.resize, r.crop_size, r.crop_padding, r.flip = 256, 224, 0, True
+    r.view, r.crop_size, r.crop_scale, r.crop_padding, r.flip = (
+        "resized_crop", 224, (0.08, 1.0), 0, True)
     # About one epoch; every 10th epoch kept for good.
     schedule_of_checkpoints(c, STEPS_PER_EPOCH, keep_every=STEPS_PER_EPOCH * 10, log_every=100)
     return imagenet_probes(c, "imagenet_r50_obow", monitor_every=STEPS_PER_EPOCH)

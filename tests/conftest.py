@@ -30,3 +30,22 @@ def cifar10_dir():
     if not (CIFAR10_DIR / "train.npz").exists():
         pytest.skip("../shared/data/cifar10 not present")
     return CIFAR10_DIR
+
+
+@pytest.fixture(scope="module")
+def persistent_compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache in a temporary folder for one test module: a module
+    whose runs compile the very same programs again (resumed runs, several stages) compiles each
+    once. Use with `pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")`."""
+    from jax.experimental.compilation_cache import compilation_cache
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

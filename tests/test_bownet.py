@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from bow_jax import tasks
 from bow_jax.bow import build
@@ -29,6 +28,9 @@ from bow_jax.lib import sharding, stop
 from bow_jax.config import base_config
 from bow_jax.methods import bownet, create_method, data_info_for
 from loop_helpers import run_steps  # tests/ is on sys.path (pytest's rootdir import mode)
+
+# Resumed stages, round 2 and re-runs compile the very same programs again: cached (conftest.py).
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,22 +176,6 @@ def test_student_views_are_uint8_crops_and_teacher_view_is_unperturbed(chain_run
 
 # ------------------------------------------------------------------------------------------------
 # The chain on digits (shared by the tests below)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    """Resumed stages, round 2 and re-runs compile the very same programs again: cache them."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def tiny_chain_config(**overrides):

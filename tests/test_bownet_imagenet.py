@@ -38,7 +38,7 @@ EVAL = {"eval.image_size": 64, "eval.every_steps": 0, "eval.batch_size": 64,
         "eval.linear_batch_size": 64,
         "eval.fewshot_classes": "random:8:0", "eval.fewshot_ways": 5}
 RUN = {"model.kwargs.width": 4, "batch_size": 16, "num_train_steps": 2, "log_every": 1}
-ROTNET_VIEWS = {"rotnet.resize": 72, "rotnet.crop_size": 64}
+ROTNET_VIEWS = {"rotnet.crop_size": 64}  # the recipe's RandomResizedCrop, at 64
 # The chain: its RotNet stage is the RotNet run above (same settings), then one BoWNet round
 # (the recipe's second round, a BoWNet teacher, runs the same code on the same data; the
 # in-memory chain of tests/test_bownet.py runs two).
@@ -212,13 +212,21 @@ def test_streamed_vocabulary_keeps_only_the_sampled_vectors_of_streamed_teacher_
             np.testing.assert_allclose(vector, nearest, rtol=1e-3, atol=1e-2)
 
 
-def test_streamed_vocabulary_needs_a_bound(runs, tmp_path):
-    config = chain_config(runs["data"], **{"bownet.vocab_images": 0,
-                                           "bownet.vocab_max_vectors": 0})
-    stage = bownet_chain.bownet_config(config, 1, runs["chain"])
-    with pytest.raises(errors.InputError, match="vocab_max_vectors"):
-        bownet_chain.build_stage_vocabulary(stage, stage.bownet.teacher_workdir,
-                                            str(tmp_path / "v.npz"))
+@pytest.mark.parametrize("overrides, expected", [
+    ({"bownet.vocab_images": 0, "bownet.vocab_max_vectors": 0}, "vocab_max_vectors=0 and "
+                                                                "vocab_images=0 on streamed data"),
+    ({"bownet.view_size": 0}, "config.bownet.view_size=0 takes the stored images' size"),
+    ({"bownet.teacher_resize": 10}, "teacher_resize=10; expected both >= 0 and teacher_resize"),
+    ({"bownet.num_words": 1000}, "num_words=1000 is more than the config.bownet.vocab_max_vectors"),
+])
+def test_the_chain_checks_the_bownet_stages_before_the_rotnet_trains(runs, tmp_path, overrides,
+                                                                      expected):
+    """Settings only the BoWNet stages read fail at once, not after the RotNet stage (days on
+    ImageNet): nothing is written."""
+    config = chain_config(runs["data"], **overrides)
+    with pytest.raises(errors.InputError, match=expected):
+        bownet_chain.run(config, str(tmp_path / "chain"))
+    assert not os.path.exists(tmp_path / "chain")
 
 
 def test_vocabulary_of_a_preallocated_buffer_equals_that_of_the_vectors():
@@ -238,7 +246,8 @@ def test_recipes_state_the_papers_settings():
     rotnet = get_recipe(ROTNET)
     assert (rotnet.batch_size, rotnet.num_epochs, rotnet.optim.lr) == (192, 50, 0.01)
     assert tuple(rotnet.optim.milestones) == (15, 30, 45) and rotnet.optim.nesterov
-    assert (rotnet.rotnet.resize, rotnet.rotnet.crop_size) == (256, 224)
+    r = rotnet.rotnet
+    assert (r.view, r.crop_size, tuple(r.crop_scale)) == ("resized_crop", 224, (0.08, 1.0))
     c = get_recipe(BOWNET)
     assert c.task == "bownet_chain" and c.model.name == "resnet50"
     b = c.bownet
@@ -250,3 +259,17 @@ def test_recipes_state_the_papers_settings():
     assert b.rotnet.to_dict() == rotnet.to_dict()
     assert feature_dims(bownet.teacher_backbone(b.rotnet.to_dict()), (1, 224, 224, 3))[
         b.teacher_layer] == (1, 14, 14, 1024)
+
+
+def test_a_vocabulary_of_other_views_is_not_reused(runs):
+    """vocab_1 of the chain was built from Resize 72 + CenterCrop 64 teacher views: a run whose
+    teacher views differ refuses it, naming the fields, instead of training on its words."""
+    config = chain_config(runs["data"], **{"bownet.teacher_resize": 80})
+    stage = bownet_chain.bownet_config(config, 1, runs["chain"])
+    with pytest.raises(errors.InputError, match=r"teacher_resize=72, but this run has "
+                                                r"config.bownet.view_size=64, teacher_resize=80"):
+        bownet_chain.vocabulary_stage(stage, stage.bownet.teacher_workdir,
+                                      stage.bownet.vocabulary)
+    same = bownet_chain.bownet_config(chain_config(runs["data"]), 1, runs["chain"])
+    assert bownet_chain.vocabulary_stage(same, same.bownet.teacher_workdir,
+                                         same.bownet.vocabulary) == "reused"

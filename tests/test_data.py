@@ -342,6 +342,8 @@ def test_unprepared_tfds_fails_fast(tmp_path):
     assert time.time() - start < 5
     with pytest.raises(ValueError, match="no dataset 'no_such_dataset_xyz'"):
         D.tfds_builder("no_such_dataset_xyz", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"config.data.data_dir=.*missing: no such folder"):
+        D.tfds_builder("digits_jpeg", str(tmp_path / "missing"))
 
 
 def _take(iterator, k):

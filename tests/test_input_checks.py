@@ -19,7 +19,7 @@ from PIL import Image
 from bow_jax.data import datasets
 from bow_jax.lib import config_checks
 from bow_jax.lib.errors import InputError
-from bow_jax.methods import DataInfo, bownet, create_method, data_info_for, obow
+from bow_jax.methods import DataInfo, bownet, create_method, data_info_for, obow, rotnet
 from bow_jax.tasks import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +86,7 @@ def test_links_to_folders_outside_the_tree_are_followed(tmp_path, recwarn):
     ("color_jitter", (0.4, 0.4, 0.4), r"config.obow.color_jitter=\(0.4, 0.4, 0.4\); expected 4"),
     ("color_jitter", (0.4, 0.4, 0.4, 0.7), r"hue in \[0, 0.5\]"),
     ("grayscale_p", 1.5, r"config.obow.grayscale_p=1.5; expected a probability in \[0, 1\]\."),
+    ("teacher_resize", 200, r"config.obow.teacher_resize=200 is smaller than teacher_size=224"),
 ])
 def test_obow_view_fields_are_checked_for_length_and_range(field, value, expected):
     cfg = obow.default_config()
@@ -107,6 +108,32 @@ def test_bownet_view_fields_are_checked_for_length_and_range(field, value, expec
     cfg[field] = value
     with pytest.raises(InputError, match=expected):
         bownet.check_bownet_config(cfg)
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"view": "rrc"}, r"config.rotnet.view='rrc'; expected one of \['crop', 'resized_crop'\]"),
+    ({"view": "resized_crop", "crop_scale": (0.5, 0.1)}, r"config.rotnet.crop_scale=\(0.5, 0.1\)"),
+    ({"resize": 100, "crop_size": 224}, r"config.rotnet.resize=100 is smaller than crop_size=224"),
+    ({"crop_size": -1}, r"config.rotnet.crop_size=-1, crop_padding=4, resize=0; expected all >= 0"),
+])
+def test_rotnet_view_fields_are_checked(fields, expected):
+    cfg = rotnet.default_config()
+    cfg.update(fields)
+    with pytest.raises(InputError, match=expected):
+        rotnet.check_rotnet_config(cfg)
+
+
+def test_streamed_images_need_a_view_size():
+    """Streamed images have no one stored size: RotNet and BoWNet ask for theirs, naming the
+    field; in-memory square images lend theirs."""
+    with pytest.raises(InputError, match="config.rotnet.crop_size=0 takes the stored images' "
+                                         "side, but these are streamed"):
+        rotnet.view_size(rotnet.default_config(), None)
+    assert rotnet.view_size(rotnet.default_config(), (32, 32, 3)) == 32
+    with pytest.raises(InputError, match="config.bownet.view_size=0 takes the stored images' "
+                                         "size, but these are streamed"):
+        bownet.view_shape(bownet.default_config(), None)
+    assert bownet.view_shape(bownet.default_config(), (32, 32, 3)) == (32, 32, 3)
 
 
 def test_the_issue_s_crop_scale_fails_when_the_method_is_created_not_at_the_first_batch():

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from bow_jax.bow import build
 from bow_jax.config import base_config
 from bow_jax.data.splits import load_split
 from bow_jax.lib import sharding, stop
+from bow_jax.lib.errors import InputError
 from bow_jax.methods import create_method, data_info_for
 from bow_jax.models import create_backbone, feature_dims
 from bow_jax.tasks import common
@@ -29,6 +29,8 @@ from bow_jax.tasks import train as train_task
 from loop_helpers import run_steps  # tests/ is on sys.path
 
 tf = pytest.importorskip("tensorflow")
+# The resumed runs compile the very same programs again: cached (conftest.py).
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 CANVAS = 24  # the larger digits below (up to 30 px) are shrunk by the host to fit
@@ -57,35 +59,22 @@ def digits_tfds(tmp_path_factory):
 
     def split(part):
         return tf.data.Dataset.from_generator(
-            lambda: ({"image": images[i], "label": int(labels[i])} for i in part),
+            lambda: ({"image": images[i], "label": int(labels[i]),
+                      "file_name": f"{labels[i]}_{i:04d}.JPEG"} for i in part),
             output_signature={"image": tf.TensorSpec((None, None, 3), tf.uint8),
-                              "label": tf.TensorSpec((), tf.int64)})
+                              "label": tf.TensorSpec((), tf.int64),
+                              "file_name": tf.TensorSpec((), tf.string)})
 
     features = tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=10)})
+        "label": tfds.features.ClassLabel(num_classes=10),
+        "file_name": tfds.features.Text()})  # as imagenet2012's, named in warnings
     tfds.dataset_builders.store_as_tfds_dataset(
         name="digits_sizes", version="1.0.0", features=features, data_dir=data_dir,
         split_datasets={"train": split(range(NUM_TRAIN)),
                         "test": split(range(NUM_TRAIN, NUM_TRAIN + 16))})
     assert max(max(im.shape[:2]) for im in images[:NUM_TRAIN]) > CANVAS  # some are shrunk
     return data_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    """The resumed runs compile the very same programs again: cache them."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def _streamed(c, data_dir):
@@ -158,7 +147,13 @@ def bownet_config(data_dir, workdir):
 @pytest.fixture(scope="module")
 def configs(digits_tfds, tmp_path_factory):
     teacher_dir = str(tmp_path_factory.mktemp("bownet_teacher"))
+    def rotnet_resized_crop():
+        c = rotnet_config(digits_tfds)
+        c.rotnet.view, c.rotnet.crop_scale = "resized_crop", (0.08, 1.0)  # the ImageNet view
+        return c
+
     return {"rotnet": lambda: rotnet_config(digits_tfds),
+            "rotnet_resized_crop": rotnet_resized_crop,
             "bownet": lambda: bownet_config(digits_tfds, teacher_dir),
             "obow": lambda: obow_config(digits_tfds)}
 
@@ -166,7 +161,7 @@ def configs(digits_tfds, tmp_path_factory):
 METHODS = ("rotnet", "bownet", "obow")
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", METHODS + ("rotnet_resized_crop",))
 def test_views_read_only_the_true_image_of_a_canvas(configs, name):
     """The same images, on their own (in-memory) or in the corner of a larger canvas whose
     padding is noise: the same views, bit for bit."""
@@ -234,3 +229,93 @@ def test_streamed_resume_reaches_the_uninterrupted_state_exactly(configs, name, 
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(as_bits(x)), np.asarray(as_bits(y)),
                                       err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# A broken file in a streamed dataset
+
+
+def _break_records(data_dir, broken):
+    """A copy of the digits_sizes dataset with the images of the train records at `broken`
+    (stored order; {index: 'garbage' | 'truncated'}) replaced by random bytes or cut to a third:
+    what a damaged download or disk leaves. Returns the copy's data_dir."""
+    import shutil
+    copy = data_dir + "_broken_" + "_".join(f"{i}{k[0]}" for i, k in sorted(broken.items()))
+    if os.path.isdir(copy):
+        return copy
+    shutil.copytree(data_dir, copy)
+    folder = os.path.join(copy, "digits_sizes", "1.0.0")
+    (path,) = [os.path.join(folder, f) for f in os.listdir(folder) if "-train.tfrecord" in f]
+    records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    for index, kind in broken.items():
+        example = tf.train.Example.FromString(records[index])
+        image = example.features.feature["image"].bytes_list.value[0]
+        bad = (np.random.default_rng(index).bytes(len(image)) if kind == "garbage"
+               else image[:len(image) // 3])
+        example.features.feature["image"].bytes_list.value[0] = bad
+        records[index] = example.SerializeToString()
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return copy
+
+
+def test_unreadable_images_are_named_and_replaced_within_their_batch(digits_tfds):
+    """A truncated and a garbage JPEG in the stream: each is named in a warning and replaced by
+    another image of its batch (the batch keeps its size and boundaries); every other row is the
+    unbroken dataset's row, bit for bit."""
+    from bow_jax.data import pipeline
+    broken_dir = _break_records(digits_tfds, {3: "truncated", 20: "garbage"})
+
+    def first_epoch(data_dir):
+        builder = tfds.builder("digits_sizes", data_dir=data_dir)
+        it = pipeline.tfds_canvases(builder, "train", global_batch=16, seed=0, canvas_size=CANVAS)
+        return [next(it) for _ in range(NUM_TRAIN // 16)]
+
+    clean = first_epoch(digits_tfds)
+    with pytest.warns(UserWarning, match=r"cannot decode \d_\d{4}\.JPEG \(1 of the") as w:
+        damaged = first_epoch(broken_dir)
+    named = {str(x.message).split("cannot decode ")[1].split(" ")[0] for x in w
+             if "cannot decode" in str(x.message)}
+    assert len(named) == 2  # each file named once, by its file_name
+    changed = 0
+    for a, b in zip(clean, damaged):
+        assert set(a) == set(b) == {"image", "size", "label"}
+        rows = [i for i in range(16) if not np.array_equal(a["image"][i], b["image"][i])]
+        changed += len(rows)
+        for i in rows:  # a copy of another row of the same batch, label included
+            j = next(j for j in range(16) if j != i and np.array_equal(b["image"][i], b["image"][j]))
+            assert b["label"][i] == b["label"][j] and (b["size"][i] == b["size"][j]).all()
+    assert changed == 2
+
+
+def test_a_dataset_of_unreadable_images_stops_naming_the_field(digits_tfds):
+    from bow_jax.data import pipeline
+    broken_dir = _break_records(digits_tfds, {i: "garbage" for i in range(NUM_TRAIN)})
+    builder = tfds.builder("digits_sizes", data_dir=broken_dir)
+    it = pipeline.tfds_canvases(builder, "train", global_batch=16, seed=0, canvas_size=CANVAS)
+    with pytest.raises(InputError, match=r"digits_sizes split 'train': images cannot be decoded: "
+                                         r"16 of the 16 images read so far .*"
+                                         r"config.data.max_unreadable_fraction"):
+        next(it)
+
+
+def test_streamed_training_resumes_exactly_past_an_unreadable_image(digits_tfds, tmp_path):
+    """RotNet on the stream with a broken file: it trains past it, and a run stopped after step 2
+    and resumed reaches the uninterrupted state (the replaced row does not move the batches)."""
+    broken_dir = _break_records(digits_tfds, {3: "truncated", 20: "garbage"})
+    config = rotnet_config(broken_dir)
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    with pytest.warns(UserWarning, match="cannot decode"):
+        train_task.run(config, full)
+
+    def sigterm_at_2(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(stop.Stopped, match="step 2/4"):
+        train_task.run(config, split, hooks=[sigterm_at_2])
+    train_task.run(config, split)
+    want, got = _final_state(config, full), _final_state(config, split)
+    for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -88,12 +88,14 @@ def _streamed(source, batch_size, seed, start_step, limit, positions, cache_dir)
     if positions is not None:
         return pipeline.tfds_subset_canvases(
             source.builder, source.split, positions, global_batch=batch_size, seed=seed,
-            canvas_size=source.canvas_size, start_step=start_step, cache_dir=cache_dir)
+            canvas_size=source.canvas_size, start_step=start_step, cache_dir=cache_dir,
+            max_unreadable_fraction=source.max_unreadable_fraction)
     limited = limit is not None and limit < source.num_examples
     return pipeline.tfds_canvases(
         source.builder, f"{source.split}[:{limit}]" if limited else source.split,
         global_batch=batch_size, seed=seed, canvas_size=source.canvas_size,
-        start_step=start_step, num_examples=limit if limited else source.num_examples)
+        start_step=start_step, num_examples=limit if limited else source.num_examples,
+        max_unreadable_fraction=source.max_unreadable_fraction)
 
 
 def crop_flip_views(images, sizes, key, *, crop: int, scale: Sequence[float],

@@ -101,13 +101,16 @@ class ArrayDataset:
 class TfdsSource:
     """A prepared TFDS dataset and one of its splits, ready for `pipeline.tfds_canvases`.
     canvas_size: the side of the uint8 canvas each streamed image is padded into (images with a
-    longer side are shrunk to fit; `pipeline.tf_canvas`), config.data.canvas_size."""
+    longer side are shrunk to fit; `pipeline.tf_canvas`), config.data.canvas_size.
+    max_unreadable_fraction: the share of streamed images that may fail to decode (each named
+    and replaced; `pipeline.UnreadableImages`), config.data.max_unreadable_fraction."""
     builder: Any
     split: str
     num_examples: int
     num_classes: int
     name: str
     canvas_size: int = DEFAULT_CANVAS_SIZE
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION
 
     def __len__(self) -> int:
         return self.num_examples
@@ -559,6 +562,9 @@ def tfds_builder(name: str, data_dir: str | None = None, manual_dir: str | None 
     except tfds.core.registered.DatasetNotFoundError as e:
         # The library's message lists every catalog dataset: too long to be useful here.
         del e
+        if data_dir and not os.path.isdir(data_dir):
+            raise MissingInputError(f"config.data.data_dir={data_dir}: no such folder (where "
+                                    f"the prepared TFDS dataset {name!r} should be).") from None
         raise InputError(f"config.data.name: TFDS has no dataset {name!r} (neither in its "
                          f"catalog nor prepared in config.data.data_dir={data_dir}).") from None
     if builder.is_prepared():
@@ -590,13 +596,15 @@ def _config_get(config, field: str, default=None):
 
 
 def with_canvas(source: TfdsSource, data_config) -> TfdsSource:
-    """`source` with the canvas side of `data_config.canvas_size` (InputError naming the field
-    unless it is a positive int; absent: the default)."""
+    """`source` with the stream settings of `data_config`: canvas_size (InputError naming the
+    field unless it is a positive int) and max_unreadable_fraction; absent: the defaults."""
     size = _config_get(data_config, "canvas_size", DEFAULT_CANVAS_SIZE)
     if not isinstance(size, (int, np.integer)) or size <= 0:
         raise InputError(f"config.data.canvas_size={size!r}; expected a positive number of "
                          "pixels (the side of the padded image the device cuts views from).")
-    return dataclasses.replace(source, canvas_size=int(size))
+    fraction = float(_config_get(data_config, "max_unreadable_fraction",
+                                 MAX_UNREADABLE_FRACTION))
+    return dataclasses.replace(source, canvas_size=int(size), max_unreadable_fraction=fraction)
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None,

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
 
+from bow_jax.data.datasets import UnreadableImageError, UnreadableImagesWarning
 from bow_jax.lib.errors import InputError
 from bow_jax.lib.sharding import check_divisible
 
@@ -226,27 +228,100 @@ def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
     return int(state & 0x7FFFFFFF)
 
 
+# Features that name an image in TFDS datasets (imagenet2012: 'file_name'), for the warnings.
+NAME_KEYS = ("file_name", "filename", "image/filename", "id")
+
+
+def record_canvases(ds, features, canvas_size: int, image_key: str, label_key: str):
+    """TFDS records (image undecoded) -> one canvas dict per record, in order (`tf_canvas` +
+    'label' + 'readable' bool + 'name' string). A record whose image cannot be decoded (a
+    truncated or corrupt file) becomes a zero canvas of true size 1x1 with 'readable' False
+    and its name, instead of stopping tf.data: the batches keep their boundaries, so a resumed
+    run is the same run, and the host replaces it (`UnreadableImages`)."""
+    tf = import_tensorflow()
+    image_feature = features[image_key]
+    name_key = next((k for k in NAME_KEYS if k in features), None)
+
+    def fields(example, readable):
+        out = {"readable": tf.constant(readable),
+               "name": tf.strings.as_string(example[name_key]) if name_key else tf.constant("")}
+        if label_key in example:
+            out["label"] = tf.cast(example[label_key], tf.int32)
+        return out
+
+    def decoded(example):
+        out = tf_encoded_canvas(example[image_key], canvas_size, image_feature.decode_example)
+        return {**out, **fields(example, True)}
+
+    def unreadable(example):
+        return {"image": tf.zeros((canvas_size, canvas_size, 3), tf.uint8),
+                "size": tf.ones((2,), tf.int32), **fields(example, False)}
+
+    def one(example):  # exactly one element per record: the canvas, else the marked stand-in
+        single = tf.data.Dataset.from_tensors(example)
+        return single.map(decoded).ignore_errors().concatenate(single.map(unreadable)).take(1)
+
+    return ds.interleave(one, cycle_length=16, block_length=1,
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class UnreadableImages:
+    """Host check of streamed batches (`record_canvases`): each image that could not be decoded
+    is named in one warning (once per name) and replaced in its batch by a copy of the nearest
+    readable example of the same batch (image, size, label), so a few broken files in a large
+    dataset cost nothing; InputError naming config.data.max_unreadable_fraction when more than
+    that share of the images read so far were unreadable (checked once 1,000 were read, or at
+    once when a whole batch is)."""
+
+    def __init__(self, what: str, max_fraction: float):
+        self.what, self.max_fraction = what, float(max_fraction)
+        self.seen, self.bad, self.named = 0, 0, set()
+
+    def __call__(self, batch: dict) -> dict:
+        readable, names = batch.pop("readable"), batch.pop("name")
+        self.seen += len(readable)
+        broken = np.flatnonzero(~readable)
+        if not len(broken):
+            return batch
+        self.bad += len(broken)
+        new = [n.decode("utf-8", "replace") or "an image (the dataset names none)"
+               for n in names[broken]]
+        new = [n for n in new if n not in self.named or n.startswith("an image")]
+        self.named.update(new)
+        share = (f"{self.bad} of the {self.seen} images read so far (at most "
+                 f"{self.max_fraction:.1%} may be skipped, config.data.max_unreadable_fraction)")
+        if len(broken) == len(readable) or (self.bad > self.max_fraction * self.seen
+                                             and self.seen >= 1000):
+            raise UnreadableImageError(f"{self.what}: images cannot be decoded: {share}; e.g. "
+                                       f"{', '.join(new[:5]) or 'see the warnings above'}.")
+        if new:
+            warnings.warn(f"{self.what}: cannot decode {', '.join(new)} ({share}); replaced in "
+                          "its batch by another image of the batch.", UnreadableImagesWarning,
+                          stacklevel=2)
+        good = np.flatnonzero(readable)
+        batch = {key: value.copy() for key, value in batch.items()}  # tf.data's are read-only
+        for i in broken:  # the nearest readable row before it, else after it
+            before = good[good < i]
+            source = before[-1] if len(before) else good[0]
+            for key in ("image", "size", "label"):
+                if key in batch:
+                    batch[key][i] = batch[key][source]
+        return batch
+
+
 def _epoch_canvases(builder, split, *, epoch_key, take, skip, local_batch, canvas_size,
                     shuffle_buffer, image_key, label_key, prefetch, options=None):
     """One process's batches of one epoch, from example `skip` on."""
-    tf = import_tensorflow()
+    import_tensorflow()
     import tensorflow_datasets as tfds
     features = builder.info.features
-    image_feature = features[image_key]
     # Decode after skip/shuffle: resuming mid-epoch then reads records without decoding them.
     ds = builder.as_dataset(split=split, shuffle_files=True,
                             decoders={image_key: tfds.decode.SkipDecoding()},
                             read_config=tfds.ReadConfig(shuffle_seed=epoch_key))
     ds = ds.shuffle(shuffle_buffer, seed=epoch_key, reshuffle_each_iteration=False)
     ds = ds.take(take).skip(skip)
-
-    def canvas(example):
-        out = tf_encoded_canvas(example[image_key], canvas_size, image_feature.decode_example)
-        if label_key in example:
-            out["label"] = tf.cast(example[label_key], tf.int32)
-        return out
-
-    ds = ds.map(canvas, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = record_canvases(ds, features, canvas_size, image_key, label_key)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
     # Options (e.g. a private threadpool) apply to the whole pipeline, file reads included.
     return ds if options is None else ds.with_options(options)
@@ -256,8 +331,8 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
                   start_step: int = 0, process_index: int | None = None,
                      process_count: int | None = None, num_examples: int | None = None,
                      shuffle_buffer: int = 16_384, image_key: str = "image",
-                     label_key: str = "label", prefetch: int = 2,
-                     options=None) -> Iterator[dict[str, np.ndarray]]:
+                     label_key: str = "label", prefetch: int = 2, options=None,
+                  max_unreadable_fraction: float = 0.05) -> Iterator[dict[str, np.ndarray]]:
     """Endless numpy batches of canvases for this process, from global step `start_step` on:
     {'image': uint8 [L, S, S, 3], 'size': int32 [L, 2]} (`tf_canvas`, S = canvas_size), plus
     'label' int32 [L] when the dataset has labels; L = global_batch // process_count.
@@ -268,7 +343,9 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
     `num_examples` (the whole split) is used only when the builder knows no split sizes
     (tfds.testing.mock_data, where every process also sees the same mock examples).
     `options`: a `tf.data.Options` applied to each epoch's pipeline (e.g. threading limits for
-    scripts/benchmark.py --pipeline); None leaves tf.data's defaults.
+    scripts/benchmark.py --pipeline); None leaves tf.data's defaults. An image that cannot be
+    decoded is named in a warning and replaced by another image of its batch, up to
+    `max_unreadable_fraction` of the images (`UnreadableImages`).
     """
     import tensorflow_datasets as tfds
     process_index, process_count = process_info(process_index, process_count)
@@ -281,6 +358,7 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
     epoch_steps = steps_per_epoch(num_examples, global_batch)
     # drop_remainder: equal shards, so each holds >= epoch_steps * local examples.
     shard = tfds.even_splits(split, process_count, drop_remainder=True)[process_index]
+    check = UnreadableImages(f"{builder.name} split {split!r}", max_unreadable_fraction)
     step = int(start_step)
     while True:
         epoch, step_in_epoch = divmod(step, epoch_steps)
@@ -289,7 +367,7 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
             take=epoch_steps * local, skip=step_in_epoch * local, local_batch=local,
             canvas_size=canvas_size, shuffle_buffer=shuffle_buffer, image_key=image_key,
             label_key=label_key, prefetch=prefetch, options=options)
-        yield from batches.as_numpy_iterator()
+        yield from map(check, batches.as_numpy_iterator())
         step = (epoch + 1) * epoch_steps
 
 
@@ -340,31 +418,24 @@ def _subset_epoch_canvases(builder, split, keep, *, epoch_key, count, local_batc
                            process_index, process_count, canvas_size, shuffle_buffer, image_key,
                            label_key, prefetch, options, cache_file):
     """One process's batches of one epoch of the subset `keep` (bool [N] by stored position)."""
-    tf = import_tensorflow()
-    image_feature = builder.info.features[image_key]
     ds = _subset_records(builder, split, keep, image_key, cache_file)
     # The same shuffle on every process (the key has no process in it), then every P-th example:
     # the processes' shards of an epoch are disjoint and together the whole subset.
     ds = ds.shuffle(max(1, min(shuffle_buffer, count)), seed=epoch_key,
                     reshuffle_each_iteration=False)
     ds = ds.shard(process_count, process_index).take(count // process_count).skip(skip)
-
-    def canvas(example):
-        out = tf_encoded_canvas(example[image_key], canvas_size, image_feature.decode_example)
-        out["label"] = tf.cast(example[label_key], tf.int32)
-        return out
-
-    ds = ds.map(canvas, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = record_canvases(ds, builder.info.features, canvas_size, image_key, label_key)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
     return ds if options is None else ds.with_options(options)
 
 
 def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, seed: int,
                          canvas_size: int, start_step: int = 0, num_examples: int | None = None,
-                      process_index: int | None = None, process_count: int | None = None,
-                      shuffle_buffer: int = 16_384, image_key: str = "image",
-                      label_key: str = "label", prefetch: int = 2, options=None,
-                      cache_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                         process_index: int | None = None, process_count: int | None = None,
+                         shuffle_buffer: int = 16_384, image_key: str = "image",
+                         label_key: str = "label", prefetch: int = 2, options=None,
+                         cache_dir: str | None = None, max_unreadable_fraction: float = 0.05
+                         ) -> Iterator[dict[str, np.ndarray]]:
     """Endless numpy batches of canvases (`tfds_canvases`' batches) of the examples at
     `positions` (int, into `split`'s stored order, e.g. from `tfds_feature_values` + a subset
     file) for this process, from `start_step`.
@@ -397,6 +468,7 @@ def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, s
         name = f"{builder.name}-{builder.info.version}-{split}"
         cache_file = os.path.join(cache_dir, f"subset-{name}-{digest}-p{process_index}")
         import_tensorflow().io.gfile.makedirs(cache_dir)
+    check = UnreadableImages(f"{builder.name} split {split!r}", max_unreadable_fraction)
     step = int(start_step)
     while True:
         epoch, step_in_epoch = divmod(step, epoch_steps)
@@ -406,5 +478,5 @@ def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, s
             process_index=process_index, process_count=process_count, canvas_size=canvas_size,
             shuffle_buffer=shuffle_buffer, image_key=image_key, label_key=label_key,
             prefetch=prefetch, options=options, cache_file=cache_file)
-        yield from batches.as_numpy_iterator()
+        yield from map(check, batches.as_numpy_iterator())
         step = (epoch + 1) * epoch_steps

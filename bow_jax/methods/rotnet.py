@@ -16,11 +16,14 @@ import ml_collections
 import optax
 
 from bow_jax.data import geometric
+from bow_jax.lib import config_checks
 from bow_jax.lib.errors import InputError
 from bow_jax.lib.state import TrainState
 from bow_jax.methods import interface
 from bow_jax.models import heads
 from bow_jax.models.norm import BatchNorm
+
+VIEWS = ("crop", "resized_crop")  # config.rotnet.view
 
 
 class ResidualHeadBlock(nn.Module):
@@ -63,8 +66,12 @@ def default_config() -> ml_collections.ConfigDict:
     r.head_feature = "pooled"  # input map of the residual head
     r.crop_size = 0  # 0: the stored image size (in-memory data); streamed data need a size
     r.crop_padding = 4  # CIFAR: RandomCrop(32, padding=4)
-    r.resize = 0  # > 0: Resize(shorter side) before RandomCrop(crop_size) (ImageNet: 256 -> 224,
-    #               github.com/gidariss/FeatureLearningRotNet); 0: crop the stored image
+    r.view = "crop"  # 'crop': RandomCrop(crop_size, crop_padding) (CIFAR), after Resize(resize)
+    #                  when resize > 0; 'resized_crop': RandomResizedCrop(crop_size, crop_scale)
+    #                  (the official ImageNet RotNet, github.com/gidariss/FeatureLearningRotNet,
+    #                  config ImageNet_RotNet_AlexNet: random_sized_crop). Both then flip.
+    r.resize = 0  # 'crop' view: > 0 resizes the shorter side first (Resize 256 + RandomCrop 224)
+    r.crop_scale = (0.08, 1.0)  # 'resized_crop' view: area fraction (torchvision's default)
     r.flip = True
     return r
 
@@ -92,6 +99,11 @@ def check_rotnet_config(cfg, training: bool = True) -> None:
         raise InputError(f"config.rotnet.crop_size={cfg.crop_size}, crop_padding="
                          f"{cfg.crop_padding}, resize={cfg.resize}; expected all >= 0 (crop_size "
                          "0: the stored image size).")
+    if training and cfg.view not in VIEWS:
+        raise InputError(f"config.rotnet.view={cfg.view!r}; expected one of {list(VIEWS)}.")
+    if training and cfg.view == "resized_crop":
+        config_checks.interval(cfg.crop_scale, "config.rotnet.crop_scale", 0.0, 1.0,
+                               "(min, max) area fraction of the random resized crop")
     if training and cfg.resize and cfg.resize < cfg.crop_size:
         raise InputError(f"config.rotnet.resize={cfg.resize} is smaller than crop_size="
                          f"{cfg.crop_size}: the crop must fit the resized image.")
@@ -141,13 +153,17 @@ def init_state(s: Setup, key) -> TrainState:
 
 
 def image_view(s: Setup, key, image, size):
-    """The geometric augmentation of the true (h, w) = `size` image of a uint8 canvas: Resize +
-    RandomCrop (config.rotnet.resize, ImageNet) or RandomCrop with zero padding (CIFAR: 32,
-    pad 4), then a flip -> uint8 [crop, crop, 3]. An in-memory image that already has the
+    """The geometric augmentation of the true (h, w) = `size` image of a uint8 canvas:
+    RandomResizedCrop (config.rotnet.view='resized_crop', ImageNet), Resize + RandomCrop
+    (config.rotnet.resize) or RandomCrop with zero padding (CIFAR: 32, pad 4), then a flip ->
+    uint8 [crop, crop, 3]. An in-memory image that already has the
     view's size and no padding is used as it is."""
     crop_key, flip_key = jax.random.split(key)
     cfg = s.cfg
-    if cfg.resize:
+    if cfg.view == "resized_crop":
+        image = geometric.random_resized_crop(crop_key, image, s.crop, tuple(cfg.crop_scale),
+                                              size=size)
+    elif cfg.resize:
         image = geometric.resize_random_crop(crop_key, image, size, cfg.resize, s.crop)
     elif cfg.crop_padding or image.shape[:2] != (s.crop, s.crop):
         image = geometric.random_crop_with_padding(crop_key, image, s.crop, cfg.crop_padding,

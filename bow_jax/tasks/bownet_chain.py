@@ -199,13 +199,12 @@ def vocabulary_canvases(source: datasets.TfdsSource, count: int,
                         positions: Optional[np.ndarray], local_batch: int):
     """Batches of canvases of the vocabulary's images, in the split's stored order: (uint8
     [local_batch, S, S, 3], true sizes int32 [local_batch, 2], number of real rows); the last
-    batch is padded with black S x S images. Streamed by tf.data (`pipeline.tf_encoded_canvas`, as the
-    training batches), decoding only the chosen images: one batch alive on the host (plus two
-    prefetched), never the split."""
+    batch is padded with black S x S images. Streamed by tf.data (`pipeline.record_canvases`,
+    as the training batches; an unreadable image named and replaced), decoding only the chosen
+    images: one batch alive on the host (plus two prefetched), never the split."""
     tf = pipeline.import_tensorflow()
     tfds = datasets.import_tfds()
     builder = source.builder
-    feature = builder.info.features["image"]
     split = source.split if count >= source.num_examples else f"{source.split}[:{count}]"
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
@@ -215,11 +214,12 @@ def vocabulary_canvases(source: datasets.TfdsSource, count: int,
         keep = tf.constant(keep)
         ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i))
         ds = ds.map(lambda i, example: example)
-    ds = ds.map(lambda example: pipeline.tf_encoded_canvas(example["image"], source.canvas_size,
-                                                           feature.decode_example),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = pipeline.record_canvases(ds, builder.info.features, source.canvas_size, "image", "label")
+    check = pipeline.UnreadableImages(f"{source.name} split {source.split!r}",
+                                      source.max_unreadable_fraction)
     side = source.canvas_size
     for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
+        batch = check(batch)
         images, sizes = batch["image"], batch["size"]
         real = len(sizes)
         if real < local_batch:
@@ -227,6 +227,25 @@ def vocabulary_canvases(source: datasets.TfdsSource, count: int,
                                                       np.uint8)])
             sizes = np.concatenate([sizes, np.full((local_batch - real, 2), side, np.int32)])
         yield images, sizes, real
+
+
+def dense_sampler(config, teacher, view_shape, keep: int, mesh):
+    """jit((teacher variables, canvases [B, S, S, 3], sizes [B, 2], key) -> [B, keep, C]): each
+    canvas's unperturbed teacher view (`bownet.teacher_view`), the teacher's `teacher_layer`
+    (eval-mode BN, border skipped), `keep` locations per image (`build.keep_locations`); batch
+    sharded over `mesh`."""
+    cfg = config.bownet
+    mean, std = interface.normalization(config)
+    views = types.SimpleNamespace(cfg=cfg, view_shape=tuple(view_shape))
+
+    def sample(variables, canvases, sizes, key):
+        x = jax.vmap(functools.partial(bownet.teacher_view, views))(canvases, sizes)
+        out = teacher.apply(variables, interface.to_network_input(x, mean, std), train=False)
+        return build.keep_locations(key, build.dense_vectors(out[cfg.teacher_layer], cfg.border),
+                                    keep)
+
+    rows, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
+    return jax.jit(sample, in_shardings=(replicated, rows, rows, replicated), out_shardings=rows)
 
 
 def streamed_dense_features(config, teacher, variables, source: datasets.TfdsSource,
@@ -243,7 +262,6 @@ def streamed_dense_features(config, teacher, variables, source: datasets.TfdsSou
 
     Returns (buffer float32 [rows >= n x keep, C], n x keep vectors filled, keep)."""
     cfg = config.bownet
-    mean, std = interface.normalization(config)
     batch = config.eval.batch_size
     sharding.check_divisible(batch, mesh.size, "config.eval.batch_size", "the number of devices")
     shape = feature_dims(teacher, (1,) + tuple(view_shape))[cfg.teacher_layer]
@@ -255,18 +273,8 @@ def streamed_dense_features(config, teacher, variables, source: datasets.TfdsSou
     logs.say(f"vocabulary: {num_images} streamed images x {keep} of {locations} "
              f"{cfg.teacher_layer} locations = {total} vectors of {shape[-1]} "
              f"({buffer.nbytes / 2 ** 30:.2f} GiB on the host)")
-    views = types.SimpleNamespace(cfg=cfg, view_shape=tuple(view_shape))
-
-    def sample(variables, canvases, sizes, key):
-        x = jax.vmap(functools.partial(bownet.teacher_view, views))(canvases, sizes)
-        out = teacher.apply(variables, interface.to_network_input(x, mean, std), train=False)
-        return build.keep_locations(key, build.dense_vectors(out[cfg.teacher_layer], cfg.border),
-                                    keep)
-
-    rows, replicated = sharding.batch_sharded(mesh), sharding.replicated(mesh)
-    compiled = jax.jit(sample, in_shardings=(replicated, rows, rows, replicated),
-                       out_shardings=rows)
-    variables = jax.device_put(variables, replicated)
+    compiled = dense_sampler(config, teacher, view_shape, keep, mesh)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
     filled = 0
 
     def write(out, real):
@@ -328,11 +336,6 @@ def build_stage_vocabulary(config, teacher_workdir: str, path: str) -> dict:
     start = time.time()
     num_vectors, extra = None, {}
     if isinstance(train, datasets.TfdsSource):
-        if not (cfg.vocab_max_vectors or cfg.vocab_images):
-            raise errors.InputError(
-                "config.bownet.vocab_max_vectors=0 and vocab_images=0 on streamed data: the "
-                "vocabulary would hold every location of every training image on the host; set "
-                "the cap (e.g. 2_000_000) or the number of images.")
         count = streamed_examples(config, train)
         positions = vocabulary_positions(subset_key, count, cfg.vocab_images)
         view = stage_view_shape(config, train)
@@ -375,6 +378,13 @@ def vocabulary_stage(config, teacher_workdir: str, path: str) -> str:
         build.check_vocabulary(meta, centroids.shape, teacher_step=step,
                                layer=cfg.teacher_layer, border=cfg.border,
                                num_words=cfg.num_words, channels=channels, path=path)
+        built = (meta.get("view_size"), meta.get("teacher_resize"))
+        if meta.get("streamed") and built != (view[0], cfg.teacher_resize):
+            raise errors.InputError(
+                f"{path} was built from teacher views of view_size={built[0]}, teacher_resize="
+                f"{built[1]}, but this run has config.bownet.view_size={view[0]}, "
+                f"teacher_resize={cfg.teacher_resize}: its words describe other views. Delete "
+                f"{os.path.dirname(path)} to rebuild it, or fix the config.")
         return "reused"
     build_stage_vocabulary(config, teacher_workdir, path)
     return "ran"
@@ -577,6 +587,28 @@ def evaluate_stages(config, workdir: str, stages: list, results: dict) -> str:
     return "reused" if set(statuses) == {"reused"} else "ran"
 
 
+def check_chain(config) -> None:
+    """The BoWNet stages' settings, checked before the RotNet stage trains (InputError naming
+    the field): rounds, the views and perturbations, the views' size on streamed data, and a
+    vocabulary the streamed data can fill (a bound on the vectors, at least K of them)."""
+    cfg = config.bownet
+    if cfg.rounds < 1:
+        raise errors.InputError(f"config.bownet.rounds={cfg.rounds}; expected >= 1.")
+    bownet.check_bownet_config(cfg, training=True)
+    if not streamed(config):
+        return
+    bownet.view_shape(cfg, None)
+    if not (cfg.vocab_max_vectors or cfg.vocab_images):
+        raise errors.InputError(
+            "config.bownet.vocab_max_vectors=0 and vocab_images=0 on streamed data: the "
+            "vocabulary would hold every location of every training image on the host; set "
+            "the cap (e.g. 2_000_000) or the number of images.")
+    if cfg.vocab_max_vectors and cfg.vocab_max_vectors < cfg.num_words:
+        raise errors.InputError(f"config.bownet.num_words={cfg.num_words} is more than the "
+                                f"config.bownet.vocab_max_vectors={cfg.vocab_max_vectors} "
+                                "feature vectors the vocabulary may sample.")
+
+
 def run(config, workdir: str,
         stage_hooks: Optional[Dict[str, Sequence[Callable[[int], None]]]] = None
         ) -> Optional[dict]:
@@ -587,8 +619,7 @@ def run(config, workdir: str,
     `stage_hooks` maps a stage name ('rotnet', 'bownet_1', ...) to step hooks for its training
     loop (tests use them to interrupt a stage).
     """
-    if config.bownet.rounds < 1:
-        raise errors.InputError(f"config.bownet.rounds={config.bownet.rounds}; expected >= 1.")
+    check_chain(config)
     if streamed(config) and config.eval.after_training:
         checks.check_evaluation_data(config)  # fails now, not after days of training
     os.makedirs(workdir, exist_ok=True)

@@ -98,6 +98,8 @@ RESUME_FIELDS = {
                        "step {step} lies at another point of the learning-rate schedule",
     **{f"data.{name}": _DATA for name in ("source", "name", "path", "data_dir", "limit",
                                           "num_examples", "in_memory")},
+    "data.canvas_size": "streamed images are padded into (or shrunk to) another canvas, so "
+                        "every view of a large image changes",
 }
 
 
