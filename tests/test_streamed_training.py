@@ -319,3 +319,18 @@ def test_streamed_training_resumes_exactly_past_an_unreadable_image(digits_tfds,
     want, got = _final_state(config, full), _final_state(config, split)
     for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_evaluation_pass_names_an_unreadable_image(digits_tfds):
+    """Evaluation reads every image of its split, so it stops (it must not change the test set),
+    naming the file."""
+    from bow_jax.data import datasets, eval_input
+    broken_dir = _break_records(digits_tfds, {3: "truncated", 20: "garbage"})
+    config = rotnet_config(broken_dir)
+    config.eval.image_size = 16
+    data = eval_input.evaluation_input(config, "train")
+    with pytest.raises(datasets.UnreadableImageError,
+                       match=r"digits_sizes split 'train': image 3 \(\d_\d{4}\.JPEG\) cannot be "
+                             r"decoded; the evaluation reads every image"):
+        for _ in data.read(0, NUM_TRAIN, 16):
+            pass

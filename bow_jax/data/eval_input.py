@@ -296,7 +296,33 @@ class TfdsInput(EvalInput):
             return image, self._labels(example)
 
         ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        yield from ds.batch(batch).prefetch(2).as_numpy_iterator()
+        try:
+            yield from ds.batch(batch).prefetch(2).as_numpy_iterator()
+        except tf.errors.InvalidArgumentError:
+            raise datasets.UnreadableImageError(self._unreadable(start, stop)) from None
+
+    def _unreadable(self, start: int, stop: int) -> str:
+        """Which image of examples [start, stop) cannot be decoded (each decoded on its own, so
+        only after a failure): the message names it (its file_name where the dataset has one).
+        The evaluation does not replace it: that would change the test set."""
+        tf = pipeline.import_tensorflow()
+        tfds = datasets.import_tfds()
+        builder = self.source.builder
+        features = builder.info.features
+        name_key = next((k for k in pipeline.NAME_KEYS if k in features), None)
+        sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
+        ds = builder.as_dataset(split=tfds_slice(self.source.split, start, stop, sizes),
+                                shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        where = f"{self.name} split {self.source.split!r}"
+        for i, example in enumerate(ds, start):
+            try:
+                pipeline.tf_decode(example["image"], features["image"].decode_example)
+            except tf.errors.InvalidArgumentError:
+                name = (example[name_key].numpy().decode("utf-8", "replace") if name_key
+                        else "")
+                return (f"{where}: image {i}{f' ({name})' if name else ''} cannot be decoded; "
+                        "the evaluation reads every image of its split: remove or repair it.")
+        return f"{where}: an image of examples {start}-{stop - 1} cannot be decoded."
 
 
 def shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
