@@ -207,11 +207,9 @@ def _final_state(config, workdir):
         return jax.device_get(run.state)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_streamed_resume_reaches_the_uninterrupted_state_exactly(configs, name, tmp_path):
-    """4 steps in one go, or stopped by SIGTERM after step 2 and resumed (crossing an epoch of the
-    stream: 48 images, 16 per step, 3 steps per epoch): the same state, bit for bit."""
-    config = configs[name]()
+def _uninterrupted_and_resumed(config, tmp_path):
+    """(final state of 4 steps in one go, final state of a run stopped by SIGTERM after step 2
+    and resumed by the same command)."""
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     train_task.run(config, full)
 
@@ -222,7 +220,15 @@ def test_streamed_resume_reaches_the_uninterrupted_state_exactly(configs, name, 
     with pytest.raises(stop.Stopped, match="step 2/4"):
         train_task.run(config, split, hooks=[sigterm_at_2])
     train_task.run(config, split)
-    want, got = _final_state(config, full), _final_state(config, split)
+    return _final_state(config, full), _final_state(config, split)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_streamed_resume_reaches_the_uninterrupted_state_exactly(configs, name, tmp_path):
+    """4 steps in one go, or stopped by SIGTERM after step 2 and resumed (crossing an epoch of the
+    stream: 48 images, 16 per step, 3 steps per epoch): the same state, bit for bit."""
+    config = configs[name]()
+    want, got = _uninterrupted_and_resumed(config, tmp_path)
     assert int(want.step) == int(got.step) == 4
     as_bits = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key) else x
@@ -304,19 +310,8 @@ def test_streamed_training_resumes_exactly_past_an_unreadable_image(digits_tfds,
     """RotNet on the stream with a broken file: it trains past it, and a run stopped after step 2
     and resumed reaches the uninterrupted state (the replaced row does not move the batches)."""
     broken_dir = _break_records(digits_tfds, {3: "truncated", 20: "garbage"})
-    config = rotnet_config(broken_dir)
-    full, split = str(tmp_path / "full"), str(tmp_path / "split")
     with pytest.warns(UserWarning, match="cannot decode"):
-        train_task.run(config, full)
-
-    def sigterm_at_2(step):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(stop.Stopped, match="step 2/4"):
-        train_task.run(config, split, hooks=[sigterm_at_2])
-    train_task.run(config, split)
-    want, got = _final_state(config, full), _final_state(config, split)
+        want, got = _uninterrupted_and_resumed(rotnet_config(broken_dir), tmp_path)
     for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
