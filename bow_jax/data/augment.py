@@ -4,8 +4,8 @@ range of images, and one namespace for the `geometric` and `photometric` ops.
 Conventions
 -----------
 * Images come from the host as uint8; `to_float` maps them to float32 in [0, 1] (what the colour
-  ops of `photometric` expect, as torchvision's tensor ops do); `to_uint8` rounds float images on
-  the 0..255 scale back (the resampling ops of `geometric` round their own output);
+  ops of `photometric` expect, as torchvision's tensor ops do); the resampling ops of
+  `geometric` take and return uint8 (rounded as PIL rounds);
   `normalize` makes the network input.
 * Single-image functions take `(key, image)` with `image` of shape [H, W, C]; `*_batch` functions
   split the key into one key per image (`jax.random.split(key, B)`) and vmap (`keyed.per_image`).
@@ -49,12 +49,6 @@ def to_float(x):
     if x.dtype != jnp.uint8:
         raise ValueError(f"to_float: expected uint8 images, got dtype {x.dtype}")
     return x.astype(jnp.float32) / 255.0
-
-
-def to_uint8(x):
-    """Float images on the 0..255 scale -> uint8: rounded half to even, then clipped to [0, 255]
-    (the one float -> uint8 conversion; as PIL hands a resampled image to the next transform)."""
-    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
 
 def normalize(x, mean: Sequence[float], std: Sequence[float]):

@@ -393,9 +393,10 @@ def tfds_feature_values(builder, split: str, key: str) -> np.ndarray:
     return values
 
 
-def _subset_records(builder, split, keep, image_key, cache_file):
-    """The subset's records (image undecoded) in stored order; with `cache_file`, read from that
-    tf.data cache, which is filled here by one whole pass the first time."""
+def subset_records(builder, split, keep, image_key: str = "image", cache_file=None):
+    """The records of `split` at the positions where `keep` (bool [N], stored order) is True,
+    image undecoded, in stored order; with `cache_file`, read from that tf.data cache, which is
+    filled here by one whole pass the first time."""
     tf = import_tensorflow()
     import tensorflow_datasets as tfds
     keep = tf.constant(keep)
@@ -418,7 +419,7 @@ def _subset_epoch_canvases(builder, split, keep, *, epoch_key, count, local_batc
                            process_index, process_count, canvas_size, shuffle_buffer, image_key,
                            label_key, prefetch, options, cache_file):
     """One process's batches of one epoch of the subset `keep` (bool [N] by stored position)."""
-    ds = _subset_records(builder, split, keep, image_key, cache_file)
+    ds = subset_records(builder, split, keep, image_key, cache_file)
     # The same shuffle on every process (the key has no process in it), then every P-th example:
     # the processes' shards of an epoch are disjoint and together the whole subset.
     ds = ds.shuffle(max(1, min(shuffle_buffer, count)), seed=epoch_key,

@@ -202,18 +202,11 @@ def vocabulary_canvases(source: datasets.TfdsSource, count: int,
     batch is padded with black S x S images. Streamed by tf.data (`pipeline.record_canvases`,
     as the training batches; an unreadable image named and replaced), decoding only the chosen
     images: one batch alive on the host (plus two prefetched), never the split."""
-    tf = pipeline.import_tensorflow()
-    tfds = datasets.import_tfds()
     builder = source.builder
     split = source.split if count >= source.num_examples else f"{source.split}[:{count}]"
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    if positions is not None:  # the records of the others are read, never decoded
-        keep = np.zeros(count, bool)
-        keep[positions] = True
-        keep = tf.constant(keep)
-        ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i))
-        ds = ds.map(lambda i, example: example)
+    keep = np.zeros(count, bool)  # the records of the others are read, never decoded
+    keep[np.arange(count) if positions is None else positions] = True
+    ds = pipeline.subset_records(builder, split, keep)
     ds = pipeline.record_canvases(ds, builder.info.features, source.canvas_size, "image", "label")
     check = pipeline.UnreadableImages(f"{source.name} split {source.split!r}",
                                       source.max_unreadable_fraction)
