@@ -7,6 +7,8 @@ does the rest. Everything else a long
 run needs (bounded run-ahead, the agreed stop, checkpoints, non-finite checks, metric rows) is the
 driver's.
 """
+import contextlib
+import contextvars
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -15,23 +17,60 @@ from bow_jax.data import batches as batch_source
 from bow_jax.lib import logs, loop, profiling, sharding
 
 
-def device_batches(config, train_data, method, mesh, start_step: int) -> Iterator:
+def device_batches(config, train_data, method, mesh, start_step: int,
+                   unreadable_counts=None) -> Iterator:
     """Global batches of the method's views on the device, for steps start_step, start_step + 1,
     ... (`data.batches.training_batches`: `method.make_views` cuts them on the device from
-    in-memory images or streamed canvases alike)."""
+    in-memory images or streamed canvases alike). unreadable_counts: streamed images read and
+    unreadable so far, kept up to date in place (`pipeline.UnreadableImages`)."""
     return batch_source.training_batches(
         train_data, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-        start_step=start_step, device_views=method.make_views)
+        start_step=start_step, device_views=method.make_views,
+        unreadable_counts=unreadable_counts)
+
+
+UNREADABLE_META = "unreadable_images"  # the checkpoint meta's key of `unreadable_counts`
+
+
+def unreadable_counts(run) -> dict:
+    """The streamed images read and found unreadable before `run`'s restored checkpoint
+    ({'read', 'unreadable'}; {} for a new run), so that a restart goes on counting the share
+    that config.data.max_unreadable_fraction bounds instead of starting it again. The counts
+    are process 0's (each process counts its own shard; shards are alike) and may include the
+    few batches read ahead of the checkpoint's step."""
+    if run.restored_step is None:
+        return {}
+    return dict(run.checkpointer.read_meta(run.restored_step).get(UNREADABLE_META, {}))
+
+
+# (stage name, where its settings live in the command's config) of the BoWNet chain stage being
+# trained: its stage configs are derived (`tasks.bownet_chain`), so `config.optim.lr` of a stage
+# is not the field the user sets (the RotNet stage's is config.bownet.rotnet.optim.lr).
+_STAGE = contextvars.ContextVar("bow_jax_chain_stage", default=None)
+
+
+@contextlib.contextmanager
+def chain_stage(name: str, field: str):
+    """Within it, the advice of a diverging run (`likely_causes`) names the chain's stage `name`
+    (e.g. 'rotnet') and its settings as fields of `field` (e.g. 'config.bownet.rotnet')."""
+    token = _STAGE.set((name, field))
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
 
 
 def likely_causes(config) -> str:
-    """The settings that usually make a run diverge, with this run's values."""
+    """The settings that usually make a run diverge, with this run's values, named as the user
+    sets them (a BoWNet chain stage's own fields, `chain_stage`)."""
+    name, field = _STAGE.get() or ("", "config")
+    where = f"In the BoWNet chain's {name!r} stage: likely" if name else "Likely"
     dtype = config.model.get("kwargs", {}).get("dtype", "float32")
-    return (f"Likely causes: config.optim.lr={config.optim.lr} too high (lower it, or lengthen "
-            "config.optim.warmup_epochs)" + (
-                f"; config.model.kwargs.dtype={dtype} (low precision overflows: try float32)"
-                if "16" in str(dtype) else "") + ". Resume from the last good checkpoint with "
-            "the fix: the same command with the new setting.")
+    return (f"{where} causes: {field}.optim.lr={config.optim.lr} too high (lower it, or "
+            f"lengthen {field}.optim.warmup_epochs)" + (
+                f"; {field}.model.kwargs.dtype={dtype} (low precision overflows: try float32)"
+                if "16" in str(dtype) else "") + ". Then run the same command with the new "
+            "setting: it resumes from the last good checkpoint, if one was saved.")
 
 
 def monitored(monitor, state, step: int, total_steps: int) -> dict:
@@ -47,9 +86,12 @@ def training_loop(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None
     total_steps = run.data_info.total_steps
     train_step = jax.jit(run.method.train_step, donate_argnums=0,
                          out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+    counts = unreadable_counts(run)
     return loop.Loop(
         step=lambda state, batch, index: train_step(state, batch),
-        batches=device_batches(config, run.train_data, run.method, mesh, int(run.state.step)),
+        batches=device_batches(config, run.train_data, run.method, mesh, int(run.state.step),
+                               counts),
+        checkpoint_meta=lambda: {UNREADABLE_META: dict(counts)},
         total_steps=total_steps, images_per_step=config.batch_size, workdir=run.workdir,
         log_every=config.log_every, checkpointer=run.checkpointer,
         checkpoint_every=config.checkpoint_every_steps, settings=config,

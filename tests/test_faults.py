@@ -249,6 +249,19 @@ def test_a_second_writer_fails_at_once_and_a_killed_holder_never_blocks(tmp_path
             pass
 
 
+def test_the_holders_command_keeps_its_start_and_its_last_overrides():
+    """A refused run names the holder's command; a long one loses its middle, not its end,
+    where the overrides that win are (a wrapper's defaults first, the user's last)."""
+    command = ("python -m bow_jax.main --config=configs/obow_resnet50.py "
+               + " ".join(f"--config.field_{i}=1" for i in range(60))
+               + " --config.num_train_steps=40")
+    short = lock.shortened(command)
+    assert len(short) <= 600 and " ... " in short
+    assert short.startswith("python -m bow_jax.main --config=configs/obow_resnet50.py")
+    assert short.endswith("--config.field_59=1 --config.num_train_steps=40")
+    assert lock.shortened("python -m bow_jax.main") == "python -m bow_jax.main"
+
+
 # ------------------------------------------------------------------------------------------------
 # Stops and run-ahead (single process)
 

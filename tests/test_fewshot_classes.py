@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from bow_jax.config import base_config
+from bow_jax.lib import errors
 from bow_jax.protocols import cache, checks, fewshot, fewshot_protocol, runner
 
 
@@ -206,3 +207,53 @@ def test_check_on_tfds_like_splits_uses_the_class_count():
         fewshot_protocol.check_episodes(ev, test)
     ev.fewshot_ways = 4
     assert fewshot_protocol.check_episodes(ev, test) is None
+
+
+def test_tfds_like_split_too_small_for_the_episodes_fails_before_training():
+    """A fresh user's repro: TFDS labels are unknown before the split is read, so 500-shot
+    episodes passed the check and failed after training. The split's size bounds them:
+    ways x (max shot + queries) examples at least, every class of a class split that many."""
+    ev = types.SimpleNamespace(fewshot_shots=(1, 5), fewshot_ways=5, fewshot_queries=15,
+                               fewshot_episodes=3, fewshot_classes="", fewshot_classes_key="")
+    test = checks.EvalSplit(200, None, 10, "the test split (TFDS toy split 'test', first 200 "
+                                           "by config.eval.test_limit)")
+    assert fewshot_protocol.check_episodes(ev, test) is None  # 5 x 20 = 100 <= 200
+    ev.fewshot_shots = (1, 500)
+    with pytest.raises(ValueError, match=r"^config\.eval\.fewshot_shots=\(1, 500\), config\.eval"
+                                         r"\.fewshot_queries=15 and config\.eval\.fewshot_ways=5"
+                                         r": 500-shot episodes need 515 examples of each of at "
+                                         r"least 5 classes, 2575 in all; the test split \(TFDS "
+                                         r"toy split 'test', first 200 .*\) has 200\."):
+        fewshot_protocol.check_episodes(ev, test)
+    ev.fewshot_shots, ev.fewshot_queries = (1,), 100
+    with pytest.raises(ValueError, match=r"fewshot_queries=100 .*need 101 examples"):
+        fewshot_protocol.check_episodes(ev, test)
+    ev.fewshot_queries, ev.fewshot_classes = 15, "random:8:0"  # 8 x 16 = 128 <= 200
+    assert fewshot_protocol.check_episodes(ev, test) is None
+    ev.fewshot_shots = (1, 10)  # 8 classes x 25 = 200: still fits; 11 shots do not
+    assert fewshot_protocol.check_episodes(ev, test) is None
+    ev.fewshot_shots = (11,)
+    with pytest.raises(ValueError, match=r"each of 8 classes of config\.eval\.fewshot_classes="
+                                         r"'random:8:0', 208 in all;"):
+        fewshot_protocol.check_episodes(ev, test)
+
+
+def test_too_few_examples_found_once_the_labels_are_read_is_an_input_error():
+    """What the size bound cannot see (a class with 17 test examples among larger ones) is found
+    when the features' labels are read: an InputError naming the fields, the class and its
+    count, not sample_episodes' bare ValueError."""
+    feats, labels = _features(num_classes=10, per_class=40)
+    keep = np.flatnonzero(labels != 8)
+    keep = np.sort(np.concatenate([keep, np.flatnonzero(labels == 8)[:17]]))  # class 8: 17
+    c = base_config("rotnet")
+    c.eval.update(dict(protocols=("fewshot",), fewshot_ways=5, fewshot_shots=(1, 20),
+                       fewshot_queries=1, fewshot_episodes=3))
+    test = cache.SplitFeatures(feats[keep], labels[keep], 10, where="/run/cache/test")
+    with pytest.raises(errors.InputError, match=r"^config\.eval\.fewshot_shots=\(1, 20\) with "
+                                                r"config\.eval\.fewshot_queries=1: 20-shot "
+                                                r"episodes need 21 examples of each class; the "
+                                                r"test split as read \(377 examples, cached in "
+                                                r"/run/cache/test\) has 17 of class 8"):
+        runner.score_features(test, test, c)
+    c.eval.fewshot_shots = (1, 16)
+    assert set(runner.score_features(test, test, c)["fewshot"]) == {"5way_1shot", "5way_16shot"}

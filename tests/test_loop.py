@@ -1,6 +1,7 @@
 """The step driver (`lib/loop.py`) on a toy loop, and what every real loop inherits from it: the
 bounded run-ahead (fine-tuning included), the one stop convention, checkpoints announced once
 committed, metric rows, non-finite checks."""
+import dataclasses
 import os
 import signal
 
@@ -102,21 +103,39 @@ def test_a_stop_saves_commits_and_raises_stopped(tmp_path):
     assert float(resumed.w) == float(straight.w) and int(resumed.step) == 6
 
 
-@pytest.mark.parametrize("every, expected", [
-    (4, r"^Non-finite metrics at step 4 of the toy: loss .*\(step None\)\. Lower the toy's lr\.$"),
-    (1, r"^Step 3: the state holds NaN or infinity in 1 leaves \(w\); not saved\. The newest kept "
-        r"checkpoint \(2\) is the last good one\. Lower the toy's lr\.$")])
-def test_non_finite_values_stop_before_anything_bad_is_saved(tmp_path, every, expected):
+NONE_YET = r"no checkpoint was saved yet: nothing saved is lost, and a rerun starts over\."
+
+
+@pytest.mark.parametrize("lr, every, expected, kept", [
+    (1e30, 4, r"^Non-finite metrics at step 4 of the toy: loss .*\) hold NaN or infinity\. "
+              r"Stopped; " + NONE_YET + r" Lower the toy's lr\.$", []),
+    (1e30, 1, r"^Step 3: the state holds NaN or infinity in 1 leaves \(w\); not saved\. The newest "
+              r"kept checkpoint \(2\) is the last good one\. Lower the toy's lr\.$", [1, 2]),
+    (float("inf"), 1, r"^Step 1: the state holds NaN or infinity in 1 leaves \(w\); not saved\. "
+                      r"N" + NONE_YET[1:] + r" Lower the toy's lr\.$", [])])
+def test_non_finite_values_stop_before_anything_bad_is_saved(tmp_path, lr, every, expected, kept):
     """lr 1e30: w reaches 1e30 after step 2 and overflows at step 3. Checkpoints every 4 steps:
-    the row of step 4 holds an infinite loss (NonFiniteError naming the step, the metric and the
-    last good checkpoint, none); every step: the state of step 3 is refused before it is saved.
-    The loop's advice is appended either way, and only finite states are on disk."""
-    toy = toy_loop(tmp_path, lr=1e30, every=every, advice="Lower the toy's lr.")
-    with pytest.raises(checkpoint.NonFiniteError, match=expected):
+    the row of step 4 holds an infinite loss (NonFiniteError naming the step, the metric, and that
+    no checkpoint was saved yet: a fresh user read 'step None'); every step: the state of step 3
+    is refused before it is saved, naming the last good checkpoint. lr inf: the state of step 1
+    is NaN, refused with no checkpoint yet (was 'The newest kept checkpoint (None)'). The loop's
+    advice is appended either way, and only finite states are on disk."""
+    toy = toy_loop(tmp_path, lr=lr, every=every, advice="Lower the toy's lr.")
+    with pytest.raises(checkpoint.NonFiniteError, match=expected) as raised:
         loop.run(toy, initial())
     saved = toy.checkpointer.all_steps()
     toy.checkpointer.close()
-    assert saved == ([] if every == 4 else [1, 2])
+    assert saved == kept and "None" not in str(raised.value)
+
+
+def test_non_finite_metrics_of_a_loop_without_checkpoints_say_so(tmp_path):
+    """A loop that saves nothing (checkpointer None) says so rather than 'step None'."""
+    saving = toy_loop(tmp_path, lr=1e30, advice="Lower the toy's lr.")
+    saving.checkpointer.close()
+    toy = dataclasses.replace(saving, checkpointer=None)
+    with pytest.raises(checkpoint.NonFiniteError, match=r"Stopped; this loop saves no "
+                                                        r"checkpoints\. Lower the toy's lr\.$"):
+        loop.run(toy, initial())
 
 
 class CountingRunAhead(loop.RunAhead):

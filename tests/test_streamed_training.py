@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bow_jax import pretrain
 from bow_jax.bow import build
 from bow_jax.config import base_config
 from bow_jax.data.splits import load_split
@@ -185,8 +186,25 @@ def test_views_read_only_the_true_image_of_a_canvas(configs, name):
                                       err_msg=view)
 
 
+@pytest.mark.parametrize("name, field", [("rotnet", "config.rotnet.resize=18"),
+                                         ("bownet", "config.bownet.teacher_resize=18"),
+                                         ("obow", "config.obow.teacher_resize=22")])
+def test_a_canvas_smaller_than_the_views_is_warned_about(configs, name, field, capsys):
+    """Streamed images shrunk to a canvas below a view's side are upscaled by every view: said
+    once at the start, naming both fields (the fixture's canvas of 24 holds every view)."""
+    config = configs[name]()
+    create_method(config, data_info_for(config, load_split(config, "train")))
+    assert "canvas_size" not in capsys.readouterr().err
+    config.data.canvas_size = 12
+    create_method(config, data_info_for(config, load_split(config, "train")))
+    assert f"config.data.canvas_size=12 is smaller than {field}" in capsys.readouterr().err
+
+
 # Steps compared. OBoW: one, as its in-memory test: from the second or third step on, the float
-# rounding of 1 vs 8 devices (~1e-7) grows to ~1e-4 in these width-4 networks, in memory too.
+# rounding of 1 vs 8 devices (~1e-7) grows to ~1e-4 in these width-4 networks, in memory too,
+# exactly as a 1e-7 relative perturbation of the initial weights does on one device (measured on
+# the in-memory tiny config: both reach 1.39e-4 at step 4, where the losses still agree to 1e-6:
+# the gradient crosses a kink), so it is the float chaos of training, not a multi-device error.
 STEPS = {"rotnet": 2, "bownet": 2, "obow": 1}
 
 
@@ -306,26 +324,105 @@ def test_a_dataset_of_unreadable_images_stops_naming_the_field(digits_tfds):
         next(it)
 
 
+def test_the_unreadable_share_carries_over_a_resume(digits_tfds):
+    """The counts live in a dict the caller keeps (a run saves it with each checkpoint): one
+    epoch counts its 48 images and 2 broken ones into it; handed back with a share already
+    over the limit (as a restarted run's checkpoint would), the first broken image stops the
+    stream, where fresh counts would only warn."""
+    from bow_jax.data import pipeline
+    builder = tfds.builder("digits_sizes",
+                           data_dir=_break_records(digits_tfds, {3: "truncated", 20: "garbage"}))
+
+    def one_epoch(counts):
+        it = pipeline.tfds_canvases(builder, "train", global_batch=16, seed=0,
+                                    canvas_size=CANVAS, unreadable_counts=counts)
+        for _ in range(NUM_TRAIN // 16):
+            next(it)
+
+    counts = {}
+    with pytest.warns(UserWarning, match="cannot decode"):
+        one_epoch(counts)
+    assert counts == {"read": NUM_TRAIN, "unreadable": 2}
+    with pytest.raises(InputError, match=r"images cannot be decoded: 111 of the 20\d\d images "
+                                         r"read so far \(at most 5\.0%"):
+        one_epoch({"read": 2000, "unreadable": 110})
+
+
 def test_streamed_training_resumes_exactly_past_an_unreadable_image(digits_tfds, tmp_path):
     """RotNet on the stream with a broken file: it trains past it, and a run stopped after step 2
     and resumed reaches the uninterrupted state (the replaced row does not move the batches)."""
     broken_dir = _break_records(digits_tfds, {3: "truncated", 20: "garbage"})
+    config = rotnet_config(broken_dir)
     with pytest.warns(UserWarning, match="cannot decode"):
-        want, got = _uninterrupted_and_resumed(rotnet_config(broken_dir), tmp_path)
+        want, got = _uninterrupted_and_resumed(config, tmp_path)
     for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The share of unreadable images goes on from the checkpoint's counts (a restart must not
+    # start it again): both runs counted the 64 images of their 4 steps, broken ones included.
+    counts = [common.open_checkpointer(config, str(tmp_path / name)).read_meta()[
+        pretrain.UNREADABLE_META] for name in ("full", "split")]
+    assert counts[0] == counts[1] and counts[0]["read"] == 64 and counts[0]["unreadable"] >= 1
 
 
-def test_the_evaluation_pass_names_an_unreadable_image(digits_tfds):
-    """Evaluation reads every image of its split, so it stops (it must not change the test set),
-    naming the file."""
-    from bow_jax.data import datasets, eval_input
-    broken_dir = _break_records(digits_tfds, {3: "truncated", 20: "garbage"})
-    config = rotnet_config(broken_dir)
+def test_a_damaged_record_file_is_named_by_training_and_evaluation(digits_tfds):
+    """One flipped byte in a train shard (a record's checksum fails: TensorFlow's DataLossError):
+    the training stream and the evaluation pass each stop with one InputError naming the
+    dataset, its directory and what to do, not a TensorFlow traceback."""
+    import shutil
+    from bow_jax.data import eval_input, pipeline
+    copy = digits_tfds + "_flipped_byte"
+    if not os.path.isdir(copy):
+        shutil.copytree(digits_tfds, copy)
+        folder = os.path.join(copy, "digits_sizes", "1.0.0")
+        (path,) = [os.path.join(folder, f) for f in os.listdir(folder) if "-train.tfrecord" in f]
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    want = (r"digits_sizes split 'train': a record file of the prepared dataset is damaged "
+            r"\(corrupted record at \d+\); its files in .*_flipped_byte.* were cut short or "
+            r"altered\. Prepare the dataset again")
+    builder = tfds.builder("digits_sizes", data_dir=copy)
+    it = pipeline.tfds_canvases(builder, "train", global_batch=16, seed=0, canvas_size=CANVAS)
+    with pytest.raises(InputError, match=want):
+        for _ in range(NUM_TRAIN // 16):
+            next(it)
+    config = rotnet_config(copy)
     config.eval.image_size = 16
-    data = eval_input.evaluation_input(config, "train")
-    with pytest.raises(datasets.UnreadableImageError,
-                       match=r"digits_sizes split 'train': image 3 \(\d_\d{4}\.JPEG\) cannot be "
-                             r"decoded; the evaluation reads every image"):
-        for _ in data.read(0, NUM_TRAIN, 16):
+    with pytest.raises(InputError, match=want):
+        for _ in eval_input.evaluation_input(config, "train").read(0, NUM_TRAIN, 16):
             pass
+
+
+def test_the_evaluation_pass_names_and_leaves_out_an_unreadable_image(digits_tfds):
+    """Evaluation, as for image folders: a file that cannot be decoded comes as a zero image with
+    label -1 (left out by the feature pass, up to max_unreadable_fraction) and is named in one
+    warning; every other row is the unbroken dataset's (so one broken training image does not
+    stop the evaluation after a long run)."""
+    from bow_jax.data import datasets, eval_input
+    from bow_jax.protocols import cache
+
+    def read_all(data_dir):
+        config = rotnet_config(data_dir)
+        config.eval.image_size = 16
+        data = eval_input.evaluation_input(config, "train")
+        parts = list(data.read(0, NUM_TRAIN, 16))
+        return data, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    _, clean_images, clean_labels = read_all(digits_tfds)
+    with pytest.warns(datasets.UnreadableImagesWarning,
+                      match=r"digits_sizes split 'train': 2 images cannot be decoded and are left "
+                            r"out of the evaluation:\n  \d_\d{4}\.JPEG\n  \d_\d{4}\.JPEG$"):
+        data, images, labels = read_all(_break_records(digits_tfds, {3: "truncated",
+                                                                     20: "garbage"}))
+    broken = [3, 20]
+    assert (labels[broken] == -1).all() and not images[broken].any()
+    keep = np.setdiff1d(np.arange(NUM_TRAIN), broken)
+    np.testing.assert_array_equal(images[keep], clean_images[keep])
+    np.testing.assert_array_equal(labels[keep], clean_labels[keep])
+    # The feature pass leaves them out, and stops past the fraction, naming the field.
+    rows = {"feats": np.zeros((NUM_TRAIN, 2), np.float32), "labels": labels}
+    assert len(cache._without_unreadable(rows, data, 0.05)["labels"]) == NUM_TRAIN - 2
+    with pytest.raises(datasets.UnreadableImageError, match="2 of 48 images cannot be decoded"):
+        cache._without_unreadable(rows, data, 0.01)

@@ -295,3 +295,23 @@ def test_vocabulary_file_round_trip_and_checks(tmp_path):
     np.savez(str(tmp_path / "other.npz"), weights=np.zeros(3), meta=np.array(json.dumps({})))
     with pytest.raises(ValueError, match="not a vocabulary file"):
         build.read_vocabulary(str(tmp_path / "other.npz"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad_meta"])
+def test_a_damaged_vocabulary_file_is_named_with_what_to_do(tmp_path, damage):
+    """A vocabulary file cut short (a full disk, a copy stopped halfway), overwritten, or whose
+    metadata is not JSON: one InputError naming the file and saying to rebuild it, not numpy's
+    or zipfile's traceback."""
+    path = str(tmp_path / "vocabulary.npz")
+    build.write_vocabulary(path, np.ones((4, 3)), {"num_words": 4})
+    if damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(300)
+    elif damage == "garbage":
+        with open(path, "wb") as f:
+            f.write(np.random.default_rng(0).bytes(2000))
+    else:
+        np.savez(path, centroids=np.ones((4, 3)), meta=np.array("{not json"))
+    with pytest.raises(ValueError, match=f"vocabulary file={path!r} cannot be read .*damaged. "
+                                         "Delete it"):
+        build.read_vocabulary(path, "vocabulary file")

@@ -18,6 +18,7 @@ import ml_collections
 import pytest
 from absl import logging as absl_logging
 
+import bow_jax
 from bow_jax.lib import extras, files, logs, writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,6 +221,7 @@ def test_progress_on_a_terminal_shows_a_tqdm_bar_with_rate(monkeypatch, capsys):
 @pytest.fixture
 def restore_logging(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.setattr(bow_jax, "USER_TF_CPP_MIN_LOG_LEVEL", None)
     names = ("",) + logs.LIBRARY_LOGGERS
     saved = {n: logging.getLogger(n).level for n in names}
     verbosity = absl_logging.get_verbosity()
@@ -242,6 +244,23 @@ def test_logs_setup_quiets_libraries_unless_verbosity_is_given(restore_logging):
     assert not logging.getLogger("orbax.checkpoint").isEnabledFor(logging.DEBUG)
     logs.setup(1)
     assert logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.DEBUG)
+
+
+@pytest.mark.parametrize("user_level, want", [(None, "2"), ("0", "0")])
+def test_the_quiet_tf_log_level_survives_importing_jax(user_level, want):
+    """`import jax` sets TF_CPP_MIN_LOG_LEVEL=1 when it is unset (TensorFlow's C++ warnings, e.g.
+    'Local rendezvous is aborting', would then print): a fresh process that imports the entry
+    point gets the quiet level 2 unless the user set a level before starting it."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if user_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = user_level
+    code = ("import os, bow_jax.main, jax; from bow_jax.lib import logs; "
+            f"assert os.environ.get('TF_CPP_MIN_LOG_LEVEL') == {user_level or '1'!r}; "
+            "logs.setup(None); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == want
 
 
 def test_say_and_warn(capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -153,19 +154,27 @@ def build_vocabulary(key, vectors: np.ndarray, num_words: int, *, method: str = 
 def read_vocabulary(path: str, field: str = "config.bownet.vocabulary"):
     """(centroids float32 [K, C], metadata dict) of a vocabulary file.
 
-    ValueError naming `field` when `path` is empty or not a vocabulary file; FileNotFoundError
-    when it does not exist.
+    ValueError naming `field` when `path` is empty, not a vocabulary file or damaged (truncated,
+    overwritten: it names the file and says to rebuild it); FileNotFoundError when it does not
+    exist.
     """
     if not path:
         raise InputError(f"{field} is empty: BoWNet needs the vocabulary file written by the "
                          "vocabulary stage (task 'bownet_chain').")
     if not os.path.isfile(path):
         raise MissingInputError(f"{field}={path!r} does not exist.")
-    with np.load(path) as f:
-        if "centroids" not in f or "meta" not in f:
-            raise InputError(f"{field}={path!r} is not a vocabulary file (expected arrays "
-                             "'centroids' and 'meta').")
-        return f["centroids"].astype(np.float32), json.loads(str(f["meta"]))
+    try:
+        with np.load(path) as f:
+            if "centroids" not in f or "meta" not in f:
+                raise InputError(f"{field}={path!r} is not a vocabulary file (expected arrays "
+                                 "'centroids' and 'meta').")
+            return f["centroids"].astype(np.float32), json.loads(str(f["meta"]))
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{field}={path!r} cannot be read ({type(e).__name__}: {e}): the file "
+                         "is damaged. Delete it and build it again (task 'bownet_chain' "
+                         "rebuilds a missing vocabulary from its teacher).") from None
 
 
 def write_vocabulary(path: str, centroids, meta: dict) -> None:

@@ -36,7 +36,8 @@ DeviceViews = Callable[[jax.Array, jax.Array, jax.Array], dict]
 def training_batches(data, *, batch_size: int, seed: int, mesh, start_step: int,
                      device_views: DeviceViews, view_key: Optional[jax.Array] = None,
                      limit: Optional[int] = None, positions: Optional[np.ndarray] = None,
-                     cache_dir: Optional[str] = None) -> Iterator[dict]:
+                     cache_dir: Optional[str] = None,
+                     unreadable_counts: Optional[dict] = None) -> Iterator[dict]:
     """Global batches {view name: [batch_size, ...], 'label': int32 [batch_size]} sharded on
     'data', for steps start_step, start_step + 1, ... (see the module docstring).
 
@@ -44,12 +45,15 @@ def training_batches(data, *, batch_size: int, seed: int, mesh, start_step: int,
     (None: all). positions: train on these examples only (int, into the split; a TFDS subset is
     streamed by position, `pipeline.tfds_subset_canvases`). view_key: the key the views of step
     s are folded from (default fold_in(key(seed), 1)). cache_dir: a TFDS subset's encoded records
-    are cached there after the first pass."""
+    are cached there after the first pass. unreadable_counts: streamed data's counts of images
+    read and unreadable so far ({'read', 'unreadable'}, from a checkpoint), kept up to date in
+    place (`pipeline.UnreadableImages`)."""
     view_key = jax.random.fold_in(jax.random.key(seed), 1) if view_key is None else view_key
     cut = _view_cutter(device_views, view_key, mesh)
     if isinstance(data, datasets.TfdsSource):
         for step, batch in enumerate(_streamed(data, batch_size, seed, start_step, limit,
-                                               positions, cache_dir), start_step):
+                                               positions, cache_dir, unreadable_counts),
+                                     start_step):
             batch = sharding.shard_batch(batch, mesh)
             yield cut(batch["image"], batch["size"], batch.get("label"), step)
         return
@@ -83,19 +87,19 @@ def _in_memory(data, batch_size, seed, mesh, start_step, cut):
         yield cut(*gather(images, labels, sharding.shard_batch(batch["index"], mesh)), step)
 
 
-def _streamed(source, batch_size, seed, start_step, limit, positions, cache_dir):
+def _streamed(source, batch_size, seed, start_step, limit, positions, cache_dir, counts):
     """This process's host batches of canvases (numpy)."""
     if positions is not None:
         return pipeline.tfds_subset_canvases(
             source.builder, source.split, positions, global_batch=batch_size, seed=seed,
             canvas_size=source.canvas_size, start_step=start_step, cache_dir=cache_dir,
-            max_unreadable_fraction=source.max_unreadable_fraction)
+            max_unreadable_fraction=source.max_unreadable_fraction, unreadable_counts=counts)
     limited = limit is not None and limit < source.num_examples
     return pipeline.tfds_canvases(
         source.builder, f"{source.split}[:{limit}]" if limited else source.split,
         global_batch=batch_size, seed=seed, canvas_size=source.canvas_size,
         start_step=start_step, num_examples=limit if limited else source.num_examples,
-        max_unreadable_fraction=source.max_unreadable_fraction)
+        max_unreadable_fraction=source.max_unreadable_fraction, unreadable_counts=counts)
 
 
 def crop_flip_views(images, sizes, key, *, crop: int, scale: Sequence[float],

@@ -280,49 +280,46 @@ class TfdsInput(EvalInput):
         return tf.cast(example.get("label", -1), tf.int32)
 
     def read(self, start, stop, batch):
+        """Batches of `EvalInput.read`: an image that cannot be decoded comes as zeros with a
+        missing label (dropped by the consumer, up to max_unreadable_fraction) and is named in
+        one warning at the end, as image folders' are."""
         if stop <= start:
             return
         tf = pipeline.import_tensorflow()
         tfds = datasets.import_tfds()
         builder = self.source.builder
         feature = builder.info.features["image"]
+        name_key = next((k for k in pipeline.NAME_KEYS if k in builder.info.features), None)
         sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
         ds = builder.as_dataset(split=tfds_slice(self.source.split, start, stop, sizes),
                                 shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        missing = (tf.fill(self.label_shape, tf.constant(MISSING_TARGET, tf.int8))
+                   if self.label_shape else tf.constant(-1, tf.int32))
 
-        def prepare(example):
+        def name(example):
+            return tf.strings.as_string(example[name_key]) if name_key else tf.constant("")
+
+        def decoded(example):
             image = self.transform.tf(pipeline.tf_decode(example["image"],
                                                          feature.decode_example))
-            return image, self._labels(example)
+            return image, self._labels(example), tf.constant(True), name(example)
 
-        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        try:
-            yield from ds.batch(batch).prefetch(2).as_numpy_iterator()
-        except tf.errors.InvalidArgumentError:
-            raise datasets.UnreadableImageError(self._unreadable(start, stop)) from None
+        def stand_in(example):
+            return tf.zeros(self.image_shape, tf.uint8), missing, tf.constant(False), name(example)
 
-    def _unreadable(self, start: int, stop: int) -> str:
-        """Which image of examples [start, stop) cannot be decoded (each decoded on its own, so
-        only after a failure): the message names it (its file_name where the dataset has one).
-        The evaluation does not replace it: that would change the test set."""
-        tf = pipeline.import_tensorflow()
-        tfds = datasets.import_tfds()
-        builder = self.source.builder
-        features = builder.info.features
-        name_key = next((k for k in pipeline.NAME_KEYS if k in features), None)
-        sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
-        ds = builder.as_dataset(split=tfds_slice(self.source.split, start, stop, sizes),
-                                shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        ds = pipeline.guarded_records(ds, decoded, stand_in).batch(batch).prefetch(2)
+        failed, offset = [], start
         where = f"{self.name} split {self.source.split!r}"
-        for i, example in enumerate(ds, start):
-            try:
-                pipeline.tf_decode(example["image"], features["image"].decode_example)
-            except tf.errors.InvalidArgumentError:
-                name = (example[name_key].numpy().decode("utf-8", "replace") if name_key
-                        else "")
-                return (f"{where}: image {i}{f' ({name})' if name else ''} cannot be decoded; "
-                        "the evaluation reads every image of its split: remove or repair it.")
-        return f"{where}: an image of examples {start}-{stop - 1} cannot be decoded."
+        for images, labels, readable, names in pipeline.numpy_batches(ds, where,
+                                                                      builder.data_dir):
+            for row in np.flatnonzero(~readable):
+                failed.append(names[row].decode("utf-8", "replace") or f"image {offset + row}")
+            offset += len(labels)
+            yield images, labels
+        if failed:
+            warnings.warn(f"{where}: {len(failed)} images cannot be decoded and are left out of "
+                          "the evaluation:\n  " + "\n  ".join(failed[:10]),
+                          datasets.UnreadableImagesWarning, stacklevel=2)
 
 
 def shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from typing import Iterator
 
@@ -257,12 +258,40 @@ def record_canvases(ds, features, canvas_size: int, image_key: str, label_key: s
         return {"image": tf.zeros((canvas_size, canvas_size, 3), tf.uint8),
                 "size": tf.ones((2,), tf.int32), **fields(example, False)}
 
-    def one(example):  # exactly one element per record: the canvas, else the marked stand-in
+    return guarded_records(ds, decoded, unreadable)
+
+
+def guarded_records(ds, decoded, stand_in):
+    """One element per record of `ds`, in order: `decoded(record)`, or `stand_in(record)` where
+    decoding fails (a truncated or corrupt image: TensorFlow's error is dropped with that one
+    record's dataset), instead of stopping tf.data. Each record is tried in a one-element
+    dataset (~0.3 ms of host CPU per image), so an error is never taken for the next record's."""
+    tf = import_tensorflow()
+
+    def one(example):
         single = tf.data.Dataset.from_tensors(example)
-        return single.map(decoded).ignore_errors().concatenate(single.map(unreadable)).take(1)
+        return single.map(decoded).ignore_errors().concatenate(single.map(stand_in)).take(1)
 
     return ds.interleave(one, cycle_length=16, block_length=1,
                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def numpy_batches(ds, what: str, data_dir: str) -> Iterator:
+    """`ds.as_numpy_iterator()`, with a damaged record file of a prepared TFDS dataset
+    (TensorFlow's DataLossError: a record's length or checksum is wrong, e.g. a file cut short
+    by a full disk or altered on copy) raised as InputError naming the dataset `what` and its
+    directory `data_dir`, instead of a TensorFlow traceback. Nothing of it can be skipped: the
+    bytes of the following records are unknown."""
+    tf = import_tensorflow()
+    try:
+        yield from ds.as_numpy_iterator()
+    except tf.errors.DataLossError as e:
+        # "{{function_node ...}} corrupted record at 4659 [Op:IteratorGetNext] name: "
+        detail = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$", "",
+                        e.message).strip()
+        raise InputError(f"{what}: a record file of the prepared dataset is damaged ({detail}); "
+                         f"its files in {data_dir} were cut short or altered. Prepare the "
+                         "dataset again (tfds build) or restore its files from a copy.") from None
 
 
 class UnreadableImages:
@@ -271,27 +300,34 @@ class UnreadableImages:
     readable example of the same batch (image, size, label), so a few broken files in a large
     dataset cost nothing; InputError naming config.data.max_unreadable_fraction when more than
     that share of the images read so far were unreadable (checked once 1,000 were read, or at
-    once when a whole batch is)."""
+    once when a whole batch is).
 
-    def __init__(self, what: str, max_fraction: float):
-        self.what, self.max_fraction = what, float(max_fraction)
-        self.seen, self.bad, self.named = 0, 0, set()
+    counts: {'read': int, 'unreadable': int}, the images read and found unreadable so far, kept
+    up to date in place: a training run saves it with each checkpoint and hands it back on
+    resume, so that restarting does not reset the share (and a run cannot train past the limit
+    by being restarted). None: a count of its own, from zero."""
+
+    def __init__(self, what: str, max_fraction: float, counts: dict | None = None):
+        self.what, self.max_fraction, self.named = what, float(max_fraction), set()
+        self.counts = {"read": 0, "unreadable": 0} if counts is None else counts
+        self.counts.setdefault("read", 0)
+        self.counts.setdefault("unreadable", 0)
 
     def __call__(self, batch: dict) -> dict:
         readable, names = batch.pop("readable"), batch.pop("name")
-        self.seen += len(readable)
+        self.counts["read"] += len(readable)
         broken = np.flatnonzero(~readable)
         if not len(broken):
             return batch
-        self.bad += len(broken)
+        self.counts["unreadable"] += len(broken)
+        seen, bad = self.counts["read"], self.counts["unreadable"]
         new = [n.decode("utf-8", "replace") or "an image (the dataset names none)"
                for n in names[broken]]
         new = [n for n in new if n not in self.named or n.startswith("an image")]
         self.named.update(new)
-        share = (f"{self.bad} of the {self.seen} images read so far (at most "
+        share = (f"{bad} of the {seen} images read so far (at most "
                  f"{self.max_fraction:.1%} may be skipped, config.data.max_unreadable_fraction)")
-        if len(broken) == len(readable) or (self.bad > self.max_fraction * self.seen
-                                             and self.seen >= 1000):
+        if len(broken) == len(readable) or (bad > self.max_fraction * seen and seen >= 1000):
             raise UnreadableImageError(f"{self.what}: images cannot be decoded: {share}; e.g. "
                                        f"{', '.join(new[:5]) or 'see the warnings above'}.")
         if new:
@@ -332,7 +368,8 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
                      process_count: int | None = None, num_examples: int | None = None,
                      shuffle_buffer: int = 16_384, image_key: str = "image",
                      label_key: str = "label", prefetch: int = 2, options=None,
-                  max_unreadable_fraction: float = 0.05) -> Iterator[dict[str, np.ndarray]]:
+                  max_unreadable_fraction: float = 0.05, unreadable_counts: dict | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """Endless numpy batches of canvases for this process, from global step `start_step` on:
     {'image': uint8 [L, S, S, 3], 'size': int32 [L, 2]} (`tf_canvas`, S = canvas_size), plus
     'label' int32 [L] when the dataset has labels; L = global_batch // process_count.
@@ -345,7 +382,8 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
     `options`: a `tf.data.Options` applied to each epoch's pipeline (e.g. threading limits for
     scripts/benchmark.py --pipeline); None leaves tf.data's defaults. An image that cannot be
     decoded is named in a warning and replaced by another image of its batch, up to
-    `max_unreadable_fraction` of the images (`UnreadableImages`).
+    `max_unreadable_fraction` of the images (`UnreadableImages`; `unreadable_counts`: its
+    counts, carried over from a checkpoint and kept up to date in place).
     """
     import tensorflow_datasets as tfds
     process_index, process_count = process_info(process_index, process_count)
@@ -358,7 +396,8 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
     epoch_steps = steps_per_epoch(num_examples, global_batch)
     # drop_remainder: equal shards, so each holds >= epoch_steps * local examples.
     shard = tfds.even_splits(split, process_count, drop_remainder=True)[process_index]
-    check = UnreadableImages(f"{builder.name} split {split!r}", max_unreadable_fraction)
+    check = UnreadableImages(f"{builder.name} split {split!r}", max_unreadable_fraction,
+                             unreadable_counts)
     step = int(start_step)
     while True:
         epoch, step_in_epoch = divmod(step, epoch_steps)
@@ -367,7 +406,8 @@ def tfds_canvases(builder, split: str, *, global_batch: int, seed: int, canvas_s
             take=epoch_steps * local, skip=step_in_epoch * local, local_batch=local,
             canvas_size=canvas_size, shuffle_buffer=shuffle_buffer, image_key=image_key,
             label_key=label_key, prefetch=prefetch, options=options)
-        yield from map(check, batches.as_numpy_iterator())
+        yield from map(check, numpy_batches(batches, f"{builder.name} split {split!r}",
+                                            builder.data_dir))
         step = (epoch + 1) * epoch_steps
 
 
@@ -386,7 +426,8 @@ def tfds_feature_values(builder, split: str, key: str) -> np.ndarray:
                             decoders=tfds.decode.PartialDecoding({key: True}))
     ds = ds.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).batch(4096).prefetch(2)
-    values = [np.asarray(batch) for batch in ds.as_numpy_iterator()]
+    values = [np.asarray(batch) for batch in numpy_batches(ds, f"{builder.name} split {split!r}",
+                                                               builder.data_dir)]
     values = np.concatenate(values) if values else np.zeros(0)
     if values.dtype.kind in "SO":  # tf.string -> bytes
         values = np.asarray([v.decode("utf-8") for v in values], dtype=object)
@@ -435,7 +476,8 @@ def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, s
                          process_index: int | None = None, process_count: int | None = None,
                          shuffle_buffer: int = 16_384, image_key: str = "image",
                          label_key: str = "label", prefetch: int = 2, options=None,
-                         cache_dir: str | None = None, max_unreadable_fraction: float = 0.05
+                         cache_dir: str | None = None, max_unreadable_fraction: float = 0.05,
+                         unreadable_counts: dict | None = None
                          ) -> Iterator[dict[str, np.ndarray]]:
     """Endless numpy batches of canvases (`tfds_canvases`' batches) of the examples at
     `positions` (int, into `split`'s stored order, e.g. from `tfds_feature_values` + a subset
@@ -451,6 +493,7 @@ def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, s
     `cache_dir`: the subset's records (encoded images, as stored) are written once to a tf.data
     cache file there, named by the dataset, split, subset and process, and every epoch reads
     that file instead of the whole split (1% of ImageNet: ~1.4 GB of JPEGs; 10%: ~14 GB).
+    `unreadable_counts`: as `tfds_canvases`'.
     """
     process_index, process_count = process_info(process_index, process_count)
     local = local_batch_size(global_batch, process_count)
@@ -469,7 +512,8 @@ def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, s
         name = f"{builder.name}-{builder.info.version}-{split}"
         cache_file = os.path.join(cache_dir, f"subset-{name}-{digest}-p{process_index}")
         import_tensorflow().io.gfile.makedirs(cache_dir)
-    check = UnreadableImages(f"{builder.name} split {split!r}", max_unreadable_fraction)
+    check = UnreadableImages(f"{builder.name} split {split!r}", max_unreadable_fraction,
+                             unreadable_counts)
     step = int(start_step)
     while True:
         epoch, step_in_epoch = divmod(step, epoch_steps)
@@ -479,5 +523,6 @@ def tfds_subset_canvases(builder, split: str, positions, *, global_batch: int, s
             process_index=process_index, process_count=process_count, canvas_size=canvas_size,
             shuffle_buffer=shuffle_buffer, image_key=image_key, label_key=label_key,
             prefetch=prefetch, options=options, cache_file=cache_file)
-        yield from map(check, batches.as_numpy_iterator())
+        yield from map(check, numpy_batches(batches, f"{builder.name} split {split!r}",
+                                            builder.data_dir))
         step = (epoch + 1) * epoch_steps

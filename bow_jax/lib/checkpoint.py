@@ -51,6 +51,14 @@ class NonFiniteError(ExplainedError, RuntimeError):
     """A loss or a state holds NaN or infinity: training stops, nothing is saved."""
 
 
+def last_good(step: Optional[int]) -> str:
+    """The sentence of a non-finite error on what is kept: the newest checkpoint `step`, or (None)
+    that none was saved yet, so there is nothing to lose and nothing to resume."""
+    if step is None:
+        return "No checkpoint was saved yet: nothing saved is lost, and a rerun starts over."
+    return f"The newest kept checkpoint ({step}) is the last good one."
+
+
 class CorruptCheckpointError(ExplainedError, ValueError):
     """A checkpoint folder is incomplete, unreadable, fails its fingerprint or is non-finite."""
 
@@ -274,8 +282,7 @@ class Checkpointer:
         if bad:
             raise NonFiniteError(
                 f"Step {step}: the state holds NaN or infinity in {len(bad)} leaves "
-                f"({', '.join(bad[:8])}); not saved. The newest kept checkpoint "
-                f"({self.latest_step()}) is the last good one.")
+                f"({', '.join(bad[:8])}); not saved. {last_good(self.latest_step())}")
         meta = {"config": config_to_dict(settings), **(extra_meta or {}),
                 "fingerprint": {"version": FINGERPRINT_VERSION, "leaves": fingerprint}}
         existed = os.path.isdir(self.folder(step))

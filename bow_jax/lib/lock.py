@@ -40,7 +40,16 @@ class WorkdirLockedError(ExplainedError, RuntimeError):
 def _holder_text() -> str:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                       "command": " ".join(sys.argv)[:300]})
+                       "command": shortened(" ".join(sys.argv))})
+
+
+def shortened(command: str, limit: int = 600) -> str:
+    """`command`, its middle elided past `limit` characters: the start names the program and its
+    config, the end holds the overrides that win (absl applies the last of repeated flags)."""
+    if len(command) <= limit:
+        return command
+    head = limit // 3
+    return f"{command[:head]} ... {command[-(limit - head - 5):]}"
 
 
 def _describe(path: str) -> str:

@@ -24,6 +24,8 @@ from typing import Iterator, Optional
 import jax
 from absl import logging as absl_logging
 
+import bow_jax
+
 # Loggers of the libraries we run; each is set explicitly because some set their own level.
 LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "tensorflow", "tensorflow_datasets",
                    "etils", "tensorboardX", "PIL", "matplotlib")
@@ -47,13 +49,15 @@ def setup(verbosity: Optional[int] = None) -> None:
     """Sets every library's logging to the level of `verbosity` (see `level_for`).
 
     Call it before any backend is initialised or TensorFlow is imported: TF_CPP_MIN_LOG_LEVEL is
-    read once, at the C++ library's first log line. A TF_CPP_MIN_LOG_LEVEL already in the
-    environment is kept when `verbosity` is None.
+    read once, at the C++ library's first log line. The user's own TF_CPP_MIN_LOG_LEVEL (set
+    before the process started) is kept when `verbosity` is None; the '1' that `import jax`
+    puts there is not the user's (`bow_jax.USER_TF_CPP_MIN_LOG_LEVEL`).
     """
     level = level_for(verbosity)
     _state["quiet"] = level > logging.INFO
     if verbosity is None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _QUIET_TF_CPP_LEVEL)
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = (bow_jax.USER_TF_CPP_MIN_LOG_LEVEL
+                                              or _QUIET_TF_CPP_LEVEL)
     else:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if level <= logging.INFO else _QUIET_TF_CPP_LEVEL
     warnings.formatwarning = _format_warning if _state["quiet"] else _DEFAULT_FORMAT

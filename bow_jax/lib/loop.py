@@ -180,8 +180,18 @@ def check_metrics(loop: Loop, done: int, means: dict, last_saved: Optional[int])
     if bad:
         raise checkpoint.NonFiniteError(
             f"Non-finite metrics at step {done} of the {loop.name()}: {', '.join(bad)} (mean over "
-            f"the last {loop.log_every} steps or fewer) hold NaN or infinity. Stopped; nothing was "
-            f"saved past the last good checkpoint (step {last_saved}). {loop.advice}".rstrip())
+            f"the last {loop.log_every} steps or fewer) hold NaN or infinity. Stopped; "
+            f"{_kept(loop, last_saved)} {loop.advice}".rstrip())
+
+
+def _kept(loop: Loop, last_saved: Optional[int]) -> str:
+    """What a non-finite stop keeps: the last good checkpoint, or none (none saved yet, or no
+    checkpointer), in words rather than 'step None'."""
+    if loop.checkpointer is None:
+        return "this loop saves no checkpoints."
+    if last_saved is None:
+        return "no checkpoint was saved yet: nothing saved is lost, and a rerun starts over."
+    return f"nothing was saved past the last good checkpoint (step {last_saved})."
 
 
 def save(loop: Loop, done: int, state) -> Optional[int]:

@@ -297,6 +297,10 @@ def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup
     check_bownet_config(cfg, training)
     shape = view_shape(cfg, data_info.image_shape) if training or cfg.view_size or (
         data_info.image_shape is not None) else (224, 224, 3)  # not training: any shape will do
+    if training:
+        interface.warn_if_canvas_below_views(config, data_info, {
+            "config.bownet.view_size": shape[0],
+            "config.bownet.teacher_resize": cfg.teacher_resize})
     teacher, teacher_variables, centroids = load_frozen_inputs(cfg, shape)
     backbone = interface.backbone_from_config(config)
     check_feature_names([cfg.student_feature, config.eval.feature],

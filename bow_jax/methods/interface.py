@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from bow_jax.data import augment
-from bow_jax.lib import schedules
+from bow_jax.data.datasets import DEFAULT_CANVAS_SIZE
+from bow_jax.lib import logs, schedules
 from bow_jax.lib.errors import InputError
 from bow_jax.models import create_backbone
 
@@ -70,6 +71,24 @@ def normalization(config):
 def to_network_input(images_uint8, mean, std):
     """uint8 views → normalised float32, the network's input."""
     return augment.normalize(augment.to_float(images_uint8), mean, std)
+
+
+def warn_if_canvas_below_views(config, data_info: DataInfo, view_sides: dict) -> None:
+    """Warns (stderr, process 0) when streamed images are padded into a canvas smaller than a
+    view's side: every image is then shrunk to config.data.canvas_size on the host and its views
+    are upscaled from it, blurrier than the full-size image would give (`data/pipeline.tf_canvas`).
+
+    view_sides: {config field name: side in pixels} of the method's views (resize targets, crop
+    sizes). In-memory data (data_info.image_shape set) has no canvas: nothing to check."""
+    if data_info.image_shape is not None or not view_sides:
+        return
+    canvas = int(config.data.get("canvas_size", DEFAULT_CANVAS_SIZE))
+    field, side = max(view_sides.items(), key=lambda item: item[1])
+    if canvas < side:
+        logs.warn(f"config.data.canvas_size={canvas} is smaller than {field}={side}: every "
+                  f"streamed image is shrunk to fit {canvas}x{canvas} on the host and its views "
+                  f"are upscaled from it (blurrier); set canvas_size >= {side} (default "
+                  f"{DEFAULT_CANVAS_SIZE}).")
 
 
 def backbone_from_config(config):

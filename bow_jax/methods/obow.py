@@ -411,6 +411,12 @@ def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup
     dims = feature_dims(backbone, (1, cfg.teacher_size, cfg.teacher_size, 3))
     check_feature_names(levels, dims, "config.obow.bow_levels", config.model.name)
     check_obow_config(config, {level: dims[level] for level in levels}, training)
+    if training:
+        interface.warn_if_canvas_below_views(config, data_info, {
+            "config.obow.teacher_size": cfg.teacher_size,
+            "config.obow.teacher_resize": cfg.teacher_resize,
+            "config.obow.crop_size": cfg.crop_size,
+            "config.obow.patch_source_size": cfg.patch_source_size if cfg.num_patches else 0})
     if cfg.monitor:
         check_feature_names([cfg.monitor_feature], dims, "config.obow.monitor_feature",
                             config.model.name)

@@ -138,6 +138,9 @@ def setup(config, data_info: interface.DataInfo, training: bool = True) -> Setup
     # parameters do not depend on it): any side will do when the views have none.
     crop = (view_size(cfg, data_info.image_shape) if training
             else cfg.crop_size or (data_info.image_shape or (224,))[0])
+    if training:
+        interface.warn_if_canvas_below_views(config, data_info, {
+            "config.rotnet.crop_size": crop, "config.rotnet.resize": cfg.resize})
     return Setup(cfg=cfg, backbone=backbone, model=model, tx=tx, lr_schedule=lr_schedule,
                  mean=mean, std=std, crop=crop, eval_feature=config.eval.feature)
 

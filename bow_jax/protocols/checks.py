@@ -125,7 +125,8 @@ def check_evaluation_data(config) -> None:
     split's classes; config.eval.protocols names registered protocols (`registry.chosen`), each
     reading labels of the data's kind (one class per image or multi-label), and each protocol's
     own `check` passes (linear: a known recipe, >= 2 classes; k-NN: k <= training examples;
-    few-shot: the class split parses and every class has shots + queries test examples;
+    few-shot: the class split parses and every class has shots + queries test examples, on TFDS
+    (labels unknown unread) ways x (max shot + queries) <= the test split's size;
     voc07_svm: 3 positive training examples and a negative one per class); TFDS: splits are
     streamed (`data.eval_input`); images of several sizes get the evaluation transform. Cost:
     listing files and reading label arrays, no image decoding, no feature extraction.

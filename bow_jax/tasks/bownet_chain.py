@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bow_jax import pretrain
 from bow_jax.bow import build
 from bow_jax.data import datasets, eval_input, pipeline
 from bow_jax.data.splits import load_split
@@ -144,8 +145,17 @@ def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = (
     (its step saved) goes up to the chain (`StageRecord.timed` records it)."""
     if (finished_step(config, workdir) or 0) >= total_steps(config):
         return "reused"
-    train_task.run(config, workdir, hooks=hooks)
+    # A diverging stage's advice names the stage (its folder's name) and the fields the user sets.
+    with pretrain.chain_stage(os.path.basename(workdir), stage_field(config)):
+        train_task.run(config, workdir, hooks=hooks)
     return "ran"
+
+
+def stage_field(config) -> str:
+    """Where a stage's own settings (optim, model) live in the chain's config, for messages: the
+    RotNet stage's in config.bownet.rotnet (`rotnet_config`), a BoWNet round's in the chain's
+    config itself (`bownet_config`)."""
+    return "config.bownet.rotnet" if config.method == "rotnet" else "config"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +221,9 @@ def vocabulary_canvases(source: datasets.TfdsSource, count: int,
     check = pipeline.UnreadableImages(f"{source.name} split {source.split!r}",
                                       source.max_unreadable_fraction)
     side = source.canvas_size
-    for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
+    for batch in pipeline.numpy_batches(ds.batch(local_batch).prefetch(2),
+                                        f"{source.name} split {source.split!r}",
+                                        builder.data_dir):
         batch = check(batch)
         images, sizes = batch["image"], batch["size"]
         real = len(sizes)
