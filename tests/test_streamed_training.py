@@ -359,9 +359,11 @@ def test_streamed_training_resumes_exactly_past_an_unreadable_image(digits_tfds,
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # The share of unreadable images goes on from the checkpoint's counts (a restart must not
     # start it again): both runs counted the 64 images of their 4 steps, broken ones included.
-    counts = [common.open_checkpointer(config, str(tmp_path / name)).read_meta()[
-        pretrain.UNREADABLE_META] for name in ("full", "split")]
+    metas = [common.open_checkpointer(config, str(tmp_path / name)).read_meta()
+             for name in ("full", "split")]
+    counts = [meta[pretrain.UNREADABLE_META] for meta in metas]
     assert counts[0] == counts[1] and counts[0]["read"] == 64 and counts[0]["unreadable"] >= 1
+    assert [meta[pretrain.DEVICES_META] for meta in metas] == [8, 8]
 
 
 def test_a_damaged_record_file_is_named_by_training_and_evaluation(digits_tfds):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bow_jax import tasks
+from bow_jax import pretrain, tasks
 from bow_jax.tasks import common
 from bow_jax.tasks import train as train_task
 from bow_jax.protocols import api, runner
@@ -98,6 +98,17 @@ def test_resume_and_sigterm_reach_the_uninterrupted_result(tmp_path):
         for step in (3, 4):
             for name in ("loss", "rotation_accuracy", "lr"):
                 assert metrics[step][name] == pytest.approx(want_metrics[step][name], abs=1e-6)
+
+
+def test_resuming_on_another_number_of_devices_says_so(capsys):
+    """The checkpoint records its device count (`pretrain.DEVICES_META`); resuming it on
+    another count is a valid run but not bit for bit the same: one warning says so."""
+    pretrain.warn_device_change({pretrain.DEVICES_META: 8}, 12, 8)
+    pretrain.warn_device_change({}, 12, 1)  # a new run, or a checkpoint that did not record it
+    assert capsys.readouterr().err == ""
+    pretrain.warn_device_change({pretrain.DEVICES_META: 8}, 12, 1)
+    assert ("warning: resuming step 12, saved by a run on 8 devices, on 1: the same batches"
+            in capsys.readouterr().err)
 
 
 def test_resume_after_a_crash_logs_each_step_once(tmp_path):
