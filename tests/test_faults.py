@@ -241,12 +241,21 @@ def test_a_second_writer_fails_at_once_and_a_killed_holder_never_blocks(tmp_path
             with lock.WorkdirLock(str(tmp_path)):
                 pass
         assert time.monotonic() - start < 2
+        # A folder inside the held workdir (a BoWNet chain's stage, eval/) is the holder's too.
+        with pytest.raises(lock.WorkdirLockedError,
+                           match=rf"--workdir={tmp_path}/rotnet lies inside {tmp_path}, the "
+                                 rf"workdir of another run: pid {holder.pid} on host"):
+            with lock.WorkdirLock(str(tmp_path / "rotnet")):
+                pass
     finally:
         holder.kill()
         holder.wait(timeout=30)
     with lock.WorkdirLock(str(tmp_path)):
         with lock.WorkdirLock(str(tmp_path)):  # re-entrant in one process
-            pass
+            with lock.WorkdirLock(str(tmp_path / "rotnet")):  # a stage of this process's run
+                pass
+    with lock.WorkdirLock(str(tmp_path / "rotnet")):  # the holder is gone: its lock file is free
+        pass
 
 
 def test_the_holders_command_keeps_its_start_and_its_last_overrides():

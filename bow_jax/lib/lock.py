@@ -84,6 +84,25 @@ def _acquire(path: str):
     return f
 
 
+def _check_enclosing(workdir: str) -> None:
+    """WorkdirLockedError when a folder above `workdir` is the workdir of a live run of another
+    process (its lock file is held): a BoWNet chain's stage folders, or a run's eval/, belong
+    to the run that holds the chain's workdir. A lock file left by a finished run is free."""
+    parent = os.path.dirname(workdir)
+    while parent != workdir:
+        path = os.path.join(parent, LOCK_NAME)
+        if path not in _held and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by close
+            except OSError:
+                raise WorkdirLockedError(  # pylint: disable=raise-missing-from
+                    f"--workdir={workdir} lies inside {parent}, the workdir of another run: "
+                    f"{_describe(path)} holds {path}. Wait for it to finish or stop it, or use "
+                    "another --workdir.")
+        workdir, parent = parent, os.path.dirname(parent)
+
+
 class WorkdirLock:
     """Context manager holding the exclusive lock on `workdir` (created if missing)."""
 
@@ -118,6 +137,7 @@ class WorkdirLock:
             if self.path in _held:
                 _held[self.path][1] += 1
             else:
+                _check_enclosing(self.workdir)
                 _held[self.path] = [_acquire(self.path), 1]
 
     def __exit__(self, *exc):
