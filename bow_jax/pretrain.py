@@ -33,30 +33,12 @@ UNREADABLE_META = "unreadable_images"  # checkpoint meta: streamed images read /
 DEVICES_META = "device_count"  # checkpoint meta: the number of devices that ran the steps
 
 
-def resumed_meta(run) -> dict:
-    """The meta of `run`'s restored checkpoint; {} for a new run."""
-    return {} if run.restored_step is None else run.checkpointer.read_meta(run.restored_step)
-
-
-def unreadable_counts(meta: dict) -> dict:
+def saved_unreadable_counts(meta: dict) -> dict:
     """The streamed images read and found unreadable before the checkpoint of `meta`
     ({'read', 'unreadable'}; {} for a new run), so that a restart goes on counting the share
     that config.data.max_unreadable_fraction bounds instead of starting it again. The counts
     are process 0's (each process counts its own shard; shards are alike)."""
     return dict(meta.get(UNREADABLE_META, {}))
-
-
-def warn_device_change(meta: dict, step, devices: int) -> None:
-    """One warning when the checkpoint of `meta` (step `step`) was saved by a run on another
-    number of devices than `devices`: the batches and views are the same, but every sum over
-    devices (gradients, BatchNorm statistics) is taken in another order, and training amplifies
-    such rounding within a few steps, so the run goes on as a valid run that is not bit for bit
-    the one it would have been."""
-    saved = meta.get(DEVICES_META)
-    if saved is not None and saved != devices:
-        logs.warn(f"resuming step {step}, saved by a run on {saved} devices, on {devices}: the "
-                  "same batches and views, but sums over devices are taken in another order, "
-                  f"so from here on the run is not bit for bit the one it would be on {saved}.")
 
 
 # (stage name, where its settings live in the command's config) of the BoWNet chain stage being
@@ -102,9 +84,7 @@ def training_loop(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None
     total_steps = run.data_info.total_steps
     train_step = jax.jit(run.method.train_step, donate_argnums=0,
                          out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-    meta = resumed_meta(run)
-    warn_device_change(meta, run.restored_step, jax.device_count())
-    counts = unreadable_counts(meta)
+    counts = saved_unreadable_counts(run.restored_meta)
     return loop.Loop(
         step=lambda state, batch, index: train_step(state, batch),
         batches=device_batches(config, run.train_data, run.method, mesh, int(run.state.step),

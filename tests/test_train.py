@@ -103,10 +103,10 @@ def test_resume_and_sigterm_reach_the_uninterrupted_result(tmp_path):
 def test_resuming_on_another_number_of_devices_says_so(capsys):
     """The checkpoint records its device count (`pretrain.DEVICES_META`); resuming it on
     another count is a valid run but not bit for bit the same: one warning says so."""
-    pretrain.warn_device_change({pretrain.DEVICES_META: 8}, 12, 8)
-    pretrain.warn_device_change({}, 12, 1)  # a new run, or a checkpoint that did not record it
+    common.warn_device_change({pretrain.DEVICES_META: 8}, 12, 8)
+    common.warn_device_change({}, 12, 1)  # a new run, or a checkpoint that did not record it
     assert capsys.readouterr().err == ""
-    pretrain.warn_device_change({pretrain.DEVICES_META: 8}, 12, 1)
+    common.warn_device_change({pretrain.DEVICES_META: 8}, 12, 1)
     assert ("warning: resuming step 12, saved by a run on 8 devices, on 1: the same batches"
             in capsys.readouterr().err)
 

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import jax
 
+from bow_jax import pretrain
 from bow_jax.data.splits import load_split
 from bow_jax.lib import checkpoint, logs, sharding
 from bow_jax.lib.errors import MissingInputError
@@ -17,8 +18,9 @@ class Run:
     """A method's run in a workdir: its training data, method, mesh, state and checkpointer.
 
     `state` is the newest checkpoint's state, or the initial state (`restored_step` None) when
-    the workdir holds none. Use as a context manager, or call `close()`: it waits for pending
-    checkpoint writes.
+    the workdir holds none; `restored_meta` that checkpoint's meta for the tasks that train ({}
+    otherwise). Use as a context manager, or call `close()`: it waits for pending checkpoint
+    writes.
     """
     config: Any
     workdir: str
@@ -29,6 +31,7 @@ class Run:
     checkpointer: checkpoint.Checkpointer
     state: Any
     restored_step: Optional[int]
+    restored_meta: dict = dataclasses.field(default_factory=dict)
 
     def __enter__(self):
         return self
@@ -71,11 +74,15 @@ def restore(config, workdir: str, train_data=None, training: bool = True) -> Run
     state = ckpt.restore(abstract, config)
     # The folder restored (the newest intact one: damaged newer ones were moved aside).
     restored_step = None if state is None else ckpt.latest_step()
+    meta = {}
     if state is None:
         state = jax.jit(method.init_state, out_shardings=replicated)(key)
     elif training:
-        warn_resume_changes(ckpt.read_meta(restored_step)["config"], config, restored_step)
-    return Run(config, workdir, train_data, data_info, method, mesh, ckpt, state, restored_step)
+        meta = ckpt.read_meta(restored_step)
+        warn_resume_changes(meta["config"], config, restored_step)
+        warn_device_change(meta, restored_step, jax.device_count())
+    return Run(config, workdir, train_data, data_info, method, mesh, ckpt, state, restored_step,
+               meta)
 
 
 # Fields whose change between a checkpoint and the run resuming it makes the resumed run differ
@@ -142,3 +149,16 @@ def restore_trained(config, workdir: str, purpose: str) -> Run:
         raise MissingInputError(f"--workdir={workdir}: no checkpoint in {directory} to "
                                 f"{purpose}.")
     return run
+
+
+def warn_device_change(meta: dict, step: int, devices: int) -> None:
+    """One warning when the checkpoint of `meta` (step `step`) was saved by a run on another
+    number of devices than `devices` (`pretrain.DEVICES_META`): the batches and views are the
+    same, but every sum over devices (gradients, BatchNorm statistics) is taken in another
+    order, and training amplifies such rounding within a few steps, so the run goes on as a
+    valid run that is not bit for bit the one it would have been."""
+    saved = meta.get(pretrain.DEVICES_META)
+    if saved is not None and saved != devices:
+        logs.warn(f"resuming step {step}, saved by a run on {saved} devices, on {devices}: the "
+                  "same batches and views, but sums over devices are taken in another order, "
+                  f"so from here on the run is not bit for bit the one it would be on {saved}.")
