@@ -7,9 +7,8 @@ does the rest. Everything else a long
 run needs (bounded run-ahead, the agreed stop, checkpoints, non-finite checks, metric rows) is the
 driver's.
 """
-import contextlib
-import contextvars
-from typing import Callable, Iterable, Iterator
+import dataclasses
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 
@@ -41,28 +40,21 @@ def saved_unreadable_counts(meta: dict) -> dict:
     return dict(meta.get(UNREADABLE_META, {}))
 
 
-# (stage name, where its settings live in the command's config) of the BoWNet chain stage being
-# trained: its stage configs are derived (`tasks.bownet_chain`), so `config.optim.lr` of a stage
-# is not the field the user sets (the RotNet stage's is config.bownet.rotnet.optim.lr).
-_STAGE = contextvars.ContextVar("bow_jax_chain_stage", default=None)
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A BoWNet chain stage, for the messages of its training: its name (its folder, e.g.
+    'rotnet') and where its settings live in the command's config (e.g. 'config.bownet.rotnet':
+    the stage configs are derived, `tasks.bownet_chain`, so a stage's config.optim.lr is not the
+    field the user sets)."""
+    name: str
+    field: str
 
 
-@contextlib.contextmanager
-def chain_stage(name: str, field: str):
-    """Within it, the advice of a diverging run (`likely_causes`) names the chain's stage `name`
-    (e.g. 'rotnet') and its settings as fields of `field` (e.g. 'config.bownet.rotnet')."""
-    token = _STAGE.set((name, field))
-    try:
-        yield
-    finally:
-        _STAGE.reset(token)
-
-
-def likely_causes(config) -> str:
+def likely_causes(config, stage: Optional[Stage] = None) -> str:
     """The settings that usually make a run diverge, with this run's values, named as the user
-    sets them (a BoWNet chain stage's own fields, `chain_stage`)."""
-    name, field = _STAGE.get() or ("", "config")
-    where = f"In the BoWNet chain's {name!r} stage: likely" if name else "Likely"
+    sets them (a BoWNet chain `stage`'s own fields)."""
+    field = stage.field if stage else "config"
+    where = f"In the BoWNet chain's {stage.name!r} stage: likely" if stage else "Likely"
     dtype = config.model.get("kwargs", {}).get("dtype", "float32")
     return (f"{where} causes: {field}.optim.lr={config.optim.lr} too high (lower it, or "
             f"lengthen {field}.optim.warmup_epochs)" + (
@@ -78,8 +70,10 @@ def monitored(monitor, state, step: int, total_steps: int) -> dict:
     return {name: float(value) for name, value in monitor(state).items()}
 
 
-def training_loop(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None) -> loop.Loop:
-    """The `lib.loop.Loop` of pre-training `run` (a `tasks.common.Run`) from its state's step."""
+def training_loop(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None,
+                  stage: Optional[Stage] = None) -> loop.Loop:
+    """The `lib.loop.Loop` of pre-training `run` (a `tasks.common.Run`) from its state's step;
+    `stage`: the BoWNet chain stage it trains, if any (named in its messages)."""
     config, mesh = run.config, run.mesh
     total_steps = run.data_info.total_steps
     train_step = jax.jit(run.method.train_step, donate_argnums=0,
@@ -95,11 +89,12 @@ def training_loop(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None
         log_every=config.log_every, checkpointer=run.checkpointer,
         checkpoint_every=config.checkpoint_every_steps, settings=config,
         scalars=lambda state, done: monitored(monitor, state, done, total_steps),
-        hooks=tuple(hooks), advice=likely_causes(config),
+        hooks=tuple(hooks), advice=likely_causes(config, stage),
         trace=profiling.TraceWindow.from_config(config, run.workdir))
 
 
-def train(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None):
+def train(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None,
+          stage: Optional[Stage] = None):
     """Trains `run` (a `tasks.common.Run`: method, mesh, state, checkpointer) from its state's
     step to `run.data_info.total_steps` on the step driver (`lib.loop`), checkpointing every
     `config.checkpoint_every_steps` and at the end; returns the final state (also `run.state`).
@@ -110,8 +105,8 @@ def train(run, hooks: Iterable[Callable[[int], None]] = (), monitor=None):
     number after each step (tests use them to send SIGTERM). `monitor` (e.g.
     `protocols.monitor.KnnMonitor`): `monitor.due(step, total_steps)` says when,
     `monitor(state) -> {name: float}` scores the state then; its values are logged with that
-    step's metrics.
+    step's metrics. `stage`: the BoWNet chain stage it trains, if any (`Stage`).
     """
     logs.say(profiling.parameter_overview(run.state.params))
-    run.state = loop.run(training_loop(run, hooks, monitor), run.state)
+    run.state = loop.run(training_loop(run, hooks, monitor, stage), run.state)
     return run.state

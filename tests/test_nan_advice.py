@@ -15,14 +15,14 @@ def test_each_chain_stage_names_its_own_fields(tmp_path):
     bownet = bownet_chain.bownet_config(config, 1, str(tmp_path))
     assert bownet_chain.stage_field(rotnet) == "config.bownet.rotnet"
     assert bownet_chain.stage_field(bownet) == "config"
-    with pretrain.chain_stage("rotnet", bownet_chain.stage_field(rotnet)):
-        advice = pretrain.likely_causes(rotnet)
+    advice = pretrain.likely_causes(rotnet,
+                                    pretrain.Stage("rotnet", bownet_chain.stage_field(rotnet)))
     assert advice.startswith(f"In the BoWNet chain's 'rotnet' stage: likely causes: "
                              f"config.bownet.rotnet.optim.lr={rotnet.optim.lr} too high (lower "
                              f"it, or lengthen config.bownet.rotnet.optim.warmup_epochs); "
                              f"config.bownet.rotnet.model.kwargs.dtype=bfloat16")
-    with pretrain.chain_stage("bownet_1", bownet_chain.stage_field(bownet)):
-        advice = pretrain.likely_causes(bownet)
+    advice = pretrain.likely_causes(bownet,
+                                    pretrain.Stage("bownet_1", bownet_chain.stage_field(bownet)))
     assert advice.startswith(f"In the BoWNet chain's 'bownet_1' stage: likely causes: "
                              f"config.optim.lr={config.optim.lr} too high")
     # Outside the chain: the run's own config, no stage.

@@ -146,8 +146,8 @@ def train_stage(config, workdir: str, hooks: Iterable[Callable[[int], None]] = (
     if (finished_step(config, workdir) or 0) >= total_steps(config):
         return "reused"
     # A diverging stage's advice names the stage (its folder's name) and the fields the user sets.
-    with pretrain.chain_stage(os.path.basename(workdir), stage_field(config)):
-        train_task.run(config, workdir, hooks=hooks)
+    train_task.run(config, workdir, hooks=hooks,
+                   stage=pretrain.Stage(os.path.basename(workdir), stage_field(config)))
     return "ran"
 
 

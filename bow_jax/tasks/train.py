@@ -26,12 +26,14 @@ def training_monitor(run_: common.Run):
     return monitor.knn_monitor(run_.config, run_.method.encode, run_.mesh, in_memory)
 
 
-def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Optional[dict]:
+def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = (),
+        stage: Optional[pretrain.Stage] = None) -> Optional[dict]:
     """Trains `config` in `workdir`, then scores the result if `config.eval.after_training`.
 
     Returns the evaluation results (None when evaluation is off). Raises stop.Stopped when a
     signal stopped training (a checkpoint was saved: the same command resumes). `hooks` are
-    called with the step number after each step (tests use them to send signals)."""
+    called with the step number after each step (tests use them to send signals). `stage`: the
+    BoWNet chain stage this trains, if any (named in its messages)."""
     monitor.check_monitor(config)  # a bad setting fails now, not after the first steps
     if config.eval.after_training:
         checks.check_evaluation_data(config)  # ... or after training
@@ -39,7 +41,7 @@ def run(config, workdir: str, hooks: Iterable[Callable[[int], None]] = ()) -> Op
         files.write_config_json(workdir, config)
         if run_.restored_step is not None:
             logs.say(f"resumed from {run_.checkpointer.directory} at step {run_.restored_step}")
-        state = pretrain.train(run_, hooks, training_monitor(run_))
+        state = pretrain.train(run_, hooks, training_monitor(run_), stage)
     if not config.eval.after_training:
         return None
     return evaluate.score_states(run_, [state])
